@@ -1,0 +1,164 @@
+"""lamp-grid's command line, and the named experiments.
+
+    python experiments.py synth --out DIR        synthetic LaMP data with a planted signal
+    python experiments.py validate --data DIR    check LaMP files and print their shape
+    python experiments.py evaluate --task LaMP_k --golds FILE --preds FILE
+    python experiments.py render --data DIR --task LaMP_k --retriever BM25 --k 4 ...
+
+Every verb has `--help`. Bad input ends with a one-line message and exit 2.
+"""
+
+import argparse
+import json
+import sys
+
+from lamp.errors import LampError
+from lamp.tasks import TASKS, get_task
+
+
+def cmd_synth(args) -> int:
+    from lamp.synth import write_synthetic
+
+    write_synthetic(args.out, tasks=args.tasks, users=args.users, seed=args.seed,
+                    profile_size=args.profile_size)
+    print(f"wrote synthetic LaMP data for {', '.join(args.tasks)} under {args.out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from lamp.data import find_splits, summarize_split
+
+    ok = True
+    for split in find_splits(args.data, args.tasks):
+        label = f"{split.task} {split.setting}-based {split.split}"
+        try:
+            s = summarize_split(split)
+        except LampError as error:
+            ok = False
+            print(f"{label}: ERROR {error}")
+            continue
+        print(f"{label}: {s.examples} examples, {s.users} users, profile size "
+              f"mean {s.mean_profile:.1f} max {s.max_profile}"
+              + ("" if split.outputs else " (no outputs file: test split)"))
+    return 0 if ok else 2
+
+
+def cmd_evaluate(args) -> int:
+    from lamp.data import read_outputs
+    from lamp.metrics import evaluate
+
+    get_task(args.task)
+    golds = read_outputs(args.golds, args.task)
+    preds = read_outputs(args.preds, args.task)
+    print(json.dumps(evaluate(args.task, golds, preds, preds_name=args.preds)))
+    return 0
+
+
+def parse_k(text: str) -> int | float:
+    """k is a whole number of items or a fraction of the profile."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"k must be a whole number or a fraction, got {text!r}")
+
+
+def load_tokens(model):
+    """Token counting for the budget: the model's tokenizer, or whitespace words."""
+    from lamp.prompts import TokenizerTokens, WhitespaceTokens
+
+    if model is None:
+        return WhitespaceTokens()
+    from transformers import AutoTokenizer
+
+    try:
+        return TokenizerTokens(AutoTokenizer.from_pretrained(model))
+    except (OSError, ValueError) as error:
+        raise LampError(f"cannot load a tokenizer from {model!r}: {str(error).splitlines()[0]}")
+
+
+def cmd_render(args) -> int:
+    from lamp.cell import Cell
+    from lamp.data import find_splits, read_examples
+    from lamp.retrieval import ItemPool
+
+    cell = Cell(args.task, args.retriever, 0 if args.retriever == "none" else args.k, args.ablation,
+                args.order, args.rank_offset, args.seed, args.input_retriever, args.output_retriever)
+    cell.check()
+    splits = [s for s in find_splits(args.data, [args.task]) if s.split == args.split]
+    if not splits:
+        raise LampError(f"{args.data}: no {args.task} {args.split} split")
+    tokens = load_tokens(args.model)
+    examples = list(read_examples(splits[0]))
+    pool = ItemPool(examples) if cell.needs_pool else None
+    for example in examples[: args.limit]:
+        prompt, items = cell.render(example, tokens, pool)
+        retrieved = [item["id"] for item in items]
+        if args.json:
+            print(json.dumps({"id": example.id, "retrieved": retrieved, "prompt": prompt,
+                              "n_tokens": tokens.count(prompt)}))
+        else:
+            print(f"== {example.id}: {tokens.count(prompt)} tokens, items {retrieved}\n{prompt}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lamp-grid", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = verbs.add_parser("synth", help="write synthetic LaMP data in the official layout")
+    p.add_argument("--out", required=True, help="directory to write LaMP_k/<split>/ files into")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="LaMP_k")
+    p.add_argument("--users", type=int, default=400, help="users per task (train + dev)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-size", type=int, default=None,
+                   help="mean profile items per user (default: per task)")
+    p.set_defaults(run=cmd_synth)
+
+    p = verbs.add_parser("validate", help="check LaMP files and print their shape")
+    p.add_argument("--data", required=True, help="a directory holding LaMP_k task folders")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="LaMP_k")
+    p.set_defaults(run=cmd_validate)
+
+    p = verbs.add_parser("evaluate", help="score predictions with LaMP's official metrics")
+    p.add_argument("--task", required=True, metavar="LaMP_k")
+    p.add_argument("--golds", required=True, help="a <split>_outputs.json file")
+    p.add_argument("--preds", required=True, help="predictions in the same format")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = verbs.add_parser("render", help="print the prompts one cell would train on")
+    p.add_argument("--data", required=True, help="a directory holding LaMP_k task folders")
+    p.add_argument("--task", required=True, metavar="LaMP_k")
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--retriever", required=True, help="none, BM25, Random, Full_Random, RanBM25 or Mixed")
+    p.add_argument("--k", type=parse_k, default=0, help="items (whole) or a fraction of the profile")
+    p.add_argument("--ablation", default="both", help="both, only_output, decouple or only_input")
+    p.add_argument("--order", default="start", help="start, end, middle or random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank-offset", type=int, default=0, help="take ranks [T, T+k)")
+    p.add_argument("--input-retriever", help="Mixed: where the input halves come from")
+    p.add_argument("--output-retriever", help="Mixed: where the output halves come from")
+    p.add_argument("--model", help="count tokens with this model's tokenizer (default: words)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(run=cmd_render)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verb is None:
+        build_parser().print_help()
+        return 0
+    try:
+        return args.run(args)
+    except LampError as error:
+        print(f"lamp-grid {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

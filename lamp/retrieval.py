@@ -1,0 +1,280 @@
+"""The study's retrievers (SPEC §4), split into ranking and selecting.
+
+A *ranking* is every candidate for one example, most relevant first; a cell's
+k, fraction and rank_offset only *select* a window of it, and Mixed pairs two
+windows. So rankings can be computed once, stored, and sliced for every cell.
+
+Every random draw comes from `example_rng(seed, example.id, purpose)`, and the
+item pool is laid out independently of example order, so an example's items
+never depend on which other examples were processed, or in what order.
+"""
+
+import math
+import numbers
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from lamp.errors import LampError
+from lamp.seeding import example_rng
+from lamp.tasks import get_task
+
+RETRIEVERS = ("none", "BM25", "Random", "Full_Random", "RanBM25", "Mixed")
+MIXED_SIDES = ("BM25", "Random", "Full_Random")
+ABLATIONS = ("both", "only_output", "decouple", "only_input")
+ORDERS = ("start", "end", "middle", "random")
+
+# LaMP_1's input quotes the paper title and the two references (SPEC §1). Greedy
+# groups between the fixed phrases keep titles that themselves contain quotes.
+_LAMP_1 = re.compile(r'title "(.*)", which reference.*\[1\]: "(.*)" \[2\]: "(.*)"', re.S)
+
+
+# ----------------------------------------------------------------------------- query
+
+
+def lamp_1_titles(input_text: str) -> tuple[str, str, str]:
+    """The paper title and the references [1] and [2] quoted in a LaMP_1 input."""
+    match = _LAMP_1.search(input_text)
+    if match is None:
+        raise LampError(f"LaMP_1 input does not quote a title and references [1], [2]: {input_text[:80]!r}")
+    return match.groups()
+
+
+def extract_query(task: str, input_text: str) -> str:
+    """The BM25 query: LaMP_1's quoted titles, else the text after the task's anchor."""
+    if task == "LaMP_1":
+        return " ".join(lamp_1_titles(input_text)).strip()
+    anchor = get_task(task).query_anchor
+    _, found, query = input_text.partition(anchor)
+    if not found:
+        raise LampError(f"{task} input has no {anchor!r} to take the query after: {input_text[:80]!r}")
+    return query.strip()
+
+
+# ----------------------------------------------------------------------------- BM25
+
+
+def bm25_scores(query: list[str], documents: list[list[str]], k1=1.5, b=0.75, epsilon=0.25) -> np.ndarray:
+    """rank_bm25's BM25Okapi(documents).get_scores(query), bit for bit, vectorized.
+
+    Bit-exact so that ties, and so rankings, are the reference's. That is why
+    idf uses math.log, the idf mean is a sequential sum in first-seen word order
+    (as rank_bm25 accumulates it), and the query terms are added one by one.
+    """
+    n = len(documents)
+    vocab = {}  # word -> id, in first-seen order
+    words = np.fromiter((vocab.setdefault(t, len(vocab)) for d in documents for t in d), dtype=np.int64)
+    if not vocab:  # no documents or only empty ones: rank_bm25 divides by zero here
+        return np.zeros(n)
+    doc_len = np.array([len(d) for d in documents])
+    avgdl = int(doc_len.sum()) / n
+
+    # Term frequency of every (document, word) pair that occurs, and document frequency.
+    pairs, tf = np.unique(np.repeat(np.arange(n), doc_len) * len(vocab) + words, return_counts=True)
+    pair_doc, pair_word = np.divmod(pairs, len(vocab))
+    df = np.bincount(pair_word, minlength=len(vocab))
+
+    df_values, df_index = np.unique(df, return_inverse=True)
+    idf = np.array([math.log(n - d + 0.5) - math.log(d + 0.5) for d in df_values.tolist()])[df_index]
+    # Words in more than half the documents have negative idf: floor it at epsilon * mean idf.
+    idf[idf < 0] = epsilon * (np.cumsum(idf)[-1] / len(idf))
+
+    # Dense term frequencies for the query's distinct known words only.
+    query_words = [vocab[t] for t in query if t in vocab]
+    column = np.full(len(vocab), -1)
+    distinct = list(dict.fromkeys(query_words))
+    column[distinct] = np.arange(len(distinct))
+    query_tf = np.zeros((n, len(distinct)), dtype=np.int64)
+    hit = column[pair_word] >= 0
+    query_tf[pair_doc[hit], column[pair_word[hit]]] = tf[hit]
+
+    norm = k1 * (1 - b + b * doc_len / avgdl)
+    score = np.zeros(n)
+    for w in query_words:  # repeated query words count again, as in rank_bm25
+        f = query_tf[:, column[w]]
+        score += idf[w] * (f * (k1 + 1) / (f + norm))
+    return score
+
+
+def document_text(task: str, item: dict, by_input: bool = False) -> str:
+    """What BM25 indexes: the full item, or its input half alone (`decouple`)."""
+    spec = get_task(task)
+    if spec.input_half is None:  # LaMP_7: the output half is all there is
+        return str(item[spec.output_half])
+    if by_input:
+        return str(item[spec.input_half])
+    return f"{item[spec.input_half]} {item[spec.output_half]}"
+
+
+def drop_query_items(task: str, items: list[dict], query: str) -> list[dict]:
+    """The leakage guard: items whose input half (LaMP_7: text) is the query itself go."""
+    spec = get_task(task)
+    half = spec.input_half or spec.output_half
+    return [item for item in items if str(item[half]).strip() != query]
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    items: list[dict]  # every candidate, most relevant first
+    scores: np.ndarray | None  # BM25 scores in that order; None for random orders
+
+
+def bm25_ranking(task: str, query: str, items: list[dict], by_input: bool = False) -> Ranking:
+    """items sorted by BM25 against the query; ties keep their given order."""
+    documents = [document_text(task, item, by_input).split() for item in items]
+    scores = bm25_scores(query.split(), documents)
+    order = np.argsort(-scores, kind="stable")
+    return Ranking([items[i] for i in order], scores[order])
+
+
+# ----------------------------------------------------------------------------- other users
+
+
+class ItemPool:
+    """Every profile item of a split, grouped by user, for drawing other users' items.
+
+    Users are sorted, and each user's items (deduplicated by id: time-based
+    splits repeat a user's items across examples) sorted by id, so the layout,
+    and so every draw, is the same whatever order the examples came in.
+    """
+
+    def __init__(self, examples):
+        by_user, sizes = {}, []
+        for example in examples:
+            sizes.append(len(example.profile))
+            items = by_user.setdefault(example.user, {})
+            for item in example.profile:
+                items.setdefault(str(item["id"]), item)
+        self.items, self.span = [], {}  # span: user -> (start, stop) in items
+        for user in sorted(by_user):
+            start = len(self.items)
+            self.items += [by_user[user][i] for i in sorted(by_user[user])]
+            self.span[user] = (start, len(self.items))
+        self.mean_profile_size = sum(sizes) / len(sizes) if sizes else 0.0
+
+    def sample(self, user: str, n: int, rng: np.random.Generator) -> list[dict]:
+        """n items of users other than `user`, uniform over items, without replacement.
+
+        Uniform over items is the same as drawing users in proportion to their
+        profile size. Draws come in fixed-size batches, so the first m of n
+        items are exactly the items drawn for m: a stored long draw can be cut.
+        """
+        start, stop = self.span.get(user, (0, 0))
+        others = len(self.items) - (stop - start)
+        n = min(n, others)
+        picked = {}  # an ordered set of indices into the items of other users
+        while len(picked) < n:
+            for i in rng.integers(others, size=64).tolist():
+                picked.setdefault(i)
+                if len(picked) == n:
+                    break
+        index = np.fromiter(picked, dtype=np.int64, count=len(picked))
+        index[index >= start] += stop - start  # skip over the user's own items
+        return [self.items[i] for i in index]
+
+
+# ----------------------------------------------------------------------------- rankings
+
+
+def rank(task: str, example, retriever: str, *, by_input: bool = False, seed: int = 0,
+         pool: ItemPool | None = None, size: int | None = None) -> Ranking:
+    """The full ranking one retriever gives one example (the leakage guard applied).
+
+    by_input: BM25 over input halves alone (the `decouple` ablation).
+    size: how many items Full_Random draws (default: the user's profile size);
+    the other retrievers rank their whole candidate set.
+    """
+    query = extract_query(task, example.input)
+    if retriever == "BM25":
+        return bm25_ranking(task, query, drop_query_items(task, example.profile, query), by_input)
+    if retriever == "Random":
+        own = drop_query_items(task, example.profile, query)
+        order = example_rng(seed, example.id, "Random").permutation(len(own))
+        return Ranking([own[i] for i in order], None)
+    if retriever not in ("Full_Random", "RanBM25"):
+        raise LampError(f"no ranking for retriever {retriever!r}; ranked ones: BM25, Random, Full_Random, RanBM25")
+    if pool is None:
+        raise LampError(f"{retriever} draws other users' items: it needs an ItemPool of the split")
+    if retriever == "Full_Random":
+        n = len(example.profile) if size is None else size
+        drawn = pool.sample(example.user, n, example_rng(seed, example.id, "Full_Random"))
+        return Ranking(drop_query_items(task, drawn, query), None)
+    # RanBM25: a fake profile of the data set's average size, then BM25 over it.
+    fake = pool.sample(example.user, round(pool.mean_profile_size), example_rng(seed, example.id, "RanBM25"))
+    return bm25_ranking(task, query, drop_query_items(task, fake, query), by_input)
+
+
+# ----------------------------------------------------------------------------- selecting
+
+
+def resolve_k(k: int | float, profile_size: int) -> int:
+    """k items: a whole k as is, a fraction of the user's own profile size."""
+    return int(k) if isinstance(k, numbers.Integral) else int(k * profile_size)
+
+
+def pair_mixed(task: str, input_items: list[dict], output_items: list[dict]) -> list[dict]:
+    """Mixed: each input-side item, keeping its id, with its partner's output half."""
+    half = get_task(task).output_half
+    return [{**item, half: partner[half]} for item, partner in zip(input_items, output_items)]
+
+
+def retrieve(task: str, example, retriever: str, k: int | float, *, ablation: str = "both",
+             rank_offset: int = 0, seed: int = 0, pool: ItemPool | None = None,
+             input_retriever: str | None = None, output_retriever: str | None = None) -> list[dict]:
+    """The profile items a cell shows for one example, most relevant first.
+
+    Ranks [rank_offset, rank_offset + k) of the retriever's ranking; for Mixed,
+    that window of each side, paired. Only `decouple` changes the ranking.
+    Assumes check_cell passed.
+    """
+    if retriever == "none":
+        return []
+    n = resolve_k(k, len(example.profile))
+    window = slice(rank_offset, rank_offset + n)
+
+    def top(name):
+        ranking = rank(task, example, name, by_input=ablation == "decouple", seed=seed, pool=pool,
+                       size=window.stop)
+        return ranking.items[window]
+
+    if retriever == "Mixed":
+        return pair_mixed(task, top(input_retriever), top(output_retriever))
+    return top(retriever)
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def check_cell(task: str, retriever: str, k: int | float, ablation: str = "both", order: str = "start",
+               rank_offset: int = 0, input_retriever: str | None = None,
+               output_retriever: str | None = None) -> None:
+    """Refuse, in one line, a grid cell that cannot run, before any work starts."""
+    spec = get_task(task)
+    for what, value, valid in (("retriever", retriever, RETRIEVERS), ("ablation", ablation, ABLATIONS),
+                               ("order", order, ORDERS)):
+        if value not in valid:
+            raise LampError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise LampError(f"k must be a whole number of items or a fraction in (0, 1), got {k!r}")
+    if isinstance(k, numbers.Integral) and k < 0:
+        raise LampError(f"k must be >= 0, got {k}")
+    if not isinstance(k, numbers.Integral) and not 0 < k < 1:
+        raise LampError(f"a fractional k must lie in (0, 1) of the profile, got {k}; give whole k as an integer")
+    if isinstance(rank_offset, bool) or not isinstance(rank_offset, numbers.Integral) or rank_offset < 0:
+        raise LampError(f"rank_offset must be a whole number >= 0, got {rank_offset!r}")
+    if spec.input_half is None and ablation != "both":
+        raise LampError(f"{task} items have only an output half: ablation must be 'both', got {ablation!r}")
+    if retriever != "Mixed":
+        if input_retriever is not None or output_retriever is not None:
+            raise LampError(f"input_retriever / output_retriever are for Mixed only, not {retriever}")
+        return
+    if spec.input_half is None or task == "LaMP_1":
+        raise LampError(f"Mixed swaps output halves between items; {task} has no "
+                        + ("input half to keep" if spec.input_half is None else "label-like output half to swap"))
+    for side, name in (("input_retriever", input_retriever), ("output_retriever", output_retriever)):
+        if name not in MIXED_SIDES:
+            raise LampError(f"Mixed needs {side} in {', '.join(MIXED_SIDES)}, got {name!r}")
+    if input_retriever == output_retriever:
+        raise LampError(f"Mixed with {input_retriever} on both sides pairs every item with itself; "
+                        "give two different sub-retrievers")

@@ -1,0 +1,297 @@
+"""Synthetic LaMP data with a planted personalization signal.
+
+The generative model
+--------------------
+There are twelve topics (space, ocean, crime, ...), each with its own words.
+Every synthetic user has latent traits, drawn once from (seed, task, user):
+
+- three favourite topics with Dirichlet weights; each profile item and the
+  user's one question are on one of them (one item in ten on any topic);
+- LaMP_1: the topics of the author's own papers are those favourites. The
+  question's correct reference is a paper on one of the author's topics, the
+  distractor on a topic the author never wrote about. Only three times in ten
+  does the correct reference share the new paper's topic, so the title alone
+  gets about 65 %; the profile tells the author's topics apart.
+- LaMP_2: a tag preference per topic. A movie's tag is the user's tag for its
+  topic (70 %) or the tag a cue word in the description suggests (30 %). The
+  cue is visible to any model; the preference only in the tags of the user's
+  own items on the same topic.
+- LaMP_3: a rating bias (a base score in 1..5) and a shift per topic. A score is
+  base + topic shift + the review's sentiment (-1, 0, +1, which the review's
+  words show), clipped to 1..5. Only the profile's scores reveal the bias.
+- LaMP_4 and LaMP_5: title vocabulary. A title is the user's habitual word,
+  then two signature words the user uses for that topic, around the article's
+  two key words. The key words are in the input; the habits only in the
+  titles of the user's items, sharpest on the same topic.
+- LaMP_7: phrasing habits. The task input is a neutral sentence; the user's
+  tweet opens with their interjection, makes their word substitutions ("you"
+  -> "u", ...) and ends with the hashtag they use for the topic.
+
+So the signal sits mostly in the output halves of profile items and is sharper
+in items on the query's topic; items of other users follow other traits and
+carry no information about this user beyond what the input already shows.
+
+Layout: LaMP_k/<split>/<split>_questions.json and <split>_outputs.json, JSON
+arrays exactly as the official download. One question per user, as in LaMP's
+user-based split; users are split 4:1 between train and dev (user-disjoint).
+Files are streamed to disk user by user, so `--users 100000` needs little
+memory, and written atomically.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lamp.errors import LampError
+from lamp.seeding import example_rng
+from lamp.tasks import LAMP_2_TAGS, get_task
+
+TOPIC_WORDS = {
+    "space": "planet orbit rocket galaxy astronaut comet starship nebula asteroid lunar "
+             "cosmos satellite telescope gravity alien meteor launchpad mars eclipse spacewalk",
+    "ocean": "ocean island sailor harbor reef whale storm ship tide pirate coral shore anchor "
+             "lighthouse diver wave lagoon current fisherman sea",
+    "crime": "detective murder heist gangster police robbery suspect witness courtroom smuggler "
+             "prison alibi thief mafia clue verdict fraud hostage cartel informant",
+    "family": "mother father daughter wedding sibling grandmother childhood household reunion "
+              "divorce inheritance cousin parenting nursery marriage adoption twins toddler "
+              "neighbor babysitter",
+    "war": "soldier battle army general trench invasion regiment sniper bombing frontline "
+           "veteran siege rebellion commander artillery empire colonel occupation resistance treaty",
+    "sports": "football coach stadium championship athlete tournament league pitcher goalkeeper "
+              "marathon referee rookie playoff boxer trophy sprint racing hockey season scoreboard",
+    "music": "guitar band concert singer album melody orchestra drummer rhythm jazz chorus "
+             "piano studio lyrics tour violin festival composer record ballad",
+    "food": "chef restaurant recipe kitchen bakery dessert flavor spice wine menu pasta bread "
+            "chocolate harvest cheese feast vegetable oven soup grill",
+    "medicine": "doctor hospital surgery patient virus vaccine nurse clinic disease therapy "
+                "diagnosis epidemic cancer pharmacy symptom infection cure laboratory genome trauma",
+    "politics": "election senator president campaign congress vote parliament governor scandal "
+                "policy diplomat minister referendum lobbyist debate reform coalition ballot "
+                "cabinet mayor",
+    "technology": "robot computer software hacker algorithm internet startup engineer smartphone "
+                  "network code data chip cloud browser server device automation digital gadget",
+    "nature": "forest mountain river wildlife valley desert jungle tiger glacier volcano meadow "
+              "eagle wolf canyon rainforest bear prairie waterfall hiking lake",
+}
+TOPICS = list(TOPIC_WORDS)
+TOPIC_VOCAB = [words.split() for words in TOPIC_WORDS.values()]
+
+FILLER = (
+    "the a of and in with for to on about their his her new old young after before when "
+    "while story life world people time day way year man woman group city town small great "
+    "last first long hard secret strange local dark bright journey together against finally "
+    "everything nothing between under through around begins finds learns must tries faces"
+).split()
+
+# LaMP_2: a word in the description that suggests a tag to every reader.
+TAG_CUES = {
+    "sci-fi": "futuristic", "based on a book": "novel", "comedy": "hilarious",
+    "action": "explosive", "twist ending": "unexpected", "dystopia": "totalitarian",
+    "dark comedy": "morbid", "classic": "timeless", "psychology": "obsession",
+    "fantasy": "enchanted", "romance": "passionate", "thought-provoking": "philosophical",
+    "social commentary": "inequality", "violence": "brutal", "true story": "biographical",
+}
+# LaMP_3: the review's sentiment (-1, 0, +1) shows in its words.
+SENTIMENT_WORDS = {
+    -1: "disappointing flimsy broken useless overpriced".split(),
+    0: "okay decent average adequate acceptable".split(),
+    1: "excellent sturdy perfect wonderful flawless".split(),
+}
+HEADLINE_WORDS = (
+    "breaking exclusive inside revealed watch update why how analysis opinion explained live "
+    "report shocking latest official rare major quiet bold hidden fresh big final real top "
+    "urgent crisis deal"
+).split()
+ACADEMIC_WORDS = (
+    "towards learning efficient robust scalable analysis framework approach survey novel "
+    "neural adaptive unified generalized theory model study method benchmark estimation "
+    "optimal fast deep sparse probabilistic interactive federated causal semantic hierarchical"
+).split()
+# LaMP_7: the neutral sentences use these words, which users rewrite.
+SUBSTITUTIONS = {
+    "you": "u", "are": "r", "to": "2", "great": "gr8", "love": "luv", "really": "rly",
+    "because": "bc", "tonight": "2nite", "people": "ppl", "please": "pls",
+}
+TWEET_FILLER = list(SUBSTITUTIONS) + "i my so this just the is it all day".split()
+INTERJECTIONS = "omg lol ugh yay tbh ngl smh wow".split()
+HASHTAGS = "blessed mood goals fail win vibes tbt facts winning nofilter justsaying weekend".split()
+
+# Profile sizes are LaMP's, scaled down so the demo runs on a laptop.
+MEAN_PROFILE_SIZE = {"LaMP_1": 30, "LaMP_2": 40, "LaMP_3": 40, "LaMP_4": 60, "LaMP_5": 40, "LaMP_7": 30}
+TASK_NUMBER = {"LaMP_1": 1, "LaMP_2": 2, "LaMP_3": 3, "LaMP_4": 4, "LaMP_5": 5, "LaMP_7": 7}
+
+
+def pick(rng, words):
+    return words[rng.integers(len(words))]
+
+
+def text_about(rng, topic: int, n_words: int, extra=()) -> str:
+    """Topic words and filler in random order, with `extra` words mixed in."""
+    n_topic = n_words // 2
+    words = [pick(rng, TOPIC_VOCAB[topic]) for _ in range(n_topic)]
+    words += [pick(rng, FILLER) for _ in range(n_words - n_topic)]
+    words += list(extra)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def draw_traits(rng, task: str) -> dict:
+    """A user's latent traits: favourite topics, and the habits of the task."""
+    topics = rng.choice(len(TOPICS), size=3, replace=False)
+    traits = {"topics": topics, "weights": rng.dirichlet(np.ones(3))}
+    if task == "LaMP_2":
+        traits["tag_for_topic"] = rng.integers(len(LAMP_2_TAGS), size=len(TOPICS))
+    elif task == "LaMP_3":
+        traits["base"] = rng.choice(5, p=[0.1, 0.1, 0.2, 0.3, 0.3]) + 1
+        traits["shift"] = rng.choice([-1, 0, 0, 1], size=len(TOPICS))
+    elif task in ("LaMP_4", "LaMP_5"):
+        vocab = HEADLINE_WORDS if task == "LaMP_4" else ACADEMIC_WORDS
+        traits["habit"] = pick(rng, vocab)
+        traits["signature"] = [rng.choice(vocab, size=2, replace=False) for _ in TOPICS]
+    elif task == "LaMP_7":
+        traits["interjection"] = pick(rng, INTERJECTIONS)
+        traits["substitutes"] = {w for w in SUBSTITUTIONS if rng.random() < 0.5}
+        traits["hashtag"] = rng.choice(HASHTAGS, size=len(TOPICS))
+    return traits
+
+
+def draw_topic(rng, traits) -> int:
+    if rng.random() < 0.1:
+        return int(rng.integers(len(TOPICS)))
+    return int(traits["topics"][rng.choice(3, p=traits["weights"])])
+
+
+def paper(rng, topic: int) -> dict:
+    """A LaMP_1 paper: an academic-style title and abstract on a topic."""
+    title = f"{pick(rng, ACADEMIC_WORDS)} {text_about(rng, topic, 4)}"
+    return {"title": title, "abstract": text_about(rng, topic, 30)}
+
+
+def titled_text(rng, traits, topic: int, n_words: int) -> tuple:
+    """LaMP_4/5: a text around two key words, and the user's title for it."""
+    key = rng.choice(TOPIC_VOCAB[topic], size=2, replace=False)
+    text = text_about(rng, topic, n_words, extra=[*key, *key])
+    first, second = traits["signature"][topic]
+    return text, f"{traits['habit']} {first} {key[0]} {key[1]} {second}"
+
+
+def make_item(rng, task: str, traits, topic: int) -> tuple:
+    """One profile item (without id) and the task-input text it would give."""
+    if task == "LaMP_1":
+        item = paper(rng, topic)
+        return item, item["title"]
+    if task == "LaMP_2":
+        cue = pick(rng, LAMP_2_TAGS)
+        tag = cue if rng.random() < 0.3 else LAMP_2_TAGS[traits["tag_for_topic"][topic]]
+        description = text_about(rng, topic, 24, extra=[TAG_CUES[cue]])
+        return {"description": description, "tag": tag}, description
+    if task == "LaMP_3":
+        sentiment = int(rng.choice([-1, 0, 1], p=[0.2, 0.6, 0.2]))
+        score = int(np.clip(traits["base"] + traits["shift"][topic] + sentiment, 1, 5))
+        mood = rng.choice(SENTIMENT_WORDS[sentiment], size=2, replace=False)
+        text = text_about(rng, topic, 30, extra=mood)
+        return {"text": text, "score": str(score)}, text
+    if task == "LaMP_4":
+        text, title = titled_text(rng, traits, topic, 36)
+        return {"text": text, "title": title}, text
+    if task == "LaMP_5":
+        abstract, title = titled_text(rng, traits, topic, 40)
+        return {"abstract": abstract, "title": title}, abstract
+    neutral = [pick(rng, TWEET_FILLER) if rng.random() < 0.6 else pick(rng, TOPIC_VOCAB[topic])
+               for _ in range(12)]
+    tweet = [SUBSTITUTIONS[w] if w in traits["substitutes"] else w for w in neutral]
+    text = f"{traits['interjection']} {' '.join(tweet)} #{traits['hashtag'][topic]}"
+    return {"text": text}, " ".join(neutral)
+
+
+def make_question(rng, task: str, traits) -> tuple:
+    """The user's question: (task input, gold output)."""
+    spec = get_task(task)
+    topic = draw_topic(rng, traits)
+    if task == "LaMP_1":
+        own = [int(t) for t in traits["topics"]]
+        if rng.random() < 0.3:
+            cited_topic = topic
+        else:
+            cited_topic = pick(rng, [t for t in own if t != topic] or own)
+        other = pick(rng, [t for t in range(len(TOPICS)) if t not in own])
+        cited, distractor = paper(rng, cited_topic)["title"], paper(rng, other)["title"]
+        correct_first = rng.random() < 0.5
+        refs = (cited, distractor) if correct_first else (distractor, cited)
+        text = spec.input_template.format(title=paper(rng, topic)["title"], ref1=refs[0], ref2=refs[1])
+        return text, "[1]" if correct_first else "[2]"
+    item, content = make_item(rng, task, traits, topic)
+    return spec.input_template.format(content), item[spec.output_half]
+
+
+def make_user(task: str, user: int, seed: int, profile_size: int) -> tuple:
+    """One user's question (id, input, profile) and gold output."""
+    rng = example_rng(seed, f"{task}/user/{user}", "synth")
+    traits = draw_traits(rng, task)
+    n_items = int(rng.integers(profile_size // 2, profile_size * 3 // 2 + 1))
+    question_id = f"{TASK_NUMBER[task]}{user:07d}"
+    profile = []
+    for j in range(n_items):
+        item, _ = make_item(rng, task, traits, draw_topic(rng, traits))
+        profile.append({"id": f"{question_id}{j:04d}", **item})
+    text, gold = make_question(rng, task, traits)
+    return {"id": question_id, "input": text, "profile": profile}, gold
+
+
+class JsonArrayWriter:
+    """Streams a JSON array (inside an optional wrapper) to a temp file, then renames."""
+
+    def __init__(self, path: Path, head="[", tail="]"):
+        self.path, self.tmp, self.tail = path, path.with_name(path.name + ".tmp"), tail
+        self.file = open(self.tmp, "w", encoding="utf-8")
+        self.file.write(head)
+        self.first = True
+
+    def write(self, value) -> None:
+        self.file.write(("\n" if self.first else ",\n") + json.dumps(value, ensure_ascii=False))
+        self.first = False
+
+    def close(self) -> None:
+        self.file.write("\n" + self.tail + "\n")
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+
+def is_dev_user(user: int) -> bool:
+    return user % 5 == 4
+
+
+def write_task(out_dir: Path, task: str, users: int, seed: int, profile_size: int) -> None:
+    writers = {}
+    for split in ("train", "dev"):
+        folder = out_dir / task / split
+        folder.mkdir(parents=True, exist_ok=True)
+        writers[split] = (
+            JsonArrayWriter(folder / f"{split}_questions.json"),
+            JsonArrayWriter(folder / f"{split}_outputs.json",
+                            head=f'{{"task": "{task}", "golds": [', tail="]}"),
+        )
+    for user in tqdm(range(users), desc=f"synth {task}", unit="user", leave=False):
+        question, gold = make_user(task, user, seed, profile_size)
+        questions, outputs = writers["dev" if is_dev_user(user) else "train"]
+        questions.write(question)
+        outputs.write({"id": question["id"], "output": gold})
+    # The outputs files are renamed last: a split whose outputs file exists is complete.
+    for questions, outputs in writers.values():
+        questions.close()
+        outputs.close()
+
+
+def write_synthetic(out_dir, tasks, users: int, seed: int, profile_size: int | None = None) -> None:
+    """Writes synthetic train and dev files for each task under out_dir."""
+    specs = [get_task(task) for task in tasks]
+    if users < 5:
+        raise LampError(f"--users must be at least 5 (one in five users goes to dev), got {users}")
+    if profile_size is not None and profile_size < 1:
+        raise LampError(f"--profile-size must be at least 1, got {profile_size}")
+    for spec in specs:
+        write_task(Path(out_dir), spec.name, users, seed, profile_size or MEAN_PROFILE_SIZE[spec.name])
