@@ -4,6 +4,7 @@
     python experiments.py validate --data DIR    check LaMP files and print their shape
     python experiments.py evaluate --task LaMP_k --golds FILE --preds FILE
     python experiments.py render --data DIR --task LaMP_k --retriever BM25 --k 4 ...
+    python experiments.py prepare --data DIR             rank once into the shard cache
 
 Every verb has `--help`. Bad input ends with a one-line message and exit 2.
 """
@@ -11,9 +12,12 @@ Every verb has `--help`. Bad input ends with a one-line message and exit 2.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lamp.errors import LampError
 from lamp.tasks import TASKS, get_task
+
+WORKDIR = "lamp-grid-work"
 
 
 def cmd_synth(args) -> int:
@@ -104,6 +108,14 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from grid.shards import prepare
+
+    prepare(args.data, args.cache or Path(args.workdir) / "cache", tasks=args.tasks,
+            retrievers=args.retrievers, seeds=args.seeds, workers=args.workers, address=args.address)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamp-grid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=cmd_render)
+
+    p = verbs.add_parser("prepare", help="convert LaMP files to Parquet and rank every example once")
+    p.add_argument("--data", required=True, help="a directory holding LaMP_k task folders")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="LaMP_k")
+    p.add_argument("--retrievers", nargs="+", default=["BM25", "Random", "Full_Random", "RanBM25"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
+    p.add_argument("--cache", help="the shard cache (default: WORKDIR/cache, shared by every command)")
+    p.add_argument("--address", help="a Ray cluster to run on (default: a local one)")
+    p.add_argument("--workers", type=int, help="ranking workers (default: CPUs - 1)")
+    p.set_defaults(run=cmd_prepare)
     return parser
 
 

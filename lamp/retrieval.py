@@ -182,8 +182,9 @@ def rank(task: str, example, retriever: str, *, by_input: bool = False, seed: in
     """The full ranking one retriever gives one example (the leakage guard applied).
 
     by_input: BM25 over input halves alone (the `decouple` ablation).
-    size: how many items Full_Random draws (default: the user's profile size);
-    the other retrievers rank their whole candidate set.
+    size: how many items Full_Random draws. The default, the user's own profile
+    size, is what cells use, so Full_Random offers as many candidates as the
+    user's own profile does; the other retrievers rank their whole candidate set.
     """
     query = extract_query(task, example.input)
     if retriever == "BM25":
@@ -219,28 +220,41 @@ def pair_mixed(task: str, input_items: list[dict], output_items: list[dict]) -> 
     return [{**item, half: partner[half]} for item, partner in zip(input_items, output_items)]
 
 
+def ranked_sides(retriever: str, input_retriever: str | None = None,
+                 output_retriever: str | None = None) -> tuple:
+    """The rankings a retriever reads: none for `none`, two for Mixed."""
+    if retriever == "none":
+        return ()
+    if retriever == "Mixed":
+        return (input_retriever, output_retriever)
+    return (retriever,)
+
+
+def select(task: str, retriever: str, ranked: dict, k: int | float, rank_offset: int, profile_size: int,
+           input_retriever: str | None = None, output_retriever: str | None = None) -> list[dict]:
+    """Ranks [rank_offset, rank_offset + k) of each ranking in `ranked` (retriever
+    name -> items, most relevant first); for Mixed, the two windows paired."""
+    if retriever == "none":
+        return []
+    n = resolve_k(k, profile_size)
+    window = slice(rank_offset, rank_offset + n)
+    if retriever == "Mixed":
+        return pair_mixed(task, ranked[input_retriever][window], ranked[output_retriever][window])
+    return ranked[retriever][window]
+
+
 def retrieve(task: str, example, retriever: str, k: int | float, *, ablation: str = "both",
              rank_offset: int = 0, seed: int = 0, pool: ItemPool | None = None,
              input_retriever: str | None = None, output_retriever: str | None = None) -> list[dict]:
     """The profile items a cell shows for one example, most relevant first.
 
-    Ranks [rank_offset, rank_offset + k) of the retriever's ranking; for Mixed,
-    that window of each side, paired. Only `decouple` changes the ranking.
-    Assumes check_cell passed.
+    Only `decouple` changes the ranking (BM25 over input halves). Assumes
+    check_cell passed.
     """
-    if retriever == "none":
-        return []
-    n = resolve_k(k, len(example.profile))
-    window = slice(rank_offset, rank_offset + n)
-
-    def top(name):
-        ranking = rank(task, example, name, by_input=ablation == "decouple", seed=seed, pool=pool,
-                       size=window.stop)
-        return ranking.items[window]
-
-    if retriever == "Mixed":
-        return pair_mixed(task, top(input_retriever), top(output_retriever))
-    return top(retriever)
+    ranked = {name: rank(task, example, name, by_input=ablation == "decouple", seed=seed, pool=pool).items
+              for name in ranked_sides(retriever, input_retriever, output_retriever)}
+    return select(task, retriever, ranked, k, rank_offset, len(example.profile),
+                  input_retriever, output_retriever)
 
 
 # ----------------------------------------------------------------------------- checking

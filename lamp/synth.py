@@ -78,14 +78,14 @@ TOPIC_WORDS = {
               "eagle wolf canyon rainforest bear prairie waterfall hiking lake",
 }
 TOPICS = list(TOPIC_WORDS)
-TOPIC_VOCAB = [words.split() for words in TOPIC_WORDS.values()]
+TOPIC_VOCAB = [np.array(words.split()) for words in TOPIC_WORDS.values()]
 
-FILLER = (
+FILLER = np.array((
     "the a of and in with for to on about their his her new old young after before when "
     "while story life world people time day way year man woman group city town small great "
     "last first long hard secret strange local dark bright journey together against finally "
     "everything nothing between under through around begins finds learns must tries faces"
-).split()
+).split())
 
 # LaMP_2: a word in the description that suggests a tag to every reader.
 TAG_CUES = {
@@ -132,11 +132,10 @@ def pick(rng, words):
 def text_about(rng, topic: int, n_words: int, extra=()) -> str:
     """Topic words and filler in random order, with `extra` words mixed in."""
     n_topic = n_words // 2
-    words = [pick(rng, TOPIC_VOCAB[topic]) for _ in range(n_topic)]
-    words += [pick(rng, FILLER) for _ in range(n_words - n_topic)]
-    words += list(extra)
+    words = np.concatenate([rng.choice(TOPIC_VOCAB[topic], n_topic),
+                            rng.choice(FILLER, n_words - n_topic), np.asarray(extra, dtype=str)])
     rng.shuffle(words)
-    return " ".join(words)
+    return " ".join(words.tolist())
 
 
 def draw_traits(rng, task: str) -> dict:

@@ -1,0 +1,28 @@
+"""Connecting to Ray: a local cluster by default, or the one at --address."""
+
+import logging
+import os
+
+from lamp.errors import LampError
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Starts (or joins) Ray once per process, with a clear error if it cannot."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # DeepSpeed and torch read these in every worker: CPU-only machines need them.
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")} if not _has_gpu() else {}
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": env} if env else None)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise LampError(f"cannot reach Ray at {address or 'a new local cluster'}: "
+                        f"{str(error).splitlines()[0]}") from None
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

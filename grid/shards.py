@@ -1,0 +1,358 @@
+"""Precomputed profile shards: the expensive part of a grid, done once.
+
+The study re-ranked, re-rendered and re-tokenized inside every training run,
+so a sweep over ablation x order x k redid the same ranking dozens of times.
+`prepare` instead
+
+1. converts each task and split to Parquet once (streamed, bounded memory);
+2. ranks every example's candidate pool once per (ranking, seed), as a Ray Data
+   pipeline (read_parquet -> map_batches -> write_parquet): BM25 over full items
+   and over input halves (for `decouple`), the Random permutation, and the
+   other-user pools of Full_Random and RanBM25.
+
+A ranking shard holds, per example row, references (row, position) to the
+candidate items in rank order, and their scores. Everything a cell varies after
+that (k, fractions, rank_offset, ablation, order, Mixed pairing) is derived by
+rendering alone: `cell_dataset` hands a cell its prompts as a Ray Dataset.
+
+The cache is content-addressed: a directory's name is a hash of what it was
+computed from (the input files' bytes, the parameters, the source of the
+ranking code). It is written under a temporary name and renamed when complete,
+so a killed `prepare` leaves nothing that looks complete, and a second
+`prepare` finds everything and does nothing.
+"""
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import lamp.retrieval
+import lamp.seeding
+from lamp.data import Example, SplitFiles, find_splits, read_examples
+from lamp.errors import LampError
+from lamp.prompts import TokenizerTokens, WhitespaceTokens, render_prompt
+from lamp.retrieval import MIXED_SIDES, ItemPool, rank, ranked_sides, select
+from lamp.tasks import get_task
+
+CACHE_FORMAT = "1"
+ROWS_PER_WRITE = 256  # examples per Parquet row group while converting (LaMP_3 items are long)
+RANKING_SCHEMA = pa.schema([("row", pa.int64()), ("cand_row", pa.list_(pa.int64())),
+                            ("cand_pos", pa.list_(pa.int32())), ("score", pa.list_(pa.float64()))])
+# Rankings that draw random numbers, and so are stored once per seed.
+SEEDED = {"Random", "Full_Random", "RanBM25", "RanBM25_input"}
+POOLED = {"Full_Random", "RanBM25"}
+
+
+def ranking_name(retriever: str, by_input: bool) -> str:
+    """BM25 and RanBM25 rank by input halves alone for `decouple`: a ranking of its own."""
+    return f"{retriever}_input" if by_input and retriever in ("BM25", "RanBM25") else retriever
+
+
+def rankings_for(task: str, retrievers) -> list:
+    """The rankings a task needs so that cells with these retrievers can render."""
+    has_input = get_task(task).input_half is not None
+    names = []
+    for retriever in retrievers:
+        sides = MIXED_SIDES if retriever == "Mixed" else ranked_sides(retriever)
+        for side in sides:
+            names.append(ranking_name(side, False))
+            if has_input:
+                names.append(ranking_name(side, True))
+    return list(dict.fromkeys(names))
+
+
+def digest(*parts) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        h.update(str(part).encode() + b"\x1f")
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """The ranking code's own source: a change to it invalidates stored rankings."""
+    return digest(*(Path(module.__file__).read_bytes() for module in (lamp.retrieval, lamp.seeding)),
+                  Path(__file__).read_bytes())
+
+
+@dataclass(frozen=True)
+class SplitShards:
+    task: str
+    setting: str
+    split: str
+    examples: Path  # examples.parquet
+    rankings: dict = field(default_factory=dict)  # (ranking name, seed or None) -> directory
+
+    def ranking(self, name: str, seed: int) -> Path:
+        key = (name, seed if name in SEEDED else None)
+        if key not in self.rankings:
+            raise LampError(f"{self.task} {self.split}: no {name} ranking"
+                            + (f" for seed {seed}" if name in SEEDED else "")
+                            + " in the shard cache; run `prepare` with that retriever and seed")
+        return self.rankings[key]
+
+
+# --- 1. LaMP files to Parquet ------------------------------------------------------
+
+
+def examples_schema(task: str) -> pa.Schema:
+    spec = get_task(task)
+    item = pa.struct([(name, pa.string()) for name in spec.item_fields] + [("date", pa.string())])
+    return pa.schema([("row", pa.int64()), ("id", pa.string()), ("user", pa.string()),
+                      ("input", pa.string()), ("output", pa.string()), ("profile", pa.list_(item))])
+
+
+def example_record(row: int, example: Example, fields) -> dict:
+    # Every item field is stored as text: LaMP_3 scores may be numbers in the
+    # file, and str() is how rendering and BM25 read them anyway.
+    profile = [{**{name: str(item[name]) for name in fields}, "date": item.get("date")}
+               for item in example.profile]
+    return {"row": row, "id": example.id, "user": example.user, "input": example.input,
+            "output": example.output, "profile": profile}
+
+
+def write_examples(split: SplitFiles, path: Path) -> int:
+    """Streams a split into one Parquet file, a row group at a time; returns its rows."""
+    schema = examples_schema(split.task)
+    fields = list(get_task(split.task).item_fields)
+    rows, n = [], 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for example in read_examples(split):
+            rows.append(example_record(n, example, fields))
+            n += 1
+            if len(rows) == ROWS_PER_WRITE:
+                writer.write_table(pa.Table.from_pylist(rows, schema))
+                rows = []
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema))
+    return n
+
+
+def to_example(record: dict) -> Example:
+    profile = [{k: v for k, v in item.items() if v is not None} for item in record["profile"]]
+    return Example(id=record["id"], user=record["user"], input=record["input"], profile=profile,
+                   output=record["output"])
+
+
+def load_examples(path: Path) -> list:
+    return [to_example(record) for record in pq.read_table(path).to_pylist()]
+
+
+# --- 2. Rankings, as a Ray Data pipeline ------------------------------------------
+
+
+class RankExamples:
+    """map_batches callable: every wanted (ranking, seed) of each example in a batch."""
+
+    def __init__(self, task: str, examples_path: str, wanted: list):
+        self.task, self.wanted = task, wanted
+        self.examples = self.pool = None
+        if any(name.removesuffix("_input") in POOLED for name, _ in wanted):
+            # Other users' items: the whole split is needed.
+            self.examples = load_examples(Path(examples_path))
+            self.pool = ItemPool(self.examples)
+            # Items are referenced by identity: the pool hands out the very dicts.
+            self.pool_refs = {id(item): (row, pos) for row, example in enumerate(self.examples)
+                              for pos, item in enumerate(example.profile)}
+
+    def __call__(self, batch: pa.Table) -> dict:
+        records = batch.to_pylist()
+        out = {"row": [record["row"] for record in records]}
+        for name, seed in self.wanted:
+            ranked = [self.rank(record, name, seed or 0) for record in records]
+            for column in ("cand_row", "cand_pos", "score"):
+                out[f"{name}/{seed}/{column}"] = [r[column] for r in ranked]
+        return out
+
+    def rank(self, record: dict, name: str, seed: int) -> dict:
+        row = record["row"]
+        example = self.examples[row] if self.examples else to_example(record)
+        ranking = rank(self.task, example, name.removesuffix("_input"), by_input=name.endswith("_input"),
+                       seed=seed, pool=self.pool)
+        own = {id(item): (row, pos) for pos, item in enumerate(example.profile)}
+        refs = [own.get(id(item)) or self.pool_refs[id(item)] for item in ranking.items]
+        return {"cand_row": [r for r, _ in refs], "cand_pos": [p for _, p in refs],
+                "score": None if ranking.scores is None else ranking.scores.tolist()}
+
+
+def write_rankings(task: str, examples: Path, wanted: dict, workers: int) -> None:
+    """Computes the wanted rankings ((name, seed) -> final directory) in one Ray Data
+    pass over the split, streaming each into its own Parquet file, then publishes
+    each directory atomically."""
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.read_parquet(str(examples)).map_batches(
+        RankExamples, batch_size=64, batch_format="pyarrow", num_cpus=cpus_per_worker(workers),
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        fn_constructor_kwargs=dict(task=task, examples_path=str(examples), wanted=list(wanted)))
+    tmp = {key: Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+           for key, final in wanted.items()}
+    writers = {key: pq.ParquetWriter(tmp[key] / "ranking.parquet", RANKING_SCHEMA) for key in wanted}
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for (name, seed), writer in writers.items():
+                columns = [batch.column("row")] + [batch.column(f"{name}/{seed}/{c}") for c in
+                                                   ("cand_row", "cand_pos", "score")]
+                writer.write_table(pa.Table.from_arrays(columns, schema=RANKING_SCHEMA))
+        for key, writer in writers.items():
+            writer.close()
+            os.replace(tmp[key], wanted[key])
+    finally:
+        for key in wanted:
+            writers[key].close()
+            shutil.rmtree(tmp[key], ignore_errors=True)
+
+
+# --- the cache -----------------------------------------------------------------------
+
+
+def build_atomically(final: Path, build) -> bool:
+    """Runs build(tmp_dir) and renames tmp_dir to `final`; False if `final` exists."""
+    if final.is_dir():
+        return False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def default_workers() -> int:
+    """Rankers on all CPUs but one: Ray Data's reads and writes need one free."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+
+
+def cpus_per_worker(workers: int) -> float:
+    """Share all CPUs but one among the workers, or Ray Data's reads starve and it hangs."""
+    import ray
+
+    spare = max(ray.cluster_resources().get("CPU", 2) - 1, 0.5)
+    return max(0.1, min(1.0, spare / workers))
+
+
+def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full_Random", "RanBM25"),
+            seeds=(0,), workers: int | None = None, address: str | None = None, log=print) -> list:
+    """Converts and ranks every split under data_dir into the cache; returns its SplitShards."""
+    from grid.cluster import ensure_ray
+
+    unknown = [r for r in retrievers if r not in lamp.retrieval.RETRIEVERS]
+    if unknown:
+        raise LampError(f"unknown retriever {unknown[0]!r}; valid: {', '.join(lamp.retrieval.RETRIEVERS)}")
+    cache_dir, version = Path(cache_dir), code_version()
+    result, computed, cached = [], 0, 0
+    for split in find_splits(data_dir, tasks):
+        fingerprint = digest(CACHE_FORMAT, file_digest(split.questions),
+                             split.outputs and file_digest(split.outputs))
+        where = cache_dir / split.task / f"{split.setting}-{split.split}"
+        examples_dir = where / f"examples-{fingerprint}"
+        label = f"{split.task} {split.setting}-based {split.split}"
+        if build_atomically(examples_dir, lambda tmp: write_examples(split, tmp / "examples.parquet")):
+            computed += 1
+            log(f"converted {label} -> {examples_dir}")
+        else:
+            cached += 1
+        examples = examples_dir / "examples.parquet"
+        rankings = {}
+        for name in rankings_for(split.task, retrievers):
+            for seed in (seeds if name in SEEDED else [None]):
+                key = digest(fingerprint, name, seed, version)
+                rankings[(name, seed)] = where / f"{name}{'' if seed is None else f'-seed{seed}'}-{key}"
+        missing = {key: path for key, path in rankings.items() if not path.is_dir()}
+        cached += len(rankings) - len(missing)
+        if missing:
+            ensure_ray(address)
+            write_rankings(split.task, examples, missing, workers or default_workers())
+            computed += len(missing)
+            log(f"ranked {label}: " + ", ".join(f"{n}" + ("" if s is None else f" seed {s}")
+                                                 for n, s in missing))
+        result.append(SplitShards(split.task, split.setting, split.split, examples, rankings))
+    log(f"prepare: {computed} shard(s) computed, {cached} already cached in {cache_dir}"
+        + (" (nothing to do)" if computed == 0 else ""))
+    return result
+
+
+# --- 3. Rendering a cell from the shards -------------------------------------------
+
+
+def load_ranking(path: Path) -> list:
+    """Per example row, its candidates as (row, position) pairs in rank order."""
+    table = pq.read_table(path, columns=["row", "cand_row", "cand_pos"]).sort_by("row")
+    return [list(zip(rows, positions)) for rows, positions in
+            zip(table.column("cand_row").to_pylist(), table.column("cand_pos").to_pylist())]
+
+
+class CellPrompts:
+    """A split's examples and the rankings one cell reads, ready to render it."""
+
+    def __init__(self, shards: SplitShards, cell, examples=None):
+        self.cell = cell
+        self.spec = get_task(cell.task)
+        self.examples = examples if examples is not None else load_examples(shards.examples)
+        by_input = cell.ablation == "decouple"
+        self.sides = ranked_sides(cell.retriever, cell.input_retriever, cell.output_retriever)
+        self.rankings = {side: load_ranking(shards.ranking(ranking_name(side, by_input), cell.seed))
+                         for side in self.sides}
+
+    def render(self, row: int, tokens) -> tuple:
+        """(prompt, items in prompt order) for the example at `row`: what Cell.render gives."""
+        cell, example = self.cell, self.examples[row]
+        ranked = {side: [self.examples[r].profile[p] for r, p in self.rankings[side][row]]
+                  for side in self.sides}
+        items = select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
+                       cell.input_retriever, cell.output_retriever)
+        return render_prompt(self.spec, example.input, items, cell.ablation, cell.order, cell.seed,
+                             example.id, tokens)
+
+
+class RenderCell:
+    """map_batches callable: rendered prompts (and token ids, given a model) of a cell."""
+
+    def __init__(self, shards: SplitShards, cell, model: str | None):
+        self.prompts = CellPrompts(shards, cell)
+        self.tokenizer = None
+        if model is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokens = TokenizerTokens(self.tokenizer) if self.tokenizer else WhitespaceTokens()
+
+    def __call__(self, batch: pa.Table) -> dict:
+        rows = batch.column("row").to_pylist()
+        rendered = [self.prompts.render(row, self.tokens) for row in rows]
+        examples = [self.prompts.examples[row] for row in rows]
+        out = {"row": rows, "id": [e.id for e in examples],
+               "prompt": [prompt for prompt, _ in rendered],
+               "output": [e.output for e in examples],
+               "retrieved": [[item["id"] for item in items] for _, items in rendered]}
+        if self.tokenizer is not None:
+            out["input_ids"] = self.tokenizer(out["prompt"])["input_ids"]
+            out["labels"] = self.tokenizer([o or "" for o in out["output"]])["input_ids"]
+        return out
+
+
+def cell_dataset(shards: SplitShards, cell, model: str | None = None):
+    """The cell's examples as a Ray Dataset of rendered prompts, and token ids given a model."""
+    import ray
+
+    ds = ray.data.read_parquet(str(shards.examples), columns=["row"])
+    return ds.map_batches(RenderCell, batch_size=256, batch_format="pyarrow", concurrency=1, num_cpus=0.5,
+                          fn_constructor_kwargs=dict(shards=shards, cell=cell, model=model))

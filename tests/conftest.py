@@ -1,0 +1,17 @@
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray cluster for the whole test session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield ray
+    ray.shutdown()
