@@ -19,6 +19,22 @@ from lamp.tasks import TASKS, get_task
 
 WORKDIR = "lamp-grid-work"
 
+# The named experiments: each a grid a user runs by name (`run NAME`), in the
+# schema of grid/spec.py (a YAML file with the same keys works too).
+GRIDS = {
+    "demo": {
+        "name": "demo",
+        "tasks": ["LaMP_2", "LaMP_4"],
+        "model": "tiny",
+        "axes": [
+            {"retriever": ["none", "Full_Random", "RanBM25", "Random", "BM25"], "k": [4]},
+            {"retriever": ["BM25"], "ablation": ["only_output"], "k": [4]},
+        ],
+        # The tiny model learns in minutes on a laptop CPU: a higher rate, bigger batches.
+        "training": {"epochs": 3, "lr": 1e-3, "batch_size": 16, "beams": 2},
+    },
+}
+
 
 def cmd_synth(args) -> int:
     from lamp.synth import write_synthetic
@@ -116,6 +132,23 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from grid.run import run_grid
+    from grid.spec import Resources, load_grid, with_overrides
+
+    spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, epochs=args.epochs,
+                          limit_train=args.limit_train, limit_dev=args.limit_dev)
+    resources = Resources(workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
+                          zero_stage=args.zero_stage)
+    rows = run_grid(spec, args.data, Path(args.workdir), tracking_uri=args.tracking_uri, storage=args.storage,
+                    address=args.address, resources=resources, max_concurrent=args.max_concurrent,
+                    resume=args.resume, dry_run=args.dry_run, retries=args.retries)
+    for cell, status, metrics in rows:
+        shown = ", ".join(f"{k.removeprefix('dev_')} {v:.4f}" for k, v in sorted(metrics.items()))
+        print(f"{status:9} {cell.key}: {shown}")
+    return 0 if all(status == "FINISHED" for _, status, _ in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamp-grid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="a Ray cluster to run on (default: a local one)")
     p.add_argument("--workers", type=int, help="ranking workers (default: CPUs - 1)")
     p.set_defaults(run=cmd_prepare)
+
+    p = verbs.add_parser("run", help="run a grid: fine-tune and evaluate every cell, tracked in MLflow")
+    p.add_argument("grid", help=f"a named grid ({', '.join(GRIDS)}) or a YAML file")
+    p.add_argument("--data", default="synthetic", help="a LaMP directory, or `synthetic` (default)")
+    p.add_argument("--model", help="a hub id, a local model folder, `tiny` or `vote` (default: the grid's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
+    p.add_argument("--storage", help="Ray's storage path (default: WORKDIR/ray_results)")
+    p.add_argument("--address", help="a Ray cluster to run on (default: a local one)")
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as fit)")
+    p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
+    p.add_argument("--epochs", type=int, help="override the grid's epochs (0: zero-shot)")
+    p.add_argument("--limit-train", type=int, help="train on the first N examples only")
+    p.add_argument("--limit-dev", type=int, help="evaluate on the first N dev examples only")
+    p.add_argument("--retries", type=int, default=2, help="retries of a crashed trial")
+    p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
+    p.add_argument("--resume", action="store_true", help="restore this grid's interrupted run")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and their resources; run nothing")
+    p.set_defaults(run=cmd_run)
     return parser
 
 

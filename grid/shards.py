@@ -22,6 +22,7 @@ so a killed `prepare` leaves nothing that looks complete, and a second
 `prepare` finds everything and does nothing.
 """
 
+import functools
 import hashlib
 import os
 import shutil
@@ -293,8 +294,12 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
 # --- 3. Rendering a cell from the shards -------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
 def load_ranking(path: Path) -> list:
-    """Per example row, its candidates as (row, position) pairs in rank order."""
+    """Per example row, its candidates as (row, position) pairs in rank order.
+
+    Remembered: a ranking directory never changes (its name is its content's
+    hash), and the cells of a grid read the same few rankings over and over."""
     table = pq.read_table(path, columns=["row", "cand_row", "cand_pos"]).sort_by("row")
     return [list(zip(rows, positions)) for rows, positions in
             zip(table.column("cand_row").to_pylist(), table.column("cand_pos").to_pylist())]
@@ -312,47 +317,77 @@ class CellPrompts:
         self.rankings = {side: load_ranking(shards.ranking(ranking_name(side, by_input), cell.seed))
                          for side in self.sides}
 
-    def render(self, row: int, tokens) -> tuple:
-        """(prompt, items in prompt order) for the example at `row`: what Cell.render gives."""
+    def retrieved(self, row: int) -> list:
+        """The items the cell shows for the example at `row`, most relevant first."""
         cell, example = self.cell, self.examples[row]
         ranked = {side: [self.examples[r].profile[p] for r, p in self.rankings[side][row]]
                   for side in self.sides}
-        items = select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
-                       cell.input_retriever, cell.output_retriever)
-        return render_prompt(self.spec, example.input, items, cell.ablation, cell.order, cell.seed,
-                             example.id, tokens)
+        return select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
+                      cell.input_retriever, cell.output_retriever)
+
+    def render(self, row: int, tokens) -> tuple:
+        """(prompt, items in prompt order) for the example at `row`: what Cell.render gives."""
+        cell, example = self.cell, self.examples[row]
+        return render_prompt(self.spec, example.input, self.retrieved(row), cell.ablation, cell.order,
+                             cell.seed, example.id, tokens)
 
 
 class RenderCell:
-    """map_batches callable: rendered prompts (and token ids, given a model) of a cell."""
+    """map_batches callable: rendered prompts of a cell and, given a model, token ids.
+
+    prompt_ids feed generation; input_ids and labels feed training. A decoder-only
+    model reads prompt and output as one sequence and learns only the output.
+    """
 
     def __init__(self, shards: SplitShards, cell, model: str | None):
         self.prompts = CellPrompts(shards, cell)
-        self.tokenizer = None
+        self.tokenizer = self.decoder_only = None
         if model is not None:
-            from transformers import AutoTokenizer
+            from transformers import AutoConfig, AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.decoder_only = not AutoConfig.from_pretrained(model).is_encoder_decoder
         self.tokens = TokenizerTokens(self.tokenizer) if self.tokenizer else WhitespaceTokens()
 
     def __call__(self, batch: pa.Table) -> dict:
         rows = batch.column("row").to_pylist()
         rendered = [self.prompts.render(row, self.tokens) for row in rows]
         examples = [self.prompts.examples[row] for row in rows]
-        out = {"row": rows, "id": [e.id for e in examples],
+        out = {"row": rows, "id": [e.id for e in examples], "user": [e.user for e in examples],
                "prompt": [prompt for prompt, _ in rendered],
-               "output": [e.output for e in examples],
+               "output": [e.output or "" for e in examples],
                "retrieved": [[item["id"] for item in items] for _, items in rendered]}
         if self.tokenizer is not None:
-            out["input_ids"] = self.tokenizer(out["prompt"])["input_ids"]
-            out["labels"] = self.tokenizer([o or "" for o in out["output"]])["input_ids"]
+            out.update(self.token_ids(out["prompt"], out["output"]))
         return out
 
+    def token_ids(self, prompts: list, outputs: list) -> dict:
+        prompt_ids = self.tokenizer(prompts)["input_ids"]
+        if not self.decoder_only:
+            return {"prompt_ids": prompt_ids, "input_ids": prompt_ids,
+                    "labels": self.tokenizer(outputs)["input_ids"]}
+        eos = [self.tokenizer.eos_token_id]
+        answers = self.tokenizer([" " + o for o in outputs], add_special_tokens=False)["input_ids"]
+        return {"prompt_ids": prompt_ids, "input_ids": [p + a + eos for p, a in zip(prompt_ids, answers)],
+                "labels": [[-100] * len(p) + a + eos for p, a in zip(prompt_ids, answers)]}
 
-def cell_dataset(shards: SplitShards, cell, model: str | None = None):
-    """The cell's examples as a Ray Dataset of rendered prompts, and token ids given a model."""
+
+def cell_table(shards: SplitShards, cell, model: str | None = None, limit: int | None = None) -> pa.Table:
+    """The cell's rendered examples (and token ids, given a model) as an Arrow table."""
+    render = RenderCell(shards, cell, model)
+    rows = list(range(len(render.prompts.examples)))[:limit]
+    return pa.concat_tables([pa.table(render(pa.table({"row": rows[i:i + 1024]})))
+                             for i in range(0, len(rows), 1024)] or [pa.table(render(pa.table({"row": []})))])
+
+
+def cell_dataset(shards: SplitShards, cell, model: str | None = None, limit: int | None = None):
+    """The cell's examples as a Ray Dataset of rendered prompts, and token ids given a model.
+
+    Rendering is cheap next to training, so it happens here, in the caller's
+    process, from the shards; Ray Data then only hands rows to the workers. (A
+    rendering pipeline of its own inside a Tune trial competes with the trial's
+    workers for CPUs and can stall on a small machine.)
+    """
     import ray
 
-    ds = ray.data.read_parquet(str(shards.examples), columns=["row"])
-    return ds.map_batches(RenderCell, batch_size=256, batch_format="pyarrow", concurrency=1, num_cpus=0.5,
-                          fn_constructor_kwargs=dict(shards=shards, cell=cell, model=model))
+    return ray.data.from_arrow(cell_table(shards, cell, model, limit))

@@ -6,6 +6,8 @@ the prompt budget, split evenly over the items; an item that does not fit
 loses the tail of its (long) input half, never its (short) output half.
 """
 
+import functools
+
 from lamp.seeding import example_rng
 from lamp.tasks import TaskSpec
 
@@ -41,19 +43,29 @@ class WhitespaceTokens:
 
 
 class TokenizerTokens:
-    """Counts the tokens of a Hugging Face tokenizer, without special tokens."""
+    """Counts the tokens of a Hugging Face tokenizer, without special tokens.
 
-    def __init__(self, tokenizer):
+    Each text is tokenized once and remembered: a grid renders the same profile
+    items in many cells. Trimming cuts the original text at a token boundary
+    (from the offset mapping), so what is kept is the data's own text.
+    """
+
+    def __init__(self, tokenizer, remember: int = 1 << 16):
         self.tokenizer = tokenizer
+        self.token_ends = functools.lru_cache(maxsize=remember)(self._token_ends)
+
+    def _token_ends(self, text: str) -> tuple:
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return tuple(end for _, end in offsets)
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.token_ends(text))
 
     def trim(self, text: str, n: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= n:
+        ends = self.token_ends(text)
+        if len(ends) <= n:
             return text
-        return self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        return text[: ends[n - 1]] if n > 0 else ""
 
 
 def render_item(spec: TaskSpec, item: dict, ablation: str, room: int, tokens) -> str:

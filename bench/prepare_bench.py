@@ -1,0 +1,139 @@
+"""Benchmark: the study's per-cell preprocessing against `prepare` once + render.
+
+On a synthetic LaMP_4-shaped set (profile about 287 items), measured side by
+side in one run:
+- the study's way: for each of 48 cells (4 ablations x 4 orders x 3 k), rank
+  every example with rank_bm25, render, and tokenize padded to 512;
+- ours: `prepare` once (BM25 rankings as Parquet shards, on local Ray), then
+  render the 48 cells from the shards.
+Also: examples ranked per second, our vectorized BM25 against a plain
+rank_bm25 loop on the same data.
+
+    python bench/prepare_bench.py [--users 2500] [--out bench/results/prepare.json]
+"""
+
+import argparse
+import itertools
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from rank_bm25 import BM25Okapi
+from transformers import AutoTokenizer
+
+from grid.shards import CellPrompts, prepare
+from grid.tiny import build_tiny_model
+from lamp.cell import Cell
+from lamp.data import find_splits, read_examples
+from lamp.prompts import TokenizerTokens, render_prompt
+from lamp.retrieval import bm25_ranking, document_text, drop_query_items, extract_query
+from lamp.synth import write_synthetic
+from lamp.tasks import get_task
+
+TASK = "LaMP_4"
+ABLATIONS = ("both", "only_output", "decouple", "only_input")
+ORDERS = ("start", "end", "middle", "random")
+KS = (1, 4, 16)
+
+
+def study_cell(examples, cell, tokenizer, tokens):
+    """One cell the study's way: rank_bm25 per example, render, pad to 512."""
+    spec = get_task(TASK)
+    prompts = []
+    for example in examples:
+        query = extract_query(TASK, example.input)
+        items = drop_query_items(TASK, example.profile, query)
+        corpus = [document_text(TASK, item, cell.ablation == "decouple").split() for item in items]
+        scores = BM25Okapi(corpus).get_scores(query.split())
+        order = sorted(range(len(items)), key=lambda i: -scores[i])
+        top = [items[i] for i in order[: cell.k]]
+        prompt, _ = render_prompt(spec, example.input, top, cell.ablation, cell.order, cell.seed,
+                                  example.id, tokens)
+        prompts.append(prompt)
+    tokenizer(prompts, padding="max_length", max_length=512, truncation=True)
+    return prompts
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--users", type=int, default=2500)
+    parser.add_argument("--profile-size", type=int, default=287)
+    parser.add_argument("--out", default="bench/results/prepare.json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lamp-bench-"))
+    try:
+        write_synthetic(work / "data", [TASK], users=args.users, seed=0, profile_size=args.profile_size)
+        splits = find_splits(work / "data", [TASK])
+        examples = {s.split: list(read_examples(s)) for s in splits}
+        model = build_tiny_model(work / "data", [TASK], work / "tiny")
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        cells = [Cell(TASK, "BM25", k, ablation, order)
+                 for ablation, order, k in itertools.product(ABLATIONS, ORDERS, KS)]
+        n_examples = sum(len(v) for v in examples.values())
+        profile = sum(len(e.profile) for v in examples.values() for e in v) / n_examples
+        input_words = sum(len(extract_query(TASK, e.input).split()) for v in examples.values() for e in v)
+        print(f"{n_examples} examples, mean profile {profile:.0f} items, "
+              f"mean article {input_words / n_examples:.0f} words; {len(cells)} cells")
+
+        # Ours: prepare once, then render every cell from the shards.
+        start = time.perf_counter()
+        shards = prepare(work / "data", work / "cache", retrievers=["BM25"], seeds=[0])
+        prepare_s = time.perf_counter() - start
+        start = time.perf_counter()
+        tokens = TokenizerTokens(tokenizer, remember=1 << 20)  # one memory for the whole grid
+        loaded = {s.split: CellPrompts(s, cells[0]).examples for s in shards}
+        ours = {}
+        for cell in cells:
+            for s in shards:
+                cell_prompts = CellPrompts(s, cell, examples=loaded[s.split])
+                ours[cell, s.split] = [cell_prompts.render(row, tokens)[0] for row in range(len(loaded[s.split]))]
+        render_s = time.perf_counter() - start
+        print(f"ours: prepare {prepare_s:.1f} s + render 48 cells {render_s:.1f} s")
+
+        # The study's way, every cell from scratch.
+        start = time.perf_counter()
+        theirs = {}
+        for i, cell in enumerate(cells):
+            for split, exs in examples.items():
+                # A fresh tokenizer memory per cell: the study recomputed everything per run.
+                theirs[cell, split] = study_cell(exs, cell, tokenizer, TokenizerTokens(tokenizer))
+            print(f"  study's way: {i + 1}/{len(cells)} cells, {time.perf_counter() - start:.0f} s", flush=True)
+        study_s = time.perf_counter() - start
+        assert ours == theirs, "both ways must give the same prompts"
+
+        # Ranking throughput on the same examples: vectorized BM25 vs a rank_bm25 loop.
+        flat = [e for v in examples.values() for e in v]
+        start = time.perf_counter()
+        for e in flat:
+            query = extract_query(TASK, e.input)
+            items = drop_query_items(TASK, e.profile, query)
+            BM25Okapi([document_text(TASK, item).split() for item in items]).get_scores(query.split())
+        loop_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for e in flat:
+            query = extract_query(TASK, e.input)
+            bm25_ranking(TASK, query, drop_query_items(TASK, e.profile, query))
+        ours_rank_s = time.perf_counter() - start
+
+        result = {
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+            "examples": n_examples, "mean_profile": round(profile, 1), "cells": len(cells),
+            "study_way_s": round(study_s, 1), "ours_prepare_s": round(prepare_s, 1),
+            "ours_render_s": round(render_s, 1), "ours_total_s": round(prepare_s + render_s, 1),
+            "speedup": round(study_s / (prepare_s + render_s), 1),
+            "rank_bm25_loop_examples_per_s": round(n_examples / loop_s, 1),
+            "vectorized_bm25_examples_per_s": round(n_examples / ours_rank_s, 1),
+            "prepare_examples_ranked_per_s": round(2 * n_examples / prepare_s, 1),
+        }
+        print(json.dumps(result, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""`run`: a grid from spec to MLflow.
+
+Everything that can be wrong is checked before any trial starts: the grid, the
+data, the model, the tracking store, the Ray cluster and whether a cell fits.
+Then the shards are prepared (a no-op when cached), the MLflow runs are made,
+and Ray Tune runs one trial per cell that is not already FINISHED.
+"""
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+from grid.spec import GridSpec, Resources
+from lamp.errors import LampError
+
+
+@dataclass
+class RunPlan:
+    """What every trial needs; handed to trials through the object store."""
+    cells: list
+    run_ids: list
+    shards: dict  # task -> {"train": SplitShards, "dev": SplitShards}
+    model_path: str | None
+    tracking_uri: str
+    storage: str
+    resources: Resources
+
+
+@dataclass
+class Workdir:
+    """lamp-grid's work directory: synthetic data, shard cache, tiny model, tracking store."""
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
+
+    @property
+    def artifacts(self) -> str:
+        return (self.root / "mlartifacts").resolve().as_uri()
+
+    @property
+    def storage(self) -> str:
+        return str((self.root / "ray_results").resolve())
+
+    def plan_file(self, grid: str) -> Path:
+        return self.root / "runs" / f"{grid}.pkl"
+
+
+def resolve_data(data: str, spec: GridSpec, workdir: Workdir, users: int, log) -> Path:
+    """The data directory; `synthetic` is written once into the work directory."""
+    from lamp.data import find_splits
+
+    if data == "synthetic":
+        from lamp.synth import write_synthetic
+
+        missing = [t for t in spec.tasks if not (workdir.data / t / "dev" / "dev_outputs.json").exists()]
+        if missing:
+            log(f"writing synthetic data for {', '.join(missing)} into {workdir.data}")
+            write_synthetic(workdir.data, missing, users=users, seed=0)
+        return workdir.data
+    found = {(s.task, s.split) for s in find_splits(data, spec.tasks)}
+    for task in spec.tasks:
+        for split in ("train", "dev"):
+            if (task, split) not in found:
+                raise LampError(f"{data}: no {task} {split} split (run `validate --data {data}`)")
+    return Path(data)
+
+
+def resolve_model(model: str, data: Path, spec: GridSpec, workdir: Workdir, log) -> str | None:
+    """A loadable model folder or hub id; `tiny` is built once; `vote` needs none."""
+    if model == "vote":
+        return None
+    if model == "tiny":
+        from grid.tiny import build_tiny_model
+
+        folder = workdir.root / "models" / "tiny"
+        if not (folder / "config.json").exists():
+            log(f"building the tiny model into {folder}")
+        return str(build_tiny_model(data, spec.tasks, folder))
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise LampError(f"cannot load model {model!r} (a local folder or hub id): "
+                        f"{str(error).splitlines()[0]}") from None
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def check_fits(resources: Resources, max_concurrent: int) -> None:
+    """Refuse a trial that the cluster cannot place, before it waits forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = resources.workers_per_trial * resources.gpus_per_worker
+    if gpus > total.get("GPU", 0):
+        raise LampError(f"a trial asks for {resources.workers_per_trial} worker(s) x {resources.gpus_per_worker} "
+                        f"GPU, but the cluster has {total.get('GPU', 0):g} GPU(s)")
+    cpus = resources.workers_per_trial * resources.cpus_per_worker + 0.01
+    if cpus > total.get("CPU", 0):
+        raise LampError(f"a trial asks for {cpus:g} CPUs, but the cluster has {total.get('CPU', 0):g}")
+
+
+def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
+    per_trial = (f"{resources.workers_per_trial} worker(s) x ({resources.cpus_per_worker:g} CPU"
+                 + (f", {resources.gpus_per_worker:g} GPU" if resources.gpus_per_worker else "")
+                 + f"), DeepSpeed ZeRO-{resources.zero_stage}")
+    lines = [f"grid {spec.name}: {len(cells)} cell(s), model {spec.model}"]
+    for cell in cells:
+        needs = "no training (vote)" if cell.model == "vote" else per_trial
+        lines.append(f"  {cell.key}: {needs}")
+    return "\n".join(lines)
+
+
+def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None = None,
+             storage: str | None = None, address: str | None = None, resources: Resources = Resources(),
+             max_concurrent: int | None = None, resume: bool = False, dry_run: bool = False,
+             retries: int = 2, users: int = 400, log=print) -> list:
+    """Runs the grid; returns (GridCell, status, dev metrics) per cell."""
+    from grid import tracking
+    from grid.cluster import ensure_ray
+    from grid.shards import digest, prepare
+
+    cells = spec.cells()
+    if dry_run:
+        log(describe(spec, cells, resources))
+        return []
+    work = Workdir(Path(workdir))
+    work.root.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking_uri or work.tracking_uri
+    client = tracking.connect(tracking_uri)
+    data_dir = resolve_data(data, spec, work, users, log)
+    model_path = resolve_model(spec.model, data_dir, spec, work, log)
+    ensure_ray(address)
+    check_fits(resources, max_concurrent or 1)
+
+    shard_list = prepare(data_dir, work.cache, tasks=list(spec.tasks), retrievers=spec.retrievers() or ["BM25"],
+                         seeds=list(spec.seeds), address=address, log=log)
+    shards = {}
+    for s in shard_list:
+        if s.setting == "user" or s.split not in shards.get(s.task, {}):
+            shards.setdefault(s.task, {})[s.split] = s
+    fingerprints = {task: digest(parts["train"].examples, parts["dev"].examples) for task, parts in shards.items()}
+
+    experiment = tracking.experiment_id(client, spec.name,
+                                        work.artifacts if tracking_uri.startswith("sqlite") else None)
+    plan_file = work.plan_file(spec.name)
+    if resume:
+        plan, parent, tuner = restore(plan_file, client, spec, log)
+    else:
+        done = tracking.finished_cells(client, experiment)
+        pending = [c for c in cells if (c.key, fingerprints[c.cell.task], c.settings_hash) not in done]
+        log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
+            f"running {len(pending)}")
+        if not pending:
+            return summarize(client, experiment, cells, fingerprints)
+        parent = tracking.start_parent(client, experiment, spec.name, {"data": str(data_dir)})
+        run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name)
+                   for c in pending]
+        plan = RunPlan(pending, run_ids, shards, model_path, tracking_uri, storage or work.storage, resources)
+        path = os.path.join(plan.storage, f"{spec.name}-{parent[:8]}")
+        tuner = new_tuner(plan, path, max_concurrent, retries)
+        # What --resume needs to pick this run up again after an interruption.
+        plan_file.parent.mkdir(parents=True, exist_ok=True)
+        plan_file.write_bytes(pickle.dumps({"plan": plan, "parent": parent, "tune_path": path}))
+
+    status = "KILLED"
+    try:
+        grid = tuner.fit()
+        status = "FINISHED" if not grid.errors and all(r.metrics for r in grid) else "FAILED"
+    finally:
+        tracking.close_open_runs(client, plan.run_ids, "FAILED" if status != "KILLED" else "KILLED")
+        finished = all(client.get_run(r).info.status == "FINISHED" for r in plan.run_ids)
+        client.set_terminated(parent, "FINISHED" if finished else ("KILLED" if status == "KILLED" else "FAILED"))
+    return summarize(client, experiment, cells, fingerprints)
+
+
+def trainable(plan: RunPlan):
+    """The Tune trainable: a driver with a sliver of CPU (its Train workers hold the real resources)."""
+    from ray import tune
+
+    from grid.trial import run_trial
+
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+
+
+def new_tuner(plan: RunPlan, path: str, max_concurrent: int | None, retries: int):
+    from ray import tune
+
+    return tune.Tuner(
+        trainable(plan),
+        param_space={"cell": tune.grid_search(list(range(len(plan.cells))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(name=Path(path).name, storage_path=str(Path(path).parent),
+                                  failure_config=tune.FailureConfig(max_failures=retries), verbose=1),
+    )
+
+
+def restore(plan_file: Path, client, spec: GridSpec, log):
+    """The interrupted Tune experiment of this grid, its plan, and its MLflow runs reopened."""
+    from ray import tune
+
+    if not plan_file.exists():
+        raise LampError(f"--resume: no interrupted run of grid {spec.name!r} in {plan_file.parent}")
+    saved = pickle.loads(plan_file.read_bytes())
+    plan, parent, path = saved["plan"], saved["parent"], saved["tune_path"]
+    if not tune.Tuner.can_restore(path):
+        raise LampError(f"--resume: no Tune experiment to restore at {path}")
+    client.update_run(parent, status="RUNNING")
+    for run_id in plan.run_ids:
+        if client.get_run(run_id).info.status != "FINISHED":
+            client.update_run(run_id, status="SCHEDULED")
+    log(f"resuming grid {spec.name} from {path}")
+    return plan, parent, tune.Tuner.restore(path, trainable=trainable(plan), resume_errored=True)
+
+
+def summarize(client, experiment: str, cells: list, fingerprints: dict) -> list:
+    """(cell, status, dev metrics) of the newest run of each cell with this data and settings."""
+    rows = []
+    for cell in cells:
+        runs = client.search_runs([experiment], f"tags.cell_key = '{cell.key}' and tags.data_fingerprint = "
+                                                f"'{fingerprints[cell.cell.task]}' and tags.settings_hash = "
+                                                f"'{cell.settings_hash}'", order_by=["attributes.start_time DESC"])
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        run = (finished or runs or [None])[0]
+        rows.append((cell, run.info.status if run else "MISSING",
+                     {k: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("dev_")}))
+    return rows

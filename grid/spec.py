@@ -1,0 +1,185 @@
+"""Grid specs: the axes of an experiment, expanded into cells and checked up front.
+
+A grid is a dict (a named grid in experiments.py) or a YAML file of the same
+schema:
+
+    name: my-grid
+    tasks: [LaMP_2, LaMP_4]
+    model: google/flan-t5-base      # a hub id, a local folder, `tiny` or `vote`
+    seeds: [0, 1, 2]
+    axes:                            # blocks; each block is a cross product
+      - retriever: [none, Full_Random, RanBM25, Random, BM25]
+        k: [4]
+      - retriever: [BM25]
+        ablation: [both, only_output]
+        order: [start, end, middle]
+        k: [0.1, 0.3]
+      - retriever: [Mixed]
+        input_retriever: [BM25]
+        output_retriever: [Random, Full_Random]
+        k: [4]
+    training: {epochs: 2}            # overrides of the study's defaults (SPEC §8)
+
+Axes left out of a block take their default (k 0, ablation both, order start,
+rank_offset 0). `none` ignores k, ablation and order, so it is one cell.
+"""
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from lamp.cell import Cell
+from lamp.errors import LampError
+from lamp.tasks import get_task
+
+AXES = ("retriever", "k", "ablation", "order", "rank_offset", "input_retriever", "output_retriever")
+AXIS_DEFAULTS = {"retriever": "none", "k": 0, "ablation": "both", "order": "start", "rank_offset": 0,
+                 "input_retriever": None, "output_retriever": None}
+
+
+@dataclass(frozen=True)
+class Training:
+    """Training and evaluation settings; defaults are the study's (SPEC §8)."""
+    lr: float = 5e-5
+    weight_decay: float = 1e-3
+    warmup: float = 0.05  # share of steps
+    batch_size: int = 6
+    epochs: int | None = None  # None: the task's default (10, or 20 for generation)
+    beams: int = 4
+    max_prompt_tokens: int = 512
+    selection_share: float = 0.1  # users of train held out for model selection
+    limit_train: int | None = None  # examples, for quick looks
+    limit_dev: int | None = None
+
+    def epochs_for(self, task: str) -> int:
+        return get_task(task).epochs if self.epochs is None else self.epochs
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0
+    zero_stage: int = 2
+    cpus_per_worker: float = 0.5
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """One trial: a lamp Cell, the model it fine-tunes, and how."""
+    cell: Cell
+    model: str
+    training: Training = field(default_factory=Training)
+
+    @property
+    def key(self) -> str:
+        """Names the cell in MLflow and in resume checks: every axis, and the model."""
+        c = self.cell
+        retriever = (f"Mixed({c.input_retriever}>{c.output_retriever})" if c.retriever == "Mixed"
+                     else c.retriever)
+        if c.retriever == "none":
+            return f"{c.task}/none/seed={c.seed}/{self.model}"
+        return (f"{c.task}/{retriever}/k={c.k}/{c.ablation}/{c.order}/offset={c.rank_offset}"
+                f"/seed={c.seed}/{self.model}")
+
+    @property
+    def settings_hash(self) -> str:
+        return hashlib.blake2b(json.dumps(asdict(self.training), sort_keys=True).encode(),
+                               digest_size=6).hexdigest()
+
+    def params(self) -> dict:
+        """Every axis and setting, flat, as MLflow params."""
+        return {"task": self.cell.task, "model": self.model,
+                **{f.name: getattr(self.cell, f.name) for f in fields(self.cell) if f.name != "task"},
+                **{f"train.{k}": v for k, v in asdict(self.training).items()}}
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    name: str
+    tasks: tuple
+    axes: tuple
+    model: str = "tiny"
+    seeds: tuple = (0,)
+    training: Training = field(default_factory=Training)
+
+    def cells(self) -> list:
+        """Every cell, checked, in a stable order; duplicates (e.g. `none` x ablations) once."""
+        cells = {}
+        for task, block, seed in itertools.product(self.tasks, self.axes, self.seeds):
+            names = list(block)
+            for values in itertools.product(*(block[n] for n in names)):
+                axes = {**AXIS_DEFAULTS, **dict(zip(names, values))}
+                if axes["retriever"] == "none":
+                    axes.update(k=0, ablation="both", order="start", rank_offset=0)
+                cell = Cell(task=task, seed=seed, **axes)
+                try:
+                    cell.check()
+                except LampError as error:
+                    raise LampError(f"grid {self.name!r}: cell {GridCell(cell, self.model).key}: {error}")
+                grid_cell = GridCell(cell, self.model, self.training)
+                cells.setdefault(grid_cell.key, grid_cell)
+        return list(cells.values())
+
+    def retrievers(self) -> list:
+        return sorted({v for block in self.axes for n in ("retriever", "input_retriever", "output_retriever")
+                       for v in block.get(n, ()) if v})
+
+
+def parse_grid(raw: dict, where: str) -> GridSpec:
+    """A GridSpec from a dict, or a clear error naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise LampError(f"{where}: a grid is a mapping with name, tasks and axes")
+    known = {"name", "tasks", "axes", "model", "seeds", "training"}
+    unknown = set(raw) - known
+    if unknown:
+        raise LampError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
+    for key in ("name", "tasks", "axes"):
+        if key not in raw:
+            raise LampError(f"{where}: missing {key!r}")
+    tasks = tuple(get_task(t).name for t in raw["tasks"])
+    axes = raw["axes"]
+    if not isinstance(axes, list) or not axes:
+        raise LampError(f"{where}: 'axes' must be a non-empty list of blocks")
+    blocks = []
+    for i, block in enumerate(axes):
+        if not isinstance(block, dict):
+            raise LampError(f"{where}: axes[{i}] must be a mapping of axis -> list of values")
+        bad = set(block) - set(AXES)
+        if bad:
+            raise LampError(f"{where}: axes[{i}]: unknown axis {sorted(bad)[0]!r}; valid: {', '.join(AXES)}")
+        blocks.append({n: tuple(v if isinstance(v, list) else [v]) for n, v in block.items()})
+    training = raw.get("training") or {}
+    valid = {f.name for f in fields(Training)}
+    bad = set(training) - valid
+    if bad:
+        raise LampError(f"{where}: training: unknown setting {sorted(bad)[0]!r}; valid: {', '.join(sorted(valid))}")
+    seeds = raw.get("seeds", [0])
+    return GridSpec(name=str(raw["name"]), tasks=tasks, axes=tuple(blocks), model=str(raw.get("model", "tiny")),
+                    seeds=tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])),
+                    training=Training(**training))
+
+
+def load_grid(name_or_path: str, named: dict) -> GridSpec:
+    """A named grid, or a YAML file with the same schema."""
+    if name_or_path in named:
+        return parse_grid(named[name_or_path], f"grid {name_or_path!r}")
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise LampError(f"unknown grid {name_or_path!r}: not a named grid ({', '.join(named)}) "
+                        "and no such YAML file")
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise LampError(f"{path}: malformed YAML: {' '.join(str(error).split())}") from None
+    return parse_grid(raw, str(path))
+
+
+def with_overrides(spec: GridSpec, model=None, seeds=None, **training) -> GridSpec:
+    """The grid with command-line overrides applied."""
+    changes = {k: v for k, v in training.items() if v is not None}
+    return replace(spec, model=model or spec.model, seeds=tuple(seeds) if seeds else spec.seeds,
+                   training=replace(spec.training, **changes))

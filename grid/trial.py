@@ -1,0 +1,376 @@
+"""One grid cell as a Ray Tune trial: fine-tune with Ray Train + DeepSpeed, evaluate, log.
+
+The Tune trial (`run_trial`) is a function that builds a TorchTrainer (Ray
+Train V2) named by the trial id, so a retry with the same storage resumes from
+the last checkpoint. Each Train worker (`train_cell`) reads its shard of the
+cell's rendered dataset, batches examples of similar length with dynamic
+padding, trains with `deepspeed.initialize` at the ZeRO stage asked, selects
+the epoch on a user-disjoint slice held out from train, and at the end
+generates on dev with beam search. Rank 0 scores the predictions with LaMP's
+metrics and logs everything to the cell's MLflow run.
+"""
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from lamp.metrics import aggregate, score_examples
+from lamp.tasks import get_task
+
+SAMPLE_PROMPTS = 20
+CHUNK_BATCHES = 16  # batches sorted by length together: enough to group lengths, small enough to mix
+
+
+# --- batching ---------------------------------------------------------------------------
+
+
+def pad(sequences, value: int, left: bool = False):
+    """A (batch, longest) tensor: dynamic padding, to the longest in the batch only."""
+    import torch
+
+    longest = max(len(s) for s in sequences)
+    rows = [[value] * (longest - len(s)) + list(s) if left else list(s) + [value] * (longest - len(s))
+            for s in sequences]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def length_batches(batch_size: int, pad_id: int, seed: int):
+    """A collate_fn for iter_torch_batches: sorts a chunk of examples by length,
+    cuts it into batches of similar length, pads each to its own longest, and
+    shuffles the batches (with a seeded generator)."""
+    def collate(chunk: dict) -> list:
+        order = sorted(range(len(chunk["input_ids"])), key=lambda i: len(chunk["input_ids"][i]))
+        batches = []
+        for start in range(0, len(order), batch_size):
+            picked = order[start:start + batch_size]
+            inputs = [chunk["input_ids"][i] for i in picked]
+            batches.append({"input_ids": pad(inputs, pad_id),
+                            "attention_mask": pad([[1] * len(s) for s in inputs], 0),
+                            "labels": pad([chunk["labels"][i] for i in picked], -100)})
+        random.Random(seed + len(order)).shuffle(batches)
+        return batches
+    return collate
+
+
+# --- DeepSpeed ----------------------------------------------------------------------------
+
+
+def deepspeed_config(settings: dict, zero_stage: int, total_steps: int, use_bf16: bool) -> dict:
+    """The study's optimizer and schedule (AdamW, linear warmup then linear decay) for DeepSpeed."""
+    return {
+        "train_micro_batch_size_per_gpu": settings["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": settings["lr"], "weight_decay": settings["weight_decay"],
+                                                  "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": max(total_steps, 1), "warmup_min_lr": 0, "warmup_max_lr": settings["lr"],
+            "warmup_num_steps": max(1, int(settings["warmup"] * total_steps)), "warmup_type": "linear"}},
+        # gloo (CPU) has no reduce_scatter: all-reduce works everywhere.
+        "zero_optimization": {"stage": zero_stage, "reduce_scatter": False,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def full_state(engine, zero_stage: int) -> dict:
+    """A CPU copy of the model's full weights (gathered first under ZeRO-3)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):
+        return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+
+
+def load_state(engine, state: dict, zero_stage: int) -> None:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero_stage == 3):
+        engine.module.load_state_dict(state)
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+def generate(engine, tokenizer, rows: list, settings: dict, beams: int, decoder_only: bool,
+             zero_stage: int, world: int) -> list:
+    """Predictions for this worker's rows, in order."""
+    import torch
+
+    spec = get_task(settings["task"])
+    model = engine.module
+    model.eval()
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(rows), settings["batch_size"]):
+            batch = rows[start:start + settings["batch_size"]]
+            ids = [r["prompt_ids"] for r in batch]
+            input_ids = pad(ids, tokenizer.pad_token_id, left=decoder_only).to(engine.device)
+            mask = pad([[1] * len(s) for s in ids], 0, left=decoder_only).to(engine.device)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, num_beams=beams,
+                                 max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 synced_gpus=zero_stage == 3 and world > 1)
+            if decoder_only:
+                out = out[:, input_ids.shape[1]:]
+            predictions += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    model.train()
+    return predictions
+
+
+def evaluate_rows(engine, tokenizer, rows: list, settings: dict, beams: int, decoder_only: bool,
+                  zero_stage: int) -> tuple:
+    """(ids, predictions) over all rows, each worker generating for its share; every worker gets all."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # Equal shares (the last row repeated) so that ZeRO-3's synced generation lines up.
+    share = math.ceil(len(rows) / world) if rows else 0
+    padded = rows + rows[-1:] * (share * world - len(rows))
+    mine = padded[rank * share:(rank + 1) * share]
+    predictions = generate(engine, tokenizer, mine, settings, beams, decoder_only, zero_stage, world)
+    gathered = [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, predictions)
+    else:
+        gathered = [predictions]
+    flat = [p for part in gathered for p in part][:len(rows)]
+    return [r["id"] for r in rows], flat
+
+
+def main_metric(task: str, golds: list, predictions: list) -> float:
+    return aggregate(task, golds, predictions)[get_task(task).main_metric]
+
+
+# --- the Ray Train worker loop ----------------------------------------------------------
+
+
+def train_cell(config: dict) -> None:
+    """Runs on every Train worker: fine-tune, select, evaluate; rank 0 logs."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
+
+    settings, task = config["settings"], config["settings"]["task"]
+    spec = get_task(task)
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    torch.manual_seed(settings["seed"])
+    crash_once(config)
+
+    model_path = config["model_path"]
+    decoder_only = not AutoConfig.from_pretrained(model_path).is_encoder_decoder
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = (AutoModelForCausalLM if decoder_only else AutoModelForSeq2SeqLM).from_pretrained(model_path)
+    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    epochs = settings["epochs"]
+    per_worker = config["train_rows"] // world
+    steps_per_epoch = math.ceil(per_worker / settings["batch_size"])
+    ds_config = deepspeed_config(settings, config["zero_stage"], steps_per_epoch * epochs, use_bf16)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+    select_rows = list(ray.train.get_dataset_shard("select").iter_rows())
+    dev_rows = list(ray.train.get_dataset_shard("dev").iter_rows())
+    sign = 1 if spec.higher_is_better else -1
+    start_epoch, best = 0, {"metric": None, "epoch": -1}
+    best_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a retry of this trial: carry on from the last epoch it finished
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag="last_epoch")
+            state = json.loads((Path(directory) / "state.json").read_text())
+            start_epoch, best = state["epoch"] + 1, state["best"]
+            best_state = torch.load(Path(directory) / "best.pt")
+
+    log = MlflowLog(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, epochs):
+        losses = []
+        collate = length_batches(settings["batch_size"], tokenizer.pad_token_id, settings["seed"] * 1000 + epoch)
+        for batches in train_shard.iter_torch_batches(batch_size=settings["batch_size"] * CHUNK_BATCHES,
+                                                      collate_fn=collate):
+            for batch in batches:
+                loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+        loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(loss)
+        ids, predictions = evaluate_rows(engine, tokenizer, select_rows, settings, 1, decoder_only,
+                                         config["zero_stage"])
+        metric = main_metric(task, [r["output"] for r in select_rows], predictions) if select_rows else 0.0
+        if best["metric"] is None or sign * metric > sign * best["metric"]:
+            best, best_state = {"metric": metric, "epoch": epoch}, full_state(engine, config["zero_stage"])
+        metrics = {"epoch": epoch, "train_loss": float(loss[0] / max(loss[1], 1)),
+                   f"select_{spec.main_metric}": metric}
+        if log:
+            log.metrics(metrics, step=epoch)
+        with tempfile.TemporaryDirectory() as directory:
+            engine.save_checkpoint(directory, tag="last_epoch")
+            if rank == 0:
+                torch.save(best_state, Path(directory) / "best.pt")
+                (Path(directory) / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    if best_state is not None:
+        load_state(engine, best_state, config["zero_stage"])
+    ids, predictions = evaluate_rows(engine, tokenizer, dev_rows, settings, settings["beams"], decoder_only,
+                                     config["zero_stage"])
+    golds = [r["output"] for r in dev_rows]
+    final = {f"dev_{k}": v for k, v in aggregate(task, golds, predictions).items()}
+    final["best_epoch"] = best["epoch"]
+    if log:
+        log.metrics(final)
+        log.results(task, ids, golds, predictions, dev_rows, ds_config)
+    ray.train.report(final)
+
+
+def crash_once(config: dict) -> None:
+    """Fault injection for tests: with LAMP_GRID_CRASH_ONCE naming a directory,
+    the first attempt of each trial dies (the marker file records it)."""
+    directory = os.environ.get("LAMP_GRID_CRASH_ONCE")
+    if not directory:
+        return
+    marker = Path(directory) / config["run_id"]
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise RuntimeError(f"LAMP_GRID_CRASH_ONCE: first attempt of run {config['run_id']} crashes on purpose")
+
+
+class MlflowLog:
+    """Rank 0's writes to the cell's MLflow run."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri=uri), run_id
+
+    def metrics(self, metrics: dict, step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def results(self, task: str, ids, golds, predictions, rows, ds_config) -> None:
+        """Artifacts: LaMP-format predictions, per-example scores, sample prompts, the DeepSpeed config."""
+        per_example = score_examples(task, golds, predictions)
+        with tempfile.TemporaryDirectory() as directory:
+            out = Path(directory)
+            (out / "predictions.json").write_text(json.dumps(
+                {"task": task, "golds": [{"id": i, "output": p} for i, p in zip(ids, predictions)]}))
+            (out / "per_example_scores.json").write_text(json.dumps(
+                [{"id": i, "gold": g, "prediction": p, **{k: v[n] for k, v in per_example.items()}}
+                 for n, (i, g, p) in enumerate(zip(ids, golds, predictions))]))
+            (out / "sample_prompts.json").write_text(json.dumps(
+                [{"id": r["id"], "prompt": r["prompt"], "retrieved": list(r["retrieved"]), "gold": r["output"]}
+                 for r in rows[:SAMPLE_PROMPTS]], indent=1))
+            (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+            for path in sorted(out.iterdir()):
+                self.client.log_artifact(self.run_id, str(path))
+
+
+# --- the Tune trial -----------------------------------------------------------------------
+
+
+def run_trial(config: dict, plan) -> None:
+    """A Tune function trainable: one cell, start to finish, its MLflow run kept truthful."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    index = config["cell"]
+    grid_cell, run_id = plan.cells[index], plan.run_ids[index]
+    client = MlflowClient(tracking_uri=plan.tracking_uri)
+    client.update_run(run_id, status="RUNNING")
+    try:
+        if grid_cell.model == "vote":
+            metrics = run_vote(grid_cell, plan, run_id)
+            tune.report(metrics)
+        else:
+            fine_tune(grid_cell, plan, run_id, tune.get_context().get_trial_id())
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def selection_user(user: str, share: float) -> bool:
+    """Whether a train user is held out for model selection: a hash of the user alone."""
+    import hashlib
+
+    digest = hashlib.blake2b(user.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64 < share
+
+
+def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from grid.shards import cell_table
+
+    cell, training = grid_cell.cell, grid_cell.training
+    train = cell_table(plan.shards[cell.task]["train"], cell, plan.model_path, training.limit_train)
+    held_out = pa.array([selection_user(u, training.selection_share) for u in train.column("user").to_pylist()])
+    fit = train.filter(pc.invert(held_out)).select(["input_ids", "labels"])
+    select = ray.data.from_arrow(train.filter(held_out))
+    dev = ray.data.from_arrow(cell_table(plan.shards[cell.task]["dev"], cell, plan.model_path, training.limit_dev))
+    settings = {**asdict(training), "task": cell.task, "seed": cell.seed,
+                "epochs": training.epochs_for(cell.task)}
+    resources = plan.resources
+    trainer = TorchTrainer(
+        train_cell,
+        train_loop_config={"settings": settings, "model_path": plan.model_path, "run_id": run_id,
+                           "tracking_uri": plan.tracking_uri, "zero_stage": resources.zero_stage,
+                           "train_rows": fit.num_rows},
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers_per_trial, use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker={"CPU": resources.cpus_per_worker,
+                                  **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})}),
+        datasets={"train": ray.data.from_arrow(fit), "select": select, "dev": dev},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=trial_id, storage_path=plan.storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def run_vote(grid_cell, plan, run_id: str) -> dict:
+    """The `vote` model: no training, a prediction from the retrieved items alone."""
+    from grid.shards import CellPrompts
+    from lamp.vote import vote
+
+    cell = grid_cell.cell
+    prompts = CellPrompts(plan.shards[cell.task]["dev"], cell)
+    examples = prompts.examples[: grid_cell.training.limit_dev or None]
+    predictions = [vote(cell.task, e.input, prompts.retrieved(row)) for row, e in enumerate(examples)]
+    golds = [e.output for e in examples]
+    metrics = {f"dev_{k}": v for k, v in aggregate(cell.task, golds, predictions).items()}
+    log = MlflowLog(plan.tracking_uri, run_id)
+    log.metrics(metrics)
+    rows = [{"id": e.id, "prompt": e.input, "retrieved": [i["id"] for i in prompts.retrieved(r)], "output": e.output}
+            for r, e in enumerate(examples)]
+    log.results(cell.task, [e.id for e in examples], golds, predictions, rows, {})
+    return metrics
