@@ -2,6 +2,7 @@
 
 import logging
 import os
+import socket
 
 from lamp.errors import LampError
 
@@ -12,6 +13,8 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if address and address != "auto":
+        check_reachable(address)
     # DeepSpeed and torch read these in every worker: CPU-only machines need them.
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")} if not _has_gpu() else {}
     try:
@@ -26,3 +29,12 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def check_reachable(address: str, timeout: float = 5) -> None:
+    """Ray waits minutes on a wrong address; a TCP connect says so in seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        raise LampError(f"cannot reach Ray at {address}: {error}") from None

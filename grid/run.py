@@ -89,6 +89,8 @@ def resolve_model(model: str, data: Path, spec: GridSpec, workdir: Workdir, log)
         return str(build_tiny_model(data, spec.tasks, folder))
     from transformers import AutoConfig
 
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise LampError(f"no such model folder: {model}")
     try:
         AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as error:
@@ -97,7 +99,7 @@ def resolve_model(model: str, data: Path, spec: GridSpec, workdir: Workdir, log)
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
-def check_fits(resources: Resources, max_concurrent: int) -> None:
+def check_fits(resources: Resources) -> None:
     """Refuse a trial that the cluster cannot place, before it waits forever."""
     import ray
 
@@ -139,10 +141,10 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     work.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or work.tracking_uri
     client = tracking.connect(tracking_uri)
+    ensure_ray(address)
+    check_fits(resources)
     data_dir = resolve_data(data, spec, work, users, log)
     model_path = resolve_model(spec.model, data_dir, spec, work, log)
-    ensure_ray(address)
-    check_fits(resources, max_concurrent or 1)
 
     shard_list = prepare(data_dir, work.cache, tasks=list(spec.tasks), retrievers=spec.retrievers() or ["BM25"],
                          seeds=list(spec.seeds), address=address, log=log)

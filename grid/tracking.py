@@ -19,6 +19,8 @@ def connect(uri: str):
     """A client for the tracking store, checked to answer."""
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         client.search_experiments(max_results=1)
@@ -26,6 +28,16 @@ def connect(uri: str):
         raise LampError(f"cannot reach the MLflow tracking store at {uri}: "
                         f"{' '.join(str(error).split())[:200]}") from None
     return client
+
+
+def check_server(uri: str, timeout: float = 5) -> None:
+    """An MLflow server answers /health; MLflow's own client retries for minutes first."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except OSError as error:
+        raise LampError(f"cannot reach the MLflow tracking server at {uri}: {error}") from None
 
 
 def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
