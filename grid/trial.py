@@ -201,6 +201,7 @@ def train_cell(config: dict) -> None:
 
     log = MlflowLog(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
+    first_step = last_step = None
     for epoch in range(start_epoch, epochs):
         losses = []
         collate = length_batches(settings["batch_size"], tokenizer.pad_token_id, settings["seed"] * 1000 + epoch)
@@ -211,6 +212,8 @@ def train_cell(config: dict) -> None:
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
+                first_step = first_step or time.time()
+                last_step = time.time()
         loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(loss)
@@ -240,6 +243,10 @@ def train_cell(config: dict) -> None:
     if log:
         log.metrics(final)
         log.results(task, ids, golds, predictions, dev_rows, ds_config)
+        if first_step:  # the fixed cost of a trial, around the training steps
+            log.metrics({"trial_start_to_first_step_s": first_step - config["trial_start"],
+                         "last_step_to_results_logged_s": time.time() - last_step,
+                         "trial_s": time.time() - config["trial_start"]})
     ray.train.report(final)
 
 
@@ -321,6 +328,7 @@ def selection_user(user: str, share: float) -> bool:
 
 
 def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
+    trial_start = time.time()
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray.data
@@ -342,6 +350,7 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
     trainer = TorchTrainer(
         train_cell,
         train_loop_config={"settings": settings, "model_path": plan.model_path, "run_id": run_id,
+                           "trial_start": trial_start,
                            "tracking_uri": plan.tracking_uri, "zero_stage": resources.zero_stage,
                            "train_rows": fit.num_rows},
         scaling_config=ScalingConfig(

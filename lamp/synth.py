@@ -129,8 +129,10 @@ def pick(rng, words):
     return words[rng.integers(len(words))]
 
 
-def text_about(rng, topic: int, n_words: int, extra=()) -> str:
-    """Topic words and filler in random order, with `extra` words mixed in."""
+def text_about(rng, topic: int, mean_words: int, extra=()) -> str:
+    """Topic words and filler in random order, with `extra` words mixed in.
+    Lengths are log-normal around the mean, skewed like real LaMP texts."""
+    n_words = max(4, int(rng.lognormal(np.log(mean_words), 0.6)))
     n_topic = n_words // 2
     words = np.concatenate([rng.choice(TOPIC_VOCAB[topic], n_topic),
                             rng.choice(FILLER, n_words - n_topic), np.asarray(extra, dtype=str)])
