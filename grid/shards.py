@@ -196,7 +196,8 @@ def write_rankings(task: str, examples: Path, wanted: dict, workers: int) -> Non
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.read_parquet(str(examples)).map_batches(
+    # Several blocks per worker, so that every worker gets a share of the split.
+    ds = ray.data.read_parquet(str(examples), override_num_blocks=4 * workers).map_batches(
         RankExamples, batch_size=64, batch_format="pyarrow", num_cpus=cpus_per_worker(workers),
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs=dict(task=task, examples_path=str(examples), wanted=list(wanted)))
