@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--cache", help="the shard cache (default: WORKDIR/cache, shared by every command)")
     p.add_argument("--address", help="a Ray cluster to run on (default: a local one)")
-    p.add_argument("--workers", type=int, help="ranking workers (default: CPUs - 1)")
+    p.add_argument("--workers", type=int, help="ranking workers (default: one per CPU)")
     p.set_defaults(run=cmd_prepare)
 
     p = verbs.add_parser("run", help="run a grid: fine-tune and evaluate every cell, tracked in MLflow")

@@ -237,10 +237,10 @@ def build_atomically(final: Path, build) -> bool:
 
 
 def default_workers() -> int:
-    """Rankers on all CPUs but one: Ray Data's reads and writes need one free."""
+    """A ranker per CPU; `cpus_per_worker` keeps one CPU's worth free for Ray Data."""
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def cpus_per_worker(workers: int) -> float:
