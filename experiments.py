@@ -235,6 +235,9 @@ def main(argv=None) -> int:
     except LampError as error:
         print(f"lamp-grid {args.verb}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lamp-grid {args.verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -176,12 +176,14 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_bytes(pickle.dumps({"plan": plan, "parent": parent, "tune_path": path}))
 
-    status = "KILLED"
+    status = "KILLED"  # unless fit() returns: Ctrl-C twice, or the driver dies
     try:
         grid = tuner.fit()
-        status = "FINISHED" if not grid.errors and all(r.metrics for r in grid) else "FAILED"
+        # A trial with neither result nor error was stopped by Ctrl-C (Tune stops gracefully).
+        stopped = any(not r.metrics and r.error is None for r in grid)
+        status = "KILLED" if stopped else ("FAILED" if grid.errors else "FINISHED")
     finally:
-        tracking.close_open_runs(client, plan.run_ids, "FAILED" if status != "KILLED" else "KILLED")
+        tracking.close_open_runs(client, plan.run_ids, "KILLED" if status == "KILLED" else "FAILED")
         finished = all(client.get_run(r).info.status == "FINISHED" for r in plan.run_ids)
         client.set_terminated(parent, "FINISHED" if finished else ("KILLED" if status == "KILLED" else "FAILED"))
     return summarize(client, experiment, cells, fingerprints)

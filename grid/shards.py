@@ -38,7 +38,7 @@ import lamp.seeding
 from lamp.data import Example, SplitFiles, find_splits, read_examples
 from lamp.errors import LampError
 from lamp.prompts import TokenizerTokens, WhitespaceTokens, render_prompt
-from lamp.retrieval import MIXED_SIDES, ItemPool, rank, ranked_sides, select
+from lamp.retrieval import MIXED_SIDES, ItemPool, rank, ranked_sides, resolve_k, select
 from lamp.tasks import get_task
 
 CACHE_FORMAT = "1"
@@ -321,7 +321,9 @@ class CellPrompts:
     def retrieved(self, row: int) -> list:
         """The items the cell shows for the example at `row`, most relevant first."""
         cell, example = self.cell, self.examples[row]
-        ranked = {side: [self.examples[r].profile[p] for r, p in self.rankings[side][row]]
+        # Only the ranks the window can reach are looked up: a ranking holds the whole pool.
+        reach = cell.rank_offset + resolve_k(cell.k, len(example.profile))
+        ranked = {side: [self.examples[r].profile[p] for r, p in self.rankings[side][row][:reach]]
                   for side in self.sides}
         return select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
                       cell.input_retriever, cell.output_retriever)
