@@ -82,7 +82,7 @@ def parse_k(text: str) -> int | float:
         try:
             return float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"k must be a whole number or a fraction, got {text!r}")
+            raise argparse.ArgumentTypeError(f"k must be a whole number or a fraction, got {text!r}") from None
 
 
 def load_tokens(model):
@@ -96,7 +96,7 @@ def load_tokens(model):
     try:
         return TokenizerTokens(AutoTokenizer.from_pretrained(model))
     except (OSError, ValueError) as error:
-        raise LampError(f"cannot load a tokenizer from {model!r}: {str(error).splitlines()[0]}")
+        raise LampError(f"cannot load a tokenizer from {model!r}: {str(error).splitlines()[0]}") from None
 
 
 def cmd_render(args) -> int:

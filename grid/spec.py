@@ -117,7 +117,7 @@ class GridSpec:
                 try:
                     cell.check()
                 except LampError as error:
-                    raise LampError(f"grid {self.name!r}: cell {GridCell(cell, self.model).key}: {error}")
+                    raise LampError(f"grid {self.name!r}: cell {GridCell(cell, self.model).key}: {error}") from None
                 grid_cell = GridCell(cell, self.model, self.training)
                 cells.setdefault(grid_cell.key, grid_cell)
         return list(cells.values())

@@ -1,0 +1,56 @@
+"""Grid specs: expansion into cells, and refusals before anything starts."""
+
+import pytest
+
+from grid.spec import load_grid, parse_grid, with_overrides
+from lamp.errors import LampError
+
+
+def spec(**overrides):
+    raw = {"name": "g", "tasks": ["LaMP_2", "LaMP_3"], "axes": [
+        {"retriever": ["none", "BM25"], "ablation": ["both", "only_output"], "k": [2]},
+        {"retriever": ["Mixed"], "input_retriever": ["BM25"], "output_retriever": ["Random"], "k": [0.5]},
+    ], "seeds": [0, 1]}
+    return parse_grid({**raw, **overrides}, "test")
+
+
+def test_cells_cross_the_axes_and_none_is_one_cell_per_task_and_seed():
+    cells = spec().cells()
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys))
+    # per task and seed: none once, BM25 x 2 ablations, Mixed once
+    assert len(cells) == 2 * 2 * (1 + 2 + 1)
+    assert "LaMP_2/Mixed(BM25>Random)/k=0.5/both/start/offset=0/seed=1/tiny" in keys
+    assert sum(1 for c in cells if c.cell.retriever == "none") == 4
+
+
+def test_invalid_cells_are_refused_with_the_cell_named():
+    bad = spec(tasks=["LaMP_1"])  # Mixed on LaMP_1
+    with pytest.raises(LampError, match=r"grid 'g': cell LaMP_1/Mixed\(BM25>Random\).*LaMP_1"):
+        bad.cells()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"axes": [{"retriver": ["BM25"]}]}, "unknown axis 'retriver'"),
+    ({"training": {"learning_rate": 1}}, "unknown setting 'learning_rate'"),
+    ({"tasks": ["LaMP_6"]}, "not public"),
+    ({"axes": []}, "non-empty list"),
+    ({"colour": "red"}, "unknown key"),
+])
+def test_bad_specs_are_refused(change, message):
+    with pytest.raises(LampError, match=message):
+        spec(**change)
+
+
+def test_yaml_files_and_overrides(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: y\ntasks: [LaMP_4]\naxes:\n  - retriever: [BM25]\n    k: [1, 2]\n")
+    loaded = with_overrides(load_grid(str(path), {}), model="vote", seeds=[3], epochs=0)
+    assert [c.key for c in loaded.cells()] == ["LaMP_4/BM25/k=1/both/start/offset=0/seed=3/vote",
+                                              "LaMP_4/BM25/k=2/both/start/offset=0/seed=3/vote"]
+    assert loaded.training.epochs_for("LaMP_4") == 0
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(LampError, match="malformed YAML"):
+        load_grid(str(tmp_path / "bad.yaml"), {})
+    with pytest.raises(LampError, match="unknown grid"):
+        load_grid("nope", {"demo": {}})
