@@ -137,13 +137,14 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     if dry_run:
         log(describe(spec, cells, resources))
         return []
-    work = Workdir(Path(workdir))
+    # Absolute paths: trials run in Ray workers whose working directory is not ours.
+    work = Workdir(Path(workdir).resolve())
     work.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or work.tracking_uri
     client = tracking.connect(tracking_uri)
     ensure_ray(address)
     check_fits(resources)
-    data_dir = resolve_data(data, spec, work, users, log)
+    data_dir = resolve_data(data, spec, work, users, log).resolve()
     model_path = resolve_model(spec.model, data_dir, spec, work, log)
 
     shard_list = prepare(data_dir, work.cache, tasks=list(spec.tasks), retrievers=spec.retrievers() or ["BM25"],
