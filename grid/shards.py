@@ -259,7 +259,8 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
     unknown = [r for r in retrievers if r not in lamp.retrieval.RETRIEVERS]
     if unknown:
         raise LampError(f"unknown retriever {unknown[0]!r}; valid: {', '.join(lamp.retrieval.RETRIEVERS)}")
-    cache_dir, version = Path(cache_dir), code_version()
+    # Absolute: Ray's workers read these paths from their own working directory.
+    cache_dir, version = Path(cache_dir).resolve(), code_version()
     result, computed, cached = [], 0, 0
     for split in find_splits(data_dir, tasks):
         fingerprint = digest(CACHE_FORMAT, file_digest(split.questions),
