@@ -113,6 +113,18 @@ def check_fits(resources: Resources) -> None:
         raise LampError(f"a trial asks for {cpus:g} CPUs, but the cluster has {total.get('CPU', 0):g}")
 
 
+def trials_that_fit(resources: Resources) -> int:
+    """Trials at once: as many as the cluster can give workers to, one CPU kept for Ray Data.
+    (Tune would otherwise start every trial's driver at once, and they would thrash.)"""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = (total.get("CPU", 1) - 1) / (resources.workers_per_trial * resources.cpus_per_worker)
+    if resources.gpus_per_worker:
+        fits = min(fits, total.get("GPU", 0) / (resources.workers_per_trial * resources.gpus_per_worker))
+    return max(1, int(fits))
+
+
 def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
     per_trial = (f"{resources.workers_per_trial} worker(s) x ({resources.cpus_per_worker:g} CPU"
                  + (f", {resources.gpus_per_worker:g} GPU" if resources.gpus_per_worker else "")
@@ -144,6 +156,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     client = tracking.connect(tracking_uri)
     ensure_ray(address)
     check_fits(resources)
+    max_concurrent = max_concurrent or trials_that_fit(resources)
     data_dir = resolve_data(data, spec, work, users, log).resolve()
     model_path = resolve_model(spec.model, data_dir, spec, work, log)
 
