@@ -10,7 +10,6 @@ none, BM25 k=1 and BM25 k=4, shuffled together.
 """
 
 import argparse
-import json
 import platform
 import random
 import shutil
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_result  # bench/report.py: scripts run from bench/
 from transformers import AutoModelForSeq2SeqLM
 
 from grid.shards import cell_table, prepare
@@ -90,9 +90,7 @@ def main():
                   "pad_to_512_tokens_per_s": round(pad_tokens / pad_s, 1),
                   "speedup": round((dyn_tokens / dyn_s) / (pad_tokens / pad_s), 2)}
         assert dyn_tokens == pad_tokens, "both ways train on the same real tokens"
-        print(json.dumps(result, indent=1))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_result(result, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -14,7 +14,6 @@ rank_bm25 loop on the same data.
 
 import argparse
 import itertools
-import json
 import platform
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from rank_bm25 import BM25Okapi
+from report import write_result  # bench/report.py: scripts run from bench/
 from transformers import AutoTokenizer
 
 from grid.shards import CellPrompts, prepare
@@ -128,9 +128,7 @@ def main():
             "vectorized_bm25_examples_per_s": round(n_examples / ours_rank_s, 1),
             "prepare_examples_ranked_per_s": round(2 * n_examples / prepare_s, 1),
         }
-        print(json.dumps(result, indent=1))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_result(result, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
