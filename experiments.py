@@ -1,5 +1,7 @@
 """lamp-grid's command line, and the named experiments.
 
+    python experiments.py                        the demo grid on synthetic data (= run demo)
+    python experiments.py run GRID               fine-tune and evaluate every cell, tracked in MLflow
     python experiments.py synth --out DIR        synthetic LaMP data with a planted signal
     python experiments.py validate --data DIR    check LaMP files and print their shape
     python experiments.py evaluate --task LaMP_k --golds FILE --preds FILE
@@ -133,20 +135,35 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from grid.run import run_grid
+    from grid.run import Workdir, run_grid
     from grid.spec import Resources, load_grid, with_overrides
 
     spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, epochs=args.epochs,
                           limit_train=args.limit_train, limit_dev=args.limit_dev)
     resources = Resources(workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
                           zero_stage=args.zero_stage)
-    rows = run_grid(spec, args.data, Path(args.workdir), tracking_uri=args.tracking_uri, storage=args.storage,
-                    address=args.address, resources=resources, max_concurrent=args.max_concurrent,
-                    resume=args.resume, dry_run=args.dry_run, retries=args.retries)
-    for cell, status, metrics in rows:
-        shown = ", ".join(f"{k.removeprefix('dev_')} {v:.4f}" for k, v in sorted(metrics.items()))
-        print(f"{status:9} {cell.key}: {shown}")
-    return 0 if all(status == "FINISHED" for _, status, _ in rows) else 1
+    results = run_grid(spec, args.data, Path(args.workdir), tracking_uri=args.tracking_uri, storage=args.storage,
+                       address=args.address, resources=resources, max_concurrent=args.max_concurrent,
+                       resume=args.resume, dry_run=args.dry_run, retries=args.retries)
+    if args.dry_run:
+        return 0
+    print_results(results, args.tracking_uri or Workdir(Path(args.workdir).resolve()).tracking_uri)
+    return 0 if all(r.status == "FINISHED" for r in results) else 1
+
+
+def print_results(results: list, tracking_uri: str) -> None:
+    """The results table, the cells that did not finish, and how to look closer."""
+    from mlflow.tracking import MlflowClient
+
+    from grid.report import compare_cells, format_table
+
+    print()
+    print(format_table(compare_cells(MlflowClient(tracking_uri), results)))
+    for r in results:
+        if r.status != "FINISHED":
+            print(f"{r.status}: {r.cell.key}")
+    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else tracking_uri
+    print(f"\nEvery run, its metrics and artifacts: {ui}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,10 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", "demo", *argv]  # no verb: the demo grid, e.g. `python experiments.py --workdir DIR`
     args = build_parser().parse_args(argv)
-    if args.verb is None:
-        build_parser().print_help()
-        return 0
     try:
         return args.run(args)
     except LampError as error:

@@ -6,6 +6,12 @@ import socket
 
 from lamp.errors import LampError
 
+# For every Ray worker of ours. A trial's Ray Train controller polls its workers
+# every 2 s by default: at the start and end of every trial, that is waiting.
+# Tune's reporter shows a trial's progress, so Ray Data's bars inside trials only
+# flood the console.
+WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
 
 def ensure_ray(address: str | None = None) -> None:
     """Starts (or joins) Ray once per process, with a clear error if it cannot."""
@@ -15,11 +21,12 @@ def ensure_ray(address: str | None = None) -> None:
         return
     if address and address != "auto":
         check_reachable(address)
-    # DeepSpeed and torch read these in every worker: CPU-only machines need them.
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")} if not _has_gpu() else {}
+    env = dict(WORKER_ENV)
+    if not _has_gpu():  # DeepSpeed reads it in every worker: CPU-only machines need it
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env} if env else None)
+                 runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise LampError(f"cannot reach Ray at {address or 'a new local cluster'}: "
                         f"{str(error).splitlines()[0]}") from None

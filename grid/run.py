@@ -28,6 +28,15 @@ class RunPlan:
 
 
 @dataclass
+class CellResult:
+    """A cell's outcome: the newest run of it with this data and settings."""
+    cell: object  # GridCell
+    status: str  # an MLflow run status, or MISSING
+    metrics: dict  # final dev metrics, "dev_<metric>"
+    run_id: str | None
+
+
+@dataclass
 class Workdir:
     """lamp-grid's work directory: synthetic data, shard cache, tiny model, tracking store."""
     root: Path
@@ -140,7 +149,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
              storage: str | None = None, address: str | None = None, resources: Resources = Resources(),
              max_concurrent: int | None = None, resume: bool = False, dry_run: bool = False,
              retries: int = 2, users: int = 400, log=print) -> list:
-    """Runs the grid; returns (GridCell, status, dev metrics) per cell."""
+    """Runs the grid; returns a CellResult per cell."""
     from grid import tracking
     from grid.cluster import ensure_ray
     from grid.shards import digest, prepare
@@ -156,7 +165,6 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     client = tracking.connect(tracking_uri)
     ensure_ray(address)
     check_fits(resources)
-    max_concurrent = max_concurrent or trials_that_fit(resources)
     data_dir = resolve_data(data, spec, work, users, log).resolve()
     model_path = resolve_model(spec.model, data_dir, spec, work, log)
 
@@ -185,7 +193,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
                    for c in pending]
         plan = RunPlan(pending, run_ids, shards, model_path, tracking_uri, storage or work.storage, resources)
         path = os.path.join(plan.storage, f"{spec.name}-{parent[:8]}")
-        tuner = new_tuner(plan, path, max_concurrent, retries)
+        tuner = new_tuner(plan, path, max_concurrent or trials_that_fit(resources), retries)
         # What --resume needs to pick this run up again after an interruption.
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_bytes(pickle.dumps({"plan": plan, "parent": parent, "tune_path": path}))
@@ -243,7 +251,7 @@ def restore(plan_file: Path, client, spec: GridSpec, log):
 
 
 def summarize(client, experiment: str, cells: list, fingerprints: dict) -> list:
-    """(cell, status, dev metrics) of the newest run of each cell with this data and settings."""
+    """A CellResult per cell: its newest FINISHED run with this data and settings, else its newest."""
     rows = []
     for cell in cells:
         runs = client.search_runs([experiment], f"tags.cell_key = '{cell.key}' and tags.data_fingerprint = "
@@ -251,6 +259,7 @@ def summarize(client, experiment: str, cells: list, fingerprints: dict) -> list:
                                                 f"'{cell.settings_hash}'", order_by=["attributes.start_time DESC"])
         finished = [r for r in runs if r.info.status == "FINISHED"]
         run = (finished or runs or [None])[0]
-        rows.append((cell, run.info.status if run else "MISSING",
-                     {k: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("dev_")}))
+        rows.append(CellResult(cell, run.info.status if run else "MISSING",
+                               {k: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("dev_")},
+                               run.info.run_id if run else None))
     return rows

@@ -37,7 +37,12 @@ import lamp.retrieval
 import lamp.seeding
 from lamp.data import Example, SplitFiles, find_splits, read_examples
 from lamp.errors import LampError
-from lamp.prompts import TokenizerTokens, WhitespaceTokens, render_prompt
+from lamp.prompts import (
+    MAX_PROMPT_TOKENS,
+    TokenizerTokens,
+    WhitespaceTokens,
+    render_prompt,
+)
 from lamp.retrieval import MIXED_SIDES, ItemPool, rank, ranked_sides, resolve_k, select
 from lamp.tasks import get_task
 
@@ -329,11 +334,11 @@ class CellPrompts:
         return select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
                       cell.input_retriever, cell.output_retriever)
 
-    def render(self, row: int, tokens) -> tuple:
+    def render(self, row: int, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> tuple:
         """(prompt, items in prompt order) for the example at `row`: what Cell.render gives."""
         cell, example = self.cell, self.examples[row]
         return render_prompt(self.spec, example.input, self.retrieved(row), cell.ablation, cell.order,
-                             cell.seed, example.id, tokens)
+                             cell.seed, example.id, tokens, max_tokens)
 
 
 class RenderCell:
@@ -343,8 +348,8 @@ class RenderCell:
     model reads prompt and output as one sequence and learns only the output.
     """
 
-    def __init__(self, shards: SplitShards, cell, model: str | None):
-        self.prompts = CellPrompts(shards, cell)
+    def __init__(self, shards: SplitShards, cell, model: str | None, max_tokens: int = MAX_PROMPT_TOKENS):
+        self.prompts, self.max_tokens = CellPrompts(shards, cell), max_tokens
         self.tokenizer = self.decoder_only = None
         if model is not None:
             from transformers import AutoConfig, AutoTokenizer
@@ -355,7 +360,7 @@ class RenderCell:
 
     def __call__(self, batch: pa.Table) -> dict:
         rows = batch.column("row").to_pylist()
-        rendered = [self.prompts.render(row, self.tokens) for row in rows]
+        rendered = [self.prompts.render(row, self.tokens, self.max_tokens) for row in rows]
         examples = [self.prompts.examples[row] for row in rows]
         out = {"row": rows, "id": [e.id for e in examples], "user": [e.user for e in examples],
                "prompt": [prompt for prompt, _ in rendered],
@@ -376,9 +381,10 @@ class RenderCell:
                 "labels": [[-100] * len(p) + a + eos for p, a in zip(prompt_ids, answers)]}
 
 
-def cell_table(shards: SplitShards, cell, model: str | None = None, limit: int | None = None) -> pa.Table:
+def cell_table(shards: SplitShards, cell, model: str | None = None, limit: int | None = None,
+               max_tokens: int = MAX_PROMPT_TOKENS) -> pa.Table:
     """The cell's rendered examples (and token ids, given a model) as an Arrow table."""
-    render = RenderCell(shards, cell, model)
+    render = RenderCell(shards, cell, model, max_tokens)
     rows = list(range(len(render.prompts.examples)))[:limit]
     return pa.concat_tables([pa.table(render(pa.table({"row": rows[i:i + 1024]})))
                              for i in range(0, len(rows), 1024)] or [pa.table(render(pa.table({"row": []})))])

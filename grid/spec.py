@@ -158,7 +158,23 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
     seeds = raw.get("seeds", [0])
     return GridSpec(name=str(raw["name"]), tasks=tasks, axes=tuple(blocks), model=str(raw.get("model", "tiny")),
                     seeds=tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])),
-                    training=Training(**training))
+                    training=Training(**{k: training_value(k, v, where) for k, v in training.items()}))
+
+
+def training_value(name: str, value, where: str):
+    """A training setting as its field's type. (YAML reads `1e-3` as a string.)"""
+    declared = {f.name: f.type for f in fields(Training)}[name]
+    kind = float if declared is float else int
+    if value is None and declared is not kind:  # `int | None`: None means the default
+        return None
+    try:
+        number = float(value)
+        if kind is int and number != int(number):
+            raise ValueError
+        return kind(number)
+    except (TypeError, ValueError):
+        raise LampError(f"{where}: training: {name} must be a {'whole ' if kind is int else ''}number, "
+                        f"got {value!r}") from None
 
 
 def load_grid(name_or_path: str, named: dict) -> GridSpec:

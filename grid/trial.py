@@ -339,11 +339,13 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
     from grid.shards import cell_table
 
     cell, training = grid_cell.cell, grid_cell.training
-    train = cell_table(plan.shards[cell.task]["train"], cell, plan.model_path, training.limit_train)
+    train = cell_table(plan.shards[cell.task]["train"], cell, plan.model_path, training.limit_train,
+                       training.max_prompt_tokens)
     held_out = pa.array([selection_user(u, training.selection_share) for u in train.column("user").to_pylist()])
     fit = train.filter(pc.invert(held_out)).select(["input_ids", "labels"])
     select = ray.data.from_arrow(train.filter(held_out))
-    dev = ray.data.from_arrow(cell_table(plan.shards[cell.task]["dev"], cell, plan.model_path, training.limit_dev))
+    dev = ray.data.from_arrow(cell_table(plan.shards[cell.task]["dev"], cell, plan.model_path, training.limit_dev,
+                                         training.max_prompt_tokens))
     settings = {**asdict(training), "task": cell.task, "seed": cell.seed,
                 "epochs": training.epochs_for(cell.task)}
     resources = plan.resources

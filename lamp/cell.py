@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from lamp.prompts import render_prompt
+from lamp.prompts import MAX_PROMPT_TOKENS, render_prompt
 from lamp.retrieval import ItemPool, check_cell, retrieve
 from lamp.tasks import get_task
 
@@ -36,7 +36,7 @@ class Cell:
                         rank_offset=self.rank_offset, seed=self.seed, pool=pool,
                         input_retriever=self.input_retriever, output_retriever=self.output_retriever)
 
-    def render(self, example, tokens, pool: ItemPool | None = None) -> tuple:
+    def render(self, example, tokens, pool: ItemPool | None = None, max_tokens: int = MAX_PROMPT_TOKENS) -> tuple:
         """(prompt, items in prompt order) for an example."""
         return render_prompt(get_task(self.task), example.input, self.retrieve(example, pool),
-                             self.ablation, self.order, self.seed, example.id, tokens)
+                             self.ablation, self.order, self.seed, example.id, tokens, max_tokens)

@@ -83,3 +83,29 @@ def evaluate(task: str, golds: dict, preds: dict, preds_name="predictions") -> d
         raise LampError(f"{preds_name}: " + "; ".join(parts))
     ids = list(golds)
     return aggregate(task, [golds[i] for i in ids], [preds[i] for i in ids])
+
+
+def resampled_metric(task: str, metric: str, golds: list, preds: list, weights: np.ndarray) -> np.ndarray:
+    """The metric on each resample of the examples at once: row r of `weights`
+    (resamples x examples) counts how often each example is drawn. A row of ones
+    gives what `aggregate` gives; bootstrap confidence intervals use multinomial rows."""
+    spec = get_task(task)
+    weights = np.asarray(weights, dtype=float)
+    drawn = weights.sum(axis=1)
+    if spec.kind == "classification" and metric == "f1":
+        labels = len(spec.labels)
+        gold = np.array([label_index(spec.labels, g) for g in golds])
+        pred = np.array([label_index(spec.labels, p) for p in preds])
+        # Per label, weighted counts of true positives, predictions and golds; -1 is no label.
+        onehot = np.arange(labels)[None, :]
+        true_pos = weights @ ((gold[:, None] == onehot) & (pred[:, None] == onehot))
+        support = weights @ (gold[:, None] == onehot) + weights @ (pred[:, None] == onehot)
+        f1 = np.divide(2 * true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
+        return f1.mean(axis=1)
+    per_example = score_examples(task, golds, preds)
+    if spec.kind == "regression":
+        key = {"MAE": "absolute_error", "RMSE": "squared_error"}[metric]
+        value = weights @ np.array(per_example[key]) / drawn
+        return np.sqrt(value) if metric == "RMSE" else value
+    key = {"accuracy": "correct"}.get(metric, metric)
+    return weights @ np.array(per_example[key]) / drawn

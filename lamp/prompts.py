@@ -11,8 +11,7 @@ import functools
 from lamp.seeding import example_rng
 from lamp.tasks import TaskSpec
 
-MAX_PROMPT_TOKENS = 512
-INPUT_RESERVE_TOKENS = 256
+MAX_PROMPT_TOKENS = 512  # the task input keeps up to half of the budget (SPEC §7: 256 of 512)
 ITEM_SEPARATOR = ", and "
 
 
@@ -93,15 +92,14 @@ def insert_after_title(task_input: str, block: str) -> str:
 
 
 def render_prompt(spec: TaskSpec, task_input: str, items: list, ablation: str, order: str,
-                  seed: int, example_id: str, tokens, max_tokens: int = MAX_PROMPT_TOKENS,
-                  input_reserve: int = INPUT_RESERVE_TOKENS) -> tuple:
+                  seed: int, example_id: str, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> tuple:
     """The prompt for retrieved `items` (most relevant first), and the items in prompt order."""
     if not items:
         return task_input, []
     ordered = [items[rank] for rank in order_layout(order, len(items), seed, example_id)]
     lead = {"only_output": spec.output_lead, "decouple": spec.output_lead,
             "only_input": spec.input_lead}.get(ablation, "")
-    budget = max_tokens - min(tokens.count(task_input), input_reserve)
+    budget = max_tokens - min(tokens.count(task_input), max_tokens // 2)
     fixed = (tokens.count(lead) + tokens.count(spec.profile_joiner or ITEM_SEPARATOR)
              + tokens.count(ITEM_SEPARATOR) * (len(ordered) - 1))
     room = max((budget - fixed) // len(ordered), 0)

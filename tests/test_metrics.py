@@ -98,3 +98,32 @@ def test_unknown_task_and_lamp_6_are_refused():
     assert done.returncode == 2 and "not public" in done.stderr
     done = run_cli("evaluate", "--task", "LaMP_9", "--golds", "x", "--preds", "y")
     assert done.returncode == 2 and "LaMP_1, LaMP_2, LaMP_3, LaMP_4, LaMP_5, LaMP_7" in done.stderr
+
+
+@pytest.mark.parametrize("task", ["LaMP_1", "LaMP_2", "LaMP_3", "LaMP_4"])
+def test_resampled_metric_is_the_metric_of_each_resample(task):
+    import numpy as np
+
+    from lamp.metrics import resampled_metric
+    from lamp.tasks import get_task
+
+    spec = get_task(task)
+    n = 40
+    if spec.labels:
+        golds = [spec.labels[i % len(spec.labels)] for i in range(n)]
+        preds = [spec.labels[(i // 2) % len(spec.labels)] if i % 3 else "no such label" for i in range(n)]
+    elif spec.kind == "regression":
+        golds = [str(1 + i % 5) for i in range(n)]
+        preds = [str(1 + (i * 3) % 5) if i % 7 else "five" for i in range(n)]
+    else:
+        golds = [f"w{i % 4} w{i % 5} shared" for i in range(n)]
+        preds = [f"w{i % 3} shared" for i in range(n)]
+    rng = np.random.default_rng(1)
+    weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=5)])
+    for metric, value in aggregate(task, golds, preds).items():
+        fast = resampled_metric(task, metric, golds, preds, weights)
+        assert fast[0] == pytest.approx(value)
+        for row, counts in enumerate(weights[1:], start=1):
+            drawn = np.repeat(np.arange(n), counts.astype(int))
+            direct = aggregate(task, [golds[i] for i in drawn], [preds[i] for i in drawn])[metric]
+            assert fast[row] == pytest.approx(direct)

@@ -43,10 +43,10 @@ def cells_of(all_runs):
 def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, ray_local):
     spec = grid("three", [{"retriever": ["none", "BM25", "RanBM25"], "k": [2]}])
     rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(zero_stage=2), log=lambda _: None)
-    assert [status for _, status, _ in rows] == ["FINISHED"] * 3
+    assert [r.status for r in rows] == ["FINISHED"] * 3
     client, all_runs = runs(workdir, "three")
     children = cells_of(all_runs)
-    assert sorted(r.data.tags["cell_key"] for r in children) == sorted(c.key for c, _, _ in rows)
+    assert sorted(r.data.tags["cell_key"] for r in children) == sorted(r.cell.key for r in rows)
     (parent,) = [r for r in all_runs if r.data.tags.get("lamp_grid.role") == "grid"]
     assert parent.info.status == "FINISHED"
     for run in children:
@@ -65,14 +65,14 @@ def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, ray_local):
     again = run_grid(spec, str(workdir / "data"), workdir, log=messages.append)
     assert "3 of 3 cell(s) already FINISHED" in " ".join(messages) and "running 0" in " ".join(messages)
     assert len(cells_of(runs(workdir, "three")[1])) == 3
-    assert [status for _, status, _ in again] == ["FINISHED"] * 3
+    assert [r.status for r in again] == ["FINISHED"] * 3
 
 
 def test_two_workers_with_zero_2(workdir, ray_local):
     spec = grid("two-workers", [{"retriever": ["BM25"], "k": [2], "order": ["end"]}])
     rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(workers_per_trial=2, zero_stage=2),
                     log=lambda _: None)
-    assert [status for _, status, _ in rows] == ["FINISHED"]
+    assert [r.status for r in rows] == ["FINISHED"]
     client, all_runs = runs(workdir, "two-workers")
     (cell,) = cells_of(all_runs)
     config = client.download_artifacts(cell.info.run_id, "deepspeed_config.json")
@@ -83,7 +83,7 @@ def test_vote_needs_no_training(workdir, ray_local):
     spec = parse_grid({"name": "vote", "tasks": ["LaMP_2"], "model": "vote",
                        "axes": [{"retriever": ["BM25", "Full_Random"], "k": [5]}]}, "vote")
     rows = run_grid(spec, str(workdir / "data"), workdir, log=lambda _: None)
-    metrics = {cell.cell.retriever: m["dev_accuracy"] for cell, status, m in rows}
+    metrics = {r.cell.cell.retriever: r.metrics["dev_accuracy"] for r in rows}
     assert metrics["BM25"] > metrics["Full_Random"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from grid.shards import cell_dataset, prepare
+from grid.shards import cell_dataset, cell_table, load_examples, prepare
 from lamp.cell import Cell
 from lamp.synth import write_synthetic
 from tests.cli import ROOT, run_cli
@@ -73,6 +73,19 @@ def test_cell_dataset_carries_token_ids_given_a_model(data, shards, tmp_path):
     for row in rows:
         assert len(row["input_ids"]) > len(row["prompt"].split()) / 2
         assert row["input_ids"][-1] == 1 and row["labels"][-1] == 1  # T5's </s>
+
+
+def test_the_prompt_budget_trims_the_profile_block_not_the_input(data, shards):
+    _, shard_list = shards
+    small = cell_table(dev(shard_list), CELLS[0], max_tokens=60).to_pylist()
+    full = cell_table(dev(shard_list), CELLS[0]).to_pylist()
+    inputs = {e.id: e.input for e in load_examples(dev(shard_list).examples)}
+    for short, long in zip(small, full):
+        task_input = inputs[short["id"]]
+        assert short["prompt"].endswith(task_input) and short["retrieved"] == long["retrieved"]
+        # The input keeps up to half of the 60 words; the items share the rest, tags always kept.
+        block = len(short["prompt"].split()) - len(task_input.split())
+        assert block <= 60 - 30 + 3 * 3 < len(long["prompt"].split()) - len(task_input.split())
 
 
 def test_second_prepare_is_a_no_op_and_a_new_seed_only_adds_its_rankings(data, shards):

@@ -54,3 +54,19 @@ def test_yaml_files_and_overrides(tmp_path):
         load_grid(str(tmp_path / "bad.yaml"), {})
     with pytest.raises(LampError, match="unknown grid"):
         load_grid("nope", {"demo": {}})
+
+
+def test_training_settings_take_their_types_from_yaml_text(tmp_path):
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text("name: g\ntasks: [LaMP_2]\naxes: [{retriever: [none]}]\n"
+                         "training: {lr: 1e-3, epochs: 2, limit_dev: null}\n")
+    training = load_grid(str(grid_file), {}).training
+    assert training.lr == 0.001 and training.epochs == 2 and training.limit_dev is None
+
+
+@pytest.mark.parametrize("setting, message", [({"lr": "fast"}, "lr must be a number, got 'fast'"),
+                                              ({"epochs": 1.5}, "epochs must be a whole number"),
+                                              ({"batch_size": None}, "batch_size must be a whole number")])
+def test_bad_training_settings_are_refused(setting, message):
+    with pytest.raises(LampError, match=f"test: training: {message}"):
+        spec(training=setting)
