@@ -148,7 +148,7 @@ def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
 def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None = None,
              storage: str | None = None, address: str | None = None, resources: Resources = Resources(),
              max_concurrent: int | None = None, resume: bool = False, dry_run: bool = False,
-             retries: int = 2, users: int = 400, log=print) -> list:
+             retries: int = 2, users: int = 1500, log=print) -> list:
     """Runs the grid; returns a CellResult per cell."""
     from grid import tracking
     from grid.cluster import ensure_ray
@@ -169,7 +169,8 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     model_path = resolve_model(spec.model, data_dir, spec, work, log)
 
     shard_list = prepare(data_dir, work.cache, tasks=list(spec.tasks), retrievers=spec.retrievers() or ["BM25"],
-                         seeds=list(spec.seeds), address=address, log=log)
+                         seeds=list(spec.seeds), address=address, log=log,
+                         by_input=any("decouple" in block.get("ablation", ()) for block in spec.axes))
     shards = {}
     for s in shard_list:
         if s.setting == "user" or s.split not in shards.get(s.task, {}):
@@ -226,7 +227,8 @@ def new_tuner(plan: RunPlan, path: str, max_concurrent: int | None, retries: int
     return tune.Tuner(
         trainable(plan),
         param_space={"cell": tune.grid_search(list(range(len(plan.cells))))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        # Reused trial drivers: a new process per cell costs seconds of start-up and imports.
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=Path(path).name, storage_path=str(Path(path).parent),
                                   failure_config=tune.FailureConfig(max_failures=retries), verbose=1),
     )

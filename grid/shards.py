@@ -60,9 +60,10 @@ def ranking_name(retriever: str, by_input: bool) -> str:
     return f"{retriever}_input" if by_input and retriever in ("BM25", "RanBM25") else retriever
 
 
-def rankings_for(task: str, retrievers) -> list:
-    """The rankings a task needs so that cells with these retrievers can render."""
-    has_input = get_task(task).input_half is not None
+def rankings_for(task: str, retrievers, by_input: bool = True) -> list:
+    """The rankings a task needs so that cells with these retrievers can render;
+    by_input: also those over input halves, which only `decouple` reads."""
+    has_input = by_input and get_task(task).input_half is not None
     names = []
     for retriever in retrievers:
         sides = MIXED_SIDES if retriever == "Mixed" else ranked_sides(retriever)
@@ -257,8 +258,10 @@ def cpus_per_worker(workers: int) -> float:
 
 
 def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full_Random", "RanBM25"),
-            seeds=(0,), workers: int | None = None, address: str | None = None, log=print) -> list:
-    """Converts and ranks every split under data_dir into the cache; returns its SplitShards."""
+            seeds=(0,), workers: int | None = None, address: str | None = None, by_input: bool = True,
+            log=print) -> list:
+    """Converts and ranks every split under data_dir into the cache; returns its SplitShards.
+    by_input=False leaves out the rankings over input halves (`decouple` only)."""
     from grid.cluster import ensure_ray
 
     unknown = [r for r in retrievers if r not in lamp.retrieval.RETRIEVERS]
@@ -280,7 +283,7 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
             cached += 1
         examples = examples_dir / "examples.parquet"
         rankings = {}
-        for name in rankings_for(split.task, retrievers):
+        for name in rankings_for(split.task, retrievers, by_input):
             for seed in (seeds if name in SEEDED else [None]):
                 key = digest(fingerprint, name, seed, version)
                 rankings[(name, seed)] = where / f"{name}{'' if seed is None else f'-seed{seed}'}-{key}"

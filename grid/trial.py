@@ -117,6 +117,7 @@ def generate(engine, tokenizer, rows: list, settings: dict, beams: int, decoder_
             mask = pad([[1] * len(s) for s in ids], 0, left=decoder_only).to(engine.device)
             out = model.generate(input_ids=input_ids, attention_mask=mask, num_beams=beams,
                                  max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 repetition_penalty=settings["repetition_penalty"],
                                  synced_gpus=zero_stage == 3 and world > 1)
             if decoder_only:
                 out = out[:, input_ids.shape[1]:]
