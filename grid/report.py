@@ -46,15 +46,27 @@ def per_example(client, run_id: str) -> dict:
 def paired_bootstrap(task: str, metric: str, cell: dict, baseline: dict, resamples: int = RESAMPLES,
                      seed: int = 0) -> tuple:
     """(change, low, high): the metric of `cell` minus that of `baseline` on the
-    examples both have, and the 2.5th and 97.5th percentiles over resamples."""
+    examples both have, and its 95% percentile bootstrap interval (scipy)."""
+    from scipy.stats import bootstrap
+
     ids = sorted(set(cell) & set(baseline))
     golds = [cell[i][0] for i in ids]
-    weights = np.random.default_rng(seed).multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=resamples)
-    weights = np.vstack([np.ones(len(ids)), weights])  # row 0: the examples as they are
-    change = (resampled_metric(task, metric, golds, [cell[i][1] for i in ids], weights)
-              - resampled_metric(task, metric, golds, [baseline[i][1] for i in ids], weights))
-    low, high = np.percentile(change[1:], [2.5, 97.5])
-    return float(change[0]), float(low), float(high)
+    mine, theirs = [cell[i][1] for i in ids], [baseline[i][1] for i in ids]
+
+    def change(drawn, axis=-1):
+        # `drawn`: resamples of example positions, one row each; as counts per
+        # example, every resample is scored at once.
+        rows = np.atleast_2d(drawn)
+        counts = np.zeros((len(rows), len(ids)))
+        np.add.at(counts, (np.arange(len(rows))[:, None], rows), 1)
+        values = (resampled_metric(task, metric, golds, mine, counts)
+                  - resampled_metric(task, metric, golds, theirs, counts))
+        return values if np.ndim(drawn) > 1 else values[0]
+
+    positions = np.arange(len(ids))
+    interval = bootstrap((positions,), change, n_resamples=resamples, vectorized=True, method="percentile",
+                         batch=200, rng=np.random.default_rng(seed)).confidence_interval
+    return float(change(positions)), float(interval.low), float(interval.high)
 
 
 def compare_cells(client, results: list) -> list:

@@ -11,9 +11,9 @@ def ray_local():
     """One real local Ray cluster for the whole test session."""
     import ray
 
-    from grid.cluster import WORKER_ENV
+    from grid.cluster import LOCAL_ENV, WORKER_ENV
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {**WORKER_ENV, "DS_ACCELERATOR": "cpu"}})
+             runtime_env={"env_vars": {**WORKER_ENV, **LOCAL_ENV, "DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
