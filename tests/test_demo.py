@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.cli import ROOT, run_cli
 
 # The demo's own code path, on less data and one epoch, to keep the suite short.
-SMALL = ["--limit-train", "32", "--limit-dev", "24", "--epochs", "1"]
+SMALL = ["--users", "200", "--limit-train", "32", "--limit-dev", "24", "--epochs", "1"]
 
 
 def table_of(stdout: str) -> str:
