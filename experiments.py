@@ -170,6 +170,8 @@ def print_results(results: list, tracking_uri: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from grid.run import SYNTHETIC_USERS
+
     parser = argparse.ArgumentParser(prog="lamp-grid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -225,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("run", help="run a grid: fine-tune and evaluate every cell, tracked in MLflow")
     p.add_argument("grid", help=f"a named grid ({', '.join(GRIDS)}) or a YAML file")
     p.add_argument("--data", default="synthetic", help="a LaMP directory, or `synthetic` (default)")
-    p.add_argument("--users", type=int, default=1500,
+    p.add_argument("--users", type=int, default=SYNTHETIC_USERS,
                    help="with --data synthetic: users per task, written once into the work directory")
     p.add_argument("--model", help="a hub id, a local model folder, `tiny` or `vote` (default: the grid's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")

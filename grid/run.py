@@ -11,8 +11,10 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-from grid.spec import GridSpec, Resources
+from grid.spec import GridCell, GridSpec, Resources
 from lamp.errors import LampError
+
+SYNTHETIC_USERS = 1500  # per task: enough for the tiny model to learn the demo's signal
 
 
 @dataclass
@@ -30,7 +32,7 @@ class RunPlan:
 @dataclass
 class CellResult:
     """A cell's outcome: the newest run of it with this data and settings."""
-    cell: object  # GridCell
+    cell: GridCell
     status: str  # an MLflow run status, or MISSING
     metrics: dict  # final dev metrics, "dev_<metric>"
     run_id: str | None
@@ -148,7 +150,7 @@ def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
 def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None = None,
              storage: str | None = None, address: str | None = None, resources: Resources = Resources(),
              max_concurrent: int | None = None, resume: bool = False, dry_run: bool = False,
-             retries: int = 2, users: int = 1500, log=print) -> list:
+             retries: int = 2, users: int = SYNTHETIC_USERS, log=print) -> list:
     """Runs the grid; returns a CellResult per cell."""
     from grid import tracking
     from grid.cluster import ensure_ray
