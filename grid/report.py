@@ -51,7 +51,8 @@ def paired_bootstrap(task: str, metric: str, cell: dict, baseline: dict, resampl
 
     ids = sorted(set(cell) & set(baseline))
     golds = [cell[i][0] for i in ids]
-    mine, theirs = [cell[i][1] for i in ids], [baseline[i][1] for i in ids]
+    mine = resampled_metric(task, metric, golds, [cell[i][1] for i in ids])
+    theirs = resampled_metric(task, metric, golds, [baseline[i][1] for i in ids])
 
     def change(drawn, axis=-1):
         # `drawn`: resamples of example positions, one row each; as counts per
@@ -59,8 +60,7 @@ def paired_bootstrap(task: str, metric: str, cell: dict, baseline: dict, resampl
         rows = np.atleast_2d(drawn)
         counts = np.zeros((len(rows), len(ids)))
         np.add.at(counts, (np.arange(len(rows))[:, None], rows), 1)
-        values = (resampled_metric(task, metric, golds, mine, counts)
-                  - resampled_metric(task, metric, golds, theirs, counts))
+        values = mine(counts) - theirs(counts)
         return values if np.ndim(drawn) > 1 else values[0]
 
     positions = np.arange(len(ids))

@@ -85,27 +85,31 @@ def evaluate(task: str, golds: dict, preds: dict, preds_name="predictions") -> d
     return aggregate(task, [golds[i] for i in ids], [preds[i] for i in ids])
 
 
-def resampled_metric(task: str, metric: str, golds: list, preds: list, weights: np.ndarray) -> np.ndarray:
-    """The metric on each resample of the examples at once: row r of `weights`
-    (resamples x examples) counts how often each example is drawn. A row of ones
-    gives what `aggregate` gives; bootstrap confidence intervals use multinomial rows."""
+def resampled_metric(task: str, metric: str, golds: list, preds: list):
+    """The metric as a function of resamples of the examples: it takes `weights`
+    (resamples x examples, how often each example is drawn) and gives the metric
+    of every resample at once. A row of ones gives what `aggregate` gives;
+    bootstrap confidence intervals use multinomial rows. The examples are scored
+    here, once, however many resamples are asked for later."""
     spec = get_task(task)
-    weights = np.asarray(weights, dtype=float)
-    drawn = weights.sum(axis=1)
     if spec.kind == "classification" and metric == "f1":
-        labels = len(spec.labels)
         gold = np.array([label_index(spec.labels, g) for g in golds])
         pred = np.array([label_index(spec.labels, p) for p in preds])
-        # Per label, weighted counts of true positives, predictions and golds; -1 is no label.
-        onehot = np.arange(labels)[None, :]
-        true_pos = weights @ ((gold[:, None] == onehot) & (pred[:, None] == onehot))
-        support = weights @ (gold[:, None] == onehot) + weights @ (pred[:, None] == onehot)
-        f1 = np.divide(2 * true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
-        return f1.mean(axis=1)
-    per_example = score_examples(task, golds, preds)
-    if spec.kind == "regression":
-        key = {"MAE": "absolute_error", "RMSE": "squared_error"}[metric]
-        value = weights @ np.array(per_example[key]) / drawn
+        # Per label: is the example a true positive, a gold, a prediction; -1 is no label.
+        onehot = np.arange(len(spec.labels))[None, :]
+        true_pos = (gold[:, None] == onehot) & (pred[:, None] == onehot)
+        support = (gold[:, None] == onehot).astype(float) + (pred[:, None] == onehot)
+
+        def macro_f1(weights):
+            weights = np.asarray(weights, dtype=float)
+            tp, total = weights @ true_pos, weights @ support
+            return np.divide(2 * tp, total, out=np.zeros_like(tp), where=total > 0).mean(axis=1)
+        return macro_f1
+    key = {"accuracy": "correct", "MAE": "absolute_error", "RMSE": "squared_error"}.get(metric, metric)
+    scores = np.array(score_examples(task, golds, preds)[key])
+
+    def mean(weights):
+        weights = np.asarray(weights, dtype=float)
+        value = weights @ scores / weights.sum(axis=1)
         return np.sqrt(value) if metric == "RMSE" else value
-    key = {"accuracy": "correct"}.get(metric, metric)
-    return weights @ np.array(per_example[key]) / drawn
+    return mean
