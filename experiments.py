@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from lamp.errors import LampError
+from lamp.prompts import MAX_PROMPT_TOKENS
 from lamp.tasks import TASKS, get_task
 
 WORKDIR = "lamp-grid-work"
@@ -119,7 +120,7 @@ def cmd_render(args) -> int:
     examples = list(read_examples(splits[0]))
     pool = ItemPool(examples) if cell.needs_pool else None
     for example in examples[: args.limit]:
-        prompt, items = cell.render(example, tokens, pool)
+        prompt, items = cell.render(example, tokens, pool, args.max_tokens)
         retrieved = [item["id"] for item in items]
         if args.json:
             print(json.dumps({"id": example.id, "retrieved": retrieved, "prompt": prompt,
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-retriever", help="Mixed: where the input halves come from")
     p.add_argument("--output-retriever", help="Mixed: where the output halves come from")
     p.add_argument("--model", help="count tokens with this model's tokenizer (default: words)")
+    p.add_argument("--max-tokens", type=int, default=MAX_PROMPT_TOKENS,
+                   help=f"the prompt budget, a grid's max_prompt_tokens (default {MAX_PROMPT_TOKENS})")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=cmd_render)

@@ -78,6 +78,10 @@ def test_cell_dataset_carries_token_ids_given_a_model(data, shards, tmp_path):
 def test_the_prompt_budget_trims_the_profile_block_not_the_input(data, shards):
     _, shard_list = shards
     small = cell_table(dev(shard_list), CELLS[0], max_tokens=60).to_pylist()
+    done = run_cli("render", "--data", data, "--task", "LaMP_2", "--retriever", "BM25", "--k", 3, "--order", "middle",
+                   "--max-tokens", 60, "--json")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["prompt"] for line in done.stdout.splitlines()] == [row["prompt"] for row in small]
     full = cell_table(dev(shard_list), CELLS[0]).to_pylist()
     inputs = {e.id: e.input for e in load_examples(dev(shard_list).examples)}
     for short, long in zip(small, full):
