@@ -7,6 +7,8 @@
     python experiments.py evaluate --task LaMP_k --golds FILE --preds FILE
     python experiments.py render --data DIR --task LaMP_k --retriever BM25 --k 4 ...
     python experiments.py prepare --data DIR             rank once into the shard cache
+    python experiments.py list                           the named experiments (the study's analyses)
+    python experiments.py report GRID --out DIR          tables, confidence intervals and figures of a grid
 
 Every verb has `--help`. Bad input ends with a one-line message and exit 2.
 """
@@ -16,29 +18,71 @@ import json
 import sys
 from pathlib import Path
 
+from grid.tiny import TINY_TRAINING
 from lamp.errors import LampError
 from lamp.prompts import MAX_PROMPT_TOKENS
+from lamp.retrieval import MIXED_SIDES
 from lamp.tasks import TASKS, get_task
 
 WORKDIR = "lamp-grid-work"
 
 # The named experiments: each a grid a user runs by name (`run NAME`), in the
-# schema of grid/spec.py (a YAML file with the same keys works too).
+# schema of grid/spec.py (a YAML file with the same keys works too). The
+# study's run on real LaMP (`data`, the download folder) with Flan-T5-base and
+# three seeds; `--data synthetic --model tiny` gives any of them a quick look.
+RETRIEVERS = ["none", "Full_Random", "RanBM25", "Random", "BM25"]
+STUDY = {"model": "google/flan-t5-base", "data": "LaMP", "seeds": [0, 1, 2]}
 GRIDS = {
     "demo": {
         "name": "demo",
         "tasks": ["LaMP_2", "LaMP_4"],
         "model": "tiny",
         "axes": [
-            {"retriever": ["none", "Full_Random", "RanBM25", "Random", "BM25"], "k": [4]},
+            {"retriever": RETRIEVERS, "k": [4]},
             {"retriever": ["BM25"], "ablation": ["only_output"], "k": [4]},
         ],
-        # Sized for a laptop CPU: the tiny model learns from 1200 users' questions in
-        # 3 epochs at a high rate, on prompts of 96 tokens; greedy decoding, with a
-        # repetition penalty that keeps its titles from repeating a word.
-        "training": {"epochs": 3, "lr": 3e-3, "weight_decay": 0, "batch_size": 16, "beams": 1,
-                     "max_prompt_tokens": 96, "repetition_penalty": 1.3},
+        # The tiny model's schedule, on prompts of 96 tokens so that a laptop runs it in minutes.
+        "training": {**TINY_TRAINING, "max_prompt_tokens": 96},
     },
+    # (a) Personalization matters more than relevance: LaMP_4, ROUGE-L against no profile.
+    "paper-fig-a": {"name": "paper-fig-a", "tasks": ["LaMP_4"], **STUDY,
+                    "axes": [{"retriever": RETRIEVERS, "k": [4]}]},
+    # (b) Output halves carry it: LaMP_2 F1 against k, full items and output halves only.
+    "paper-fig-b": {"name": "paper-fig-b", "tasks": ["LaMP_2"], **STUDY,
+                    "axes": [{"retriever": ["BM25"], "ablation": ["both", "only_output"],
+                              "k": [1, 2, 3, 4, 16, 32, 48, 64, 80]}]},
+    # (c) Position matters: LaMP_5 ROUGE-L against the share of the profile, by where the best items sit.
+    "paper-fig-c": {"name": "paper-fig-c", "tasks": ["LaMP_5"], **STUDY,
+                    "axes": [{"retriever": ["BM25"], "order": ["start", "end", "middle"],
+                              "k": [0.1, 0.2, 0.3, 0.4, 0.5]}]},
+    # Which half of a retrieved item does the work, on every task the study ablated.
+    "paper-ablation": {"name": "paper-ablation", "tasks": ["LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5"], **STUDY,
+                       "axes": [{"retriever": ["none"]},
+                                {"retriever": ["BM25"], "ablation": ["both", "only_output", "only_input",
+                                                                     "decouple"], "k": [4]}]},
+    # Real inputs and real outputs, with their pairing broken.
+    "paper-mixed": {"name": "paper-mixed", "tasks": ["LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5"], **STUDY,
+                    "axes": [{"retriever": ["none"]}] + [
+                        {"retriever": ["Mixed"], "input_retriever": [inputs], "output_retriever": [outputs], "k": [4]}
+                        for inputs in MIXED_SIDES for outputs in MIXED_SIDES if inputs != outputs]},
+    # No fine-tuning: the model as it comes, with and without a profile, on every task.
+    "paper-zero-shot": {"name": "paper-zero-shot", "tasks": ["LaMP_1", "LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5",
+                                                             "LaMP_7"], **STUDY, "seeds": [0],
+                        "axes": [{"retriever": RETRIEVERS, "k": [4]}], "training": {"epochs": 0}},
+}
+
+# What the study reports (SPEC §9), drawn beside ours in `report`: changes in
+# points and F1/ROUGE-L in percent there, fractions here, as our metrics are.
+PUBLISHED = {
+    "paper-fig-a": {"LaMP_4": {"change": {"Full_Random": -0.001, "RanBM25": -0.002, "Random": 0.009,
+                                          "BM25": 0.017}}},
+    "paper-fig-b": {"LaMP_2": {"curves": {
+        "both": {1: .563, 2: .575, 3: .591, 4: .572, 16: .576, 32: .578, 48: .566, 64: .543, 80: .541},
+        "only_output": {1: .580, 2: .577, 3: .599, 4: .602, 16: .571, 32: .582, 48: .617, 64: .603, 80: .626}}}},
+    "paper-fig-c": {"LaMP_5": {"curves": {
+        "start": {0.1: .410, 0.2: .411, 0.3: .412, 0.4: .410, 0.5: .411},
+        "end": {0.1: .406, 0.2: .396, 0.3: .388, 0.4: .384, 0.5: .386},
+        "middle": {0.1: .406, 0.2: .409, 0.3: .401, 0.4: .394, 0.5: .390}}}},
 }
 
 
@@ -52,10 +96,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from grid.run import Workdir
+    from grid.storage import local_data
     from lamp.data import find_splits, summarize_split
 
     ok = True
-    for split in find_splits(args.data, args.tasks):
+    for split in find_splits(local_data(args.data, Workdir(Path(args.workdir).resolve()).mirror), args.tasks):
         label = f"{split.task} {split.setting}-based {split.split}"
         try:
             s = summarize_split(split)
@@ -89,6 +135,17 @@ def parse_k(text: str) -> int | float:
             return float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"k must be a whole number or a fraction, got {text!r}") from None
+
+
+def custom_resources(text: str) -> dict:
+    """A JSON object of Ray resource name -> amount."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of resource -> positive amount, got {text!r}")
+    return value
 
 
 def load_tokens(model):
@@ -131,10 +188,14 @@ def cmd_render(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from grid.run import Workdir
     from grid.shards import prepare
+    from grid.storage import local_data
 
-    prepare(args.data, args.cache or Path(args.workdir) / "cache", tasks=args.tasks,
-            retrievers=args.retrievers, seeds=args.seeds, workers=args.workers, address=args.address)
+    work = Workdir(Path(args.workdir).resolve())
+    prepare(local_data(args.data, work.mirror), args.cache or work.cache, tasks=args.tasks,
+            retrievers=args.retrievers, seeds=args.seeds, workers=args.workers, address=args.address,
+            stage_dir=work.cache)
     return 0
 
 
@@ -145,8 +206,9 @@ def cmd_run(args) -> int:
     spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, epochs=args.epochs,
                           limit_train=args.limit_train, limit_dev=args.limit_dev)
     resources = Resources(workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
-                          zero_stage=args.zero_stage)
-    results = run_grid(spec, args.data, Path(args.workdir), tracking_uri=args.tracking_uri, storage=args.storage,
+                          zero_stage=args.zero_stage, custom_per_worker=args.resources_per_worker)
+    results = run_grid(spec, args.data or spec.data, Path(args.workdir), tracking_uri=args.tracking_uri,
+                       storage=args.storage, cache=args.cache,
                        address=args.address, resources=resources, max_concurrent=args.max_concurrent,
                        resume=args.resume, dry_run=args.dry_run, retries=args.retries, users=args.users)
     if args.dry_run:
@@ -170,6 +232,44 @@ def print_results(results: list, tracking_uri: str) -> None:
     print(f"\nEvery run, its metrics and artifacts: {ui}")
 
 
+def cmd_list(args) -> int:
+    from grid.spec import load_grid
+
+    for name in GRIDS:
+        spec = load_grid(name, GRIDS)
+        cells = spec.cells()
+        print(f"{name:<16} {len(cells):>3} cells ({len(cells) // len(spec.seeds)} settings x {len(spec.seeds)} "
+              f"seed(s)); {', '.join(spec.tasks)}; model {spec.model}; data {spec.data}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from grid import tracking
+    from grid.report import compare_cells, format_table, read_results, write_report
+    from grid.run import Workdir
+    from grid.spec import load_grid, with_overrides
+
+    if bool(args.grid) == bool(args.experiment):
+        raise LampError("report: name a GRID (named or YAML) or an --experiment, one of the two")
+    uri = args.tracking_uri or Workdir(Path(args.workdir).resolve()).tracking_uri
+    client = tracking.connect(uri)
+    if args.grid:
+        spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds)
+        name, cells = spec.name, spec.cells()
+    else:
+        name, cells = args.experiment, None
+    rows = compare_cells(client, read_results(client, name, cells))
+    out = Path(args.out)
+    files = write_report(rows, out, f"lamp-grid report: {name}", uri, PUBLISHED.get(name))
+    print(format_table(rows))
+    parent = tracking.newest_parent(client, client.get_experiment_by_name(name).experiment_id)
+    if parent is not None:
+        client.log_artifacts(parent, str(out), artifact_path="report")
+    print(f"\nwrote {', '.join(str(f) for f in files)}"
+          + (f"\nlogged to the grid's newest parent run {parent} (artifacts: report/)" if parent else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from grid.run import SYNTHETIC_USERS
 
@@ -187,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_synth)
 
     p = verbs.add_parser("validate", help="check LaMP files and print their shape")
-    p.add_argument("--data", required=True, help="a directory holding LaMP_k task folders")
+    p.add_argument("--data", required=True, help="a directory (or s3://, gs:// URI) holding LaMP_k task folders")
     p.add_argument("--tasks", nargs="+", default=None, metavar="LaMP_k")
+    p.add_argument("--workdir", default=WORKDIR, help="where a copy of data at a URI is kept")
     p.set_defaults(run=cmd_validate)
 
     p = verbs.add_parser("evaluate", help="score predictions with LaMP's official metrics")
@@ -217,28 +318,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_render)
 
     p = verbs.add_parser("prepare", help="convert LaMP files to Parquet and rank every example once")
-    p.add_argument("--data", required=True, help="a directory holding LaMP_k task folders")
+    p.add_argument("--data", required=True, help="a directory (or s3://, gs:// URI) holding LaMP_k task folders")
     p.add_argument("--tasks", nargs="+", default=None, metavar="LaMP_k")
     p.add_argument("--retrievers", nargs="+", default=["BM25", "Random", "Full_Random", "RanBM25"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
-    p.add_argument("--cache", help="the shard cache (default: WORKDIR/cache, shared by every command)")
+    p.add_argument("--cache", help="the shard cache, a directory or URI (default: WORKDIR/cache, shared by every "
+                   "command)")
     p.add_argument("--address", help="a Ray cluster to run on (default: a local one)")
     p.add_argument("--workers", type=int, help="ranking workers (default: one per CPU)")
     p.set_defaults(run=cmd_prepare)
 
     p = verbs.add_parser("run", help="run a grid: fine-tune and evaluate every cell, tracked in MLflow")
     p.add_argument("grid", help=f"a named grid ({', '.join(GRIDS)}) or a YAML file")
-    p.add_argument("--data", default="synthetic", help="a LaMP directory, or `synthetic` (default)")
+    p.add_argument("--data", help="a LaMP directory or URI (s3://...), or `synthetic` (default: the grid's)")
     p.add_argument("--users", type=int, default=SYNTHETIC_USERS,
                    help="with --data synthetic: users per task, written once into the work directory")
     p.add_argument("--model", help="a hub id, a local model folder, `tiny` or `vote` (default: the grid's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
-    p.add_argument("--storage", help="Ray's storage path (default: WORKDIR/ray_results)")
+    p.add_argument("--storage", help="Ray's storage path, a directory or URI (default: WORKDIR/ray_results)")
+    p.add_argument("--cache", help="the shard cache, a directory or URI such as s3://... (default: WORKDIR/cache)")
     p.add_argument("--address", help="a Ray cluster to run on (default: a local one)")
     p.add_argument("--workers-per-trial", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=float, default=0)
     p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
+    p.add_argument("--resources-per-worker", type=custom_resources, default={}, metavar="JSON",
+                   help="custom Ray resources each trial worker needs, e.g. '{\"trial_node\": 1}'")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as fit)")
     p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
     p.add_argument("--epochs", type=int, help="override the grid's epochs (0: zero-shot)")
@@ -249,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="restore this grid's interrupted run")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their resources; run nothing")
     p.set_defaults(run=cmd_run)
+
+    p = verbs.add_parser("list", help="the named experiments and their cell counts")
+    p.set_defaults(run=cmd_list)
+
+    p = verbs.add_parser("report", help="tables, confidence intervals and figures of a grid's finished runs")
+    p.add_argument("grid", nargs="?", help=f"a named grid ({', '.join(GRIDS)}) or a YAML file")
+    p.add_argument("--experiment", help="an MLflow experiment name instead: every cell it has runs of")
+    p.add_argument("--model", help="the model the grid was run with, if not its own (e.g. tiny)")
+    p.add_argument("--seeds", nargs="+", type=int, help="the seeds it was run with, if not its own")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
+    p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
+    p.add_argument("--out", required=True, help="directory for report.md, report.html and the figures")
+    p.set_defaults(run=cmd_report)
     return parser
 
 

@@ -25,7 +25,9 @@ def ensure_ray(address: str | None = None) -> None:
         return
     if address and address != "auto":
         check_reachable(address)
-    env = dict(WORKER_ENV) if address else {**WORKER_ENV, **LOCAL_ENV}
+    # Inside `ray job submit`, RAY_ADDRESS names the cluster the job runs on.
+    joins = address or os.environ.get("RAY_ADDRESS")
+    env = dict(WORKER_ENV) if joins else {**WORKER_ENV, **LOCAL_ENV}
     if not _has_gpu():  # DeepSpeed reads it in every worker: CPU-only machines need it
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
     try:

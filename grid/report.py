@@ -1,39 +1,72 @@
-"""The results table of a grid: each cell's main dev metric, its change against
-the non-personalized cell of the same task, and a 95% confidence interval.
+"""What a grid found: per task, each setting's main dev metric, its change against
+the non-personalized cell, and whether that change is real.
 
-The interval is a paired bootstrap over dev examples: both cells are scored on
-the same resamples of the examples (joined by id), and the change is read off
-each resample. A change whose interval holds 0 is marked as not significant.
+A *setting* is a cell without its seed; a row of the report is a setting, its
+metric the mean over its seeds. Two kinds of interval:
+- over seeds: a t interval of the mean (two seeds or more);
+- over dev examples: a percentile bootstrap. A change against `none` is paired:
+  both cells are scored on the same draws of the examples (joined by id), per
+  seed, and the change is averaged over the seeds both finished. Its p-value is
+  a paired permutation test: the two cells' predictions of an example swapped.
+Both resample whole examples and recompute the metric (macro-F1 included) on
+every draw; the statistics are scipy's.
+
+A cell that did not finish is listed with its status, never counted as a zero.
 """
 
+import html
 import json
 import os
-from dataclasses import dataclass
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from lamp.cell import Cell
+from lamp.errors import LampError
 from lamp.metrics import resampled_metric
 from lamp.tasks import get_task
 
 RESAMPLES = 2000
+STATISTICS = ("A row is a setting (a cell without its seed); its value is the mean over its seeds. "
+              "Intervals are 95%: over seeds a t interval, over dev examples a percentile bootstrap "
+              f"({RESAMPLES} resamples). The change against `none` is paired (the same draws of the examples "
+              "for both cells, per seed) and its p-value comes from a paired permutation test; a change "
+              "whose interval holds 0 is marked not significant. A cell that did not finish is missing, not 0.")
 # A progress bar per downloaded artifact would bury the table.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclass
 class Comparison:
-    key: str
+    setting: str
+    cell: Cell  # the axes (its seed is the first seed's)
     task: str
     metric: str
-    value: float
-    baseline: bool = False  # the task's `none` cell, which the others are compared against
-    delta: float | None = None  # None for the baseline, or a cell without one
-    low: float | None = None
+    values: dict  # seed -> main dev metric, of the seeds that FINISHED
+    missing: dict = field(default_factory=dict)  # seed -> status, of the seeds that did not
+    baseline: bool = False  # the task's `none` setting, which the others are compared against
+    seeds_low: float | None = None  # 95% t interval of the mean over seeds
+    seeds_high: float | None = None
+    examples_low: float | None = None  # 95% bootstrap interval over dev examples
+    examples_high: float | None = None
+    delta: float | None = None  # change against the baseline; None for it, or without one
+    low: float | None = None  # its 95% paired bootstrap interval
     high: float | None = None
+    p_value: float | None = None  # paired permutation test
+
+    @property
+    def value(self) -> float | None:
+        return float(np.mean(list(self.values.values()))) if self.values else None
 
     @property
     def significant(self) -> bool:
         return self.low is not None and (self.low > 0 or self.high < 0)
+
+
+# --- statistics ---------------------------------------------------------------------
 
 
 def per_example(client, run_id: str) -> dict:
@@ -43,36 +76,71 @@ def per_example(client, run_id: str) -> dict:
         return {row["id"]: (row["gold"], row["prediction"]) for row in json.load(f)}
 
 
-def paired_bootstrap(task: str, metric: str, cell: dict, baseline: dict, resamples: int = RESAMPLES,
-                     seed: int = 0) -> tuple:
-    """(change, low, high): the metric of `cell` minus that of `baseline` on the
-    examples both have, and its 95% percentile bootstrap interval (scipy)."""
+def common_ids(runs: list) -> list:
+    return sorted(set.intersection(*(set(examples) for examples in runs)))
+
+
+def paired_statistics(task: str, metric: str, pairs: list, resamples: int = RESAMPLES, seed: int = 0) -> tuple:
+    """(change, low, high, p): a cell against its baseline, given one (cell
+    examples, baseline examples) pair per seed, each id -> (gold, prediction).
+
+    change: the mean over seeds of the cell's metric minus the baseline's, on
+    the examples all have; low, high: its 95% percentile bootstrap interval; p:
+    the two-sided p-value of a paired permutation test."""
+    from scipy.stats import bootstrap, permutation_test
+
+    ids = common_ids([examples for pair in pairs for examples in pair])
+    n = len(ids)
+    # Per seed, one list of 2n predictions, the cell's then the baseline's: a row
+    # of positions picks whose prediction of each example is scored.
+    scorers = [resampled_metric(task, metric, [cell[i][0] for i in ids] * 2,
+                                [cell[i][1] for i in ids] + [base[i][1] for i in ids]) for cell, base in pairs]
+
+    def change(mine, theirs, axis=-1):
+        mine, theirs = np.atleast_2d(mine), np.atleast_2d(theirs)
+        return np.mean([score(mine) - score(theirs) for score in scorers], axis=0)
+
+    positions = np.arange(n)
+    interval = bootstrap((positions,), lambda drawn, axis=-1: change(drawn, drawn + n), n_resamples=resamples,
+                         vectorized=True, method="percentile", batch=200,
+                         rng=np.random.default_rng(seed)).confidence_interval
+    test = permutation_test((positions, positions + n), change, permutation_type="samples", vectorized=True,
+                            n_resamples=resamples, batch=200, rng=np.random.default_rng(seed))
+    return float(change(positions, positions + n)[0]), float(interval.low), float(interval.high), float(test.pvalue)
+
+
+def examples_interval(task: str, metric: str, runs: list, resamples: int = RESAMPLES, seed: int = 0) -> tuple:
+    """95% percentile bootstrap interval over dev examples of the metric's mean over seeds."""
     from scipy.stats import bootstrap
 
-    ids = sorted(set(cell) & set(baseline))
-    golds = [cell[i][0] for i in ids]
-    mine = resampled_metric(task, metric, golds, [cell[i][1] for i in ids])
-    theirs = resampled_metric(task, metric, golds, [baseline[i][1] for i in ids])
+    ids = common_ids(runs)
+    scorers = [resampled_metric(task, metric, [run[i][0] for i in ids], [run[i][1] for i in ids]) for run in runs]
 
-    def change(drawn, axis=-1):
-        # `drawn`: resamples of example positions, one row each; as counts per
-        # example, every resample is scored at once.
-        rows = np.atleast_2d(drawn)
-        counts = np.zeros((len(rows), len(ids)))
-        np.add.at(counts, (np.arange(len(rows))[:, None], rows), 1)
-        values = mine(counts) - theirs(counts)
-        return values if np.ndim(drawn) > 1 else values[0]
+    def value(drawn, axis=-1):
+        return np.mean([score(np.atleast_2d(drawn)) for score in scorers], axis=0)
 
-    positions = np.arange(len(ids))
-    interval = bootstrap((positions,), change, n_resamples=resamples, vectorized=True, method="percentile",
-                         batch=200, rng=np.random.default_rng(seed)).confidence_interval
-    return float(change(positions)), float(interval.low), float(interval.high)
+    interval = bootstrap((np.arange(len(ids)),), value, n_resamples=resamples, vectorized=True,
+                         method="percentile", batch=200, rng=np.random.default_rng(seed)).confidence_interval
+    return float(interval.low), float(interval.high)
+
+
+def seeds_interval(values: list) -> tuple:
+    """95% t interval of the mean of per-seed values."""
+    from scipy.stats import sem, t
+
+    spread = sem(values)
+    if spread == 0:
+        return float(values[0]), float(values[0])
+    low, high = t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=spread)
+    return float(low), float(high)
 
 
 def compare_cells(client, results: list) -> list:
-    """A Comparison per FINISHED cell; each against the `none` cell of its task and seed."""
-    finished = [r for r in results if r.status == "FINISHED"]
-    baselines = {(r.cell.cell.task, r.cell.cell.seed): r for r in finished if r.cell.cell.retriever == "none"}
+    """A Comparison per setting (CellResults grouped over seeds); each against
+    the `none` setting of its task and model."""
+    groups = {}
+    for result in results:
+        groups.setdefault(result.cell.setting, []).append(result)
     cache = {}
 
     def examples(result):
@@ -80,33 +148,159 @@ def compare_cells(client, results: list) -> list:
             cache[result.run_id] = per_example(client, result.run_id)
         return cache[result.run_id]
 
-    rows = []
-    for r in finished:
-        task = r.cell.cell.task
-        metric = get_task(task).main_metric
-        base = baselines.get((task, r.cell.cell.seed))
-        row = Comparison(r.cell.key, task, metric, r.metrics[f"dev_{metric}"], baseline=base is r)
-        if base is not None and base is not r:
-            row.delta, row.low, row.high = paired_bootstrap(task, metric, examples(r), examples(base))
-        rows.append(row)
+    rows, finished = [], {}
+    for setting, group in groups.items():
+        cell = group[0].cell
+        metric = get_task(cell.cell.task).main_metric
+        finished[setting] = {r.cell.cell.seed: r for r in group if r.status == "FINISHED"}
+        rows.append(Comparison(setting, cell.cell, cell.cell.task, metric,
+                               values={s: r.metrics[f"dev_{metric}"] for s, r in finished[setting].items()},
+                               missing={r.cell.cell.seed: r.status for r in group if r.status != "FINISHED"},
+                               baseline=cell.cell.retriever == "none"))
+    model = {setting: group[0].cell.model for setting, group in groups.items()}
+    baselines = {(r.task, model[r.setting]): r for r in rows if r.baseline and r.values}
+    for row in rows:
+        runs = finished[row.setting]
+        if not runs:
+            continue
+        if len(runs) > 1:
+            row.seeds_low, row.seeds_high = seeds_interval(list(row.values.values()))
+        row.examples_low, row.examples_high = examples_interval(row.task, row.metric,
+                                                                [examples(r) for r in runs.values()])
+        base = baselines.get((row.task, model[row.setting]))
+        seeds = sorted(set(runs) & set(finished[base.setting])) if base is not None and base is not row else []
+        if seeds:
+            pairs = [(examples(runs[s]), examples(finished[base.setting][s])) for s in seeds]
+            row.delta, row.low, row.high, row.p_value = paired_statistics(row.task, row.metric, pairs)
     return rows
 
 
+# --- the table ----------------------------------------------------------------------
+
+
+def header(task: str) -> str:
+    spec = get_task(task)
+    better = "higher" if spec.higher_is_better else "lower"
+    return f"{task}: dev {spec.main_metric} ({better} is better)"
+
+
+def missing_text(row: Comparison) -> str:
+    return ", ".join(f"seed {s} {status}" for s, status in sorted(row.missing.items()))
+
+
 def format_table(rows: list) -> str:
-    """Per task, the cells with their metric, change against `none` and its 95% CI."""
+    """The console table: per task, each setting's metric, change against `none`,
+    its 95% paired bootstrap CI over dev examples and p-value."""
     lines = []
     for task in dict.fromkeys(r.task for r in rows):
-        spec = get_task(task)
-        better = "higher" if spec.higher_is_better else "lower"
-        lines.append(f"{task}: dev {spec.main_metric} ({better} is better); change against `none`, "
-                     f"95% paired bootstrap CI over dev examples")
+        lines.append(f"{header(task)}; change against `none`, 95% paired bootstrap CI over dev examples, "
+                     "p (paired permutation test)")
         mine = [r for r in rows if r.task == task]
-        width = max(len(r.key) for r in mine)
+        width = max(len(r.setting) for r in mine)
         for r in mine:
+            if not r.values:
+                lines.append(f"  {r.setting:<{width}}  missing ({missing_text(r)})")
+                continue
             if r.delta is None:
                 change = "(baseline)" if r.baseline else "(no `none` cell to compare with)"
             else:
                 verdict = "" if r.significant else "  not significant"
-                change = f"{r.delta:+.4f}  [{r.low:+.4f}, {r.high:+.4f}]{verdict}"
-            lines.append(f"  {r.key:<{width}}  {r.value:.4f}  {change}")
+                change = f"{r.delta:+.4f}  [{r.low:+.4f}, {r.high:+.4f}]  p={r.p_value:.4f}{verdict}"
+            seeds = f"  ({len(r.values)} seeds)" if len(r.values) > 1 else ""
+            missing = f"  missing: {missing_text(r)}" if r.missing else ""
+            lines.append(f"  {r.setting:<{width}}  {r.value:.4f}  {change}{seeds}{missing}")
     return "\n".join(lines)
+
+
+# --- report.md and report.html ------------------------------------------------------
+
+
+def interval(low, high) -> str:
+    return "" if low is None else f"[{low:.4f}, {high:.4f}]"
+
+
+def table_rows(rows: list, published: dict) -> list:
+    """The report's table of one task: a list of cells per row, the header first."""
+    out = [["setting", "seeds", "mean", "95% CI over seeds", "95% CI over dev examples", "change vs none",
+            "95% paired bootstrap CI", "p", "published"]]
+    for r in rows:
+        if not r.values:
+            out.append([r.setting, "0", f"missing ({missing_text(r)})", "", "", "", "", "", ""])
+            continue
+        seeds = str(len(r.values)) + (f" (missing: {missing_text(r)})" if r.missing else "")
+        change = "baseline" if r.baseline else ("" if r.delta is None else f"{r.delta:+.4f}"
+                                                + ("" if r.significant else " (not significant)"))
+        p = "" if r.p_value is None else f"{r.p_value:.4f}"
+        out.append([r.setting, seeds, f"{r.value:.4f}", interval(r.seeds_low, r.seeds_high),
+                    interval(r.examples_low, r.examples_high), change, interval(r.low, r.high), p,
+                    published.get(r.setting, "")])
+    return out
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_report(rows: list, out: Path, title: str, source: str, published: dict | None = None) -> list:
+    """report.md, report.html and the figures (PNG) in `out`; returns the files written."""
+    from grid.figures import draw_figures, published_values
+
+    out.mkdir(parents=True, exist_ok=True)
+    published = published or {}
+    figures = draw_figures(rows, out, published)
+    finished = sum(len(r.values) for r in rows)
+    missing = sum(len(r.missing) for r in rows)
+    intro = (f"{finished} cell run(s) finished, {missing} missing; read from {source} on "
+             f"{time.strftime('%Y-%m-%d %H:%M')}. {STATISTICS}")
+    md = [f"# {title}", "", intro, ""]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    for task in dict.fromkeys(r.task for r in rows):
+        mine = [r for r in rows if r.task == task]
+        table = table_rows(mine, published_values(mine, published.get(task, {})))
+        md += [f"## {header(task)}", "", "| " + " | ".join(table[0]) + " |",
+               "|" + "---|" * len(table[0])] + ["| " + " | ".join(row) + " |" for row in table[1:]] + [""]
+        body += [f"<h2>{html.escape(header(task))}</h2>", "<table border=1 cellspacing=0 cellpadding=4>",
+                 "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table[0]) + "</tr>"]
+        body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table[1:]]
+        body.append("</table>")
+        for figure_task, name, caption in figures:
+            if figure_task == task:
+                md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+                body += [f'<figure><img src="{name}" alt="{html.escape(caption)}">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>"]
+    page = ("<!doctype html><html><head><meta charset=utf-8><title>" + html.escape(title) + "</title></head><body>"
+            + "\n".join(body) + "</body></html>\n")
+    write_atomically(out / "report.md", "\n".join(md).encode())
+    write_atomically(out / "report.html", page.encode())
+    return [out / "report.md", out / "report.html"] + [out / name for _, name, _ in figures]
+
+
+def read_results(client, experiment_name: str, cells: list | None = None) -> list:
+    """A CellResult per cell of the experiment (its newest FINISHED run, else
+    its newest). cells: the grid's cells, listed even where no run exists;
+    None: every cell the experiment has runs of."""
+    from grid import tracking
+    from grid.run import summarize
+    from grid.spec import GridCell
+
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise LampError(f"no MLflow experiment {experiment_name!r} in the tracking store: run the grid first")
+    by_key = tracking.cell_runs(client, experiment.experiment_id)
+    if not by_key:
+        raise LampError(f"MLflow experiment {experiment_name!r} has no cell runs")
+    if cells is None:
+        cells = sorted((GridCell.from_params(runs[0].data.params, f"run {runs[0].info.run_id}")
+                        for runs in by_key.values()), key=lambda c: (c.cell.task, c.cell.retriever != "none", c.key))
+    elif not any(c.key in by_key for c in cells):
+        models = sorted({runs[0].data.tags.get("model", "?") for runs in by_key.values()})
+        raise LampError(f"MLflow experiment {experiment_name!r} has no run of this grid's cells with model "
+                        f"{cells[0].model}; its runs used {', '.join(models)} (pass --model)")
+    return summarize(client, experiment.experiment_id, cells)

@@ -6,12 +6,12 @@ Then the shards are prepared (a no-op when cached), the MLflow runs are made,
 and Ray Tune runs one trial per cell that is not already FINISHED.
 """
 
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 from grid.spec import GridCell, GridSpec, Resources
+from grid.storage import is_uri, local_data
 from lamp.errors import LampError
 
 SYNTHETIC_USERS = 1500  # per task: enough for the tiny model to learn the demo's signal
@@ -52,6 +52,11 @@ class Workdir:
         return self.root / "cache"
 
     @property
+    def mirror(self) -> Path:
+        """Local copies of data directories given as URIs."""
+        return self.root / "mirror"
+
+    @property
     def tracking_uri(self) -> str:
         return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
 
@@ -79,12 +84,13 @@ def resolve_data(data: str, spec: GridSpec, workdir: Workdir, users: int, log) -
             log(f"writing synthetic data for {', '.join(missing)} into {workdir.data}")
             write_synthetic(workdir.data, missing, users=users, seed=0)
         return workdir.data
-    found = {(s.task, s.split) for s in find_splits(data, spec.tasks)}
+    local = local_data(data, workdir.mirror, log)  # a URI (s3://...) is copied here once
+    found = {(s.task, s.split) for s in find_splits(local, spec.tasks)}
     for task in spec.tasks:
         for split in ("train", "dev"):
             if (task, split) not in found:
                 raise LampError(f"{data}: no {task} {split} split (run `validate --data {data}`)")
-    return Path(data)
+    return local
 
 
 def resolve_model(model: str, data: Path, spec: GridSpec, workdir: Workdir, log) -> str | None:
@@ -92,9 +98,11 @@ def resolve_model(model: str, data: Path, spec: GridSpec, workdir: Workdir, log)
     if model == "vote":
         return None
     if model == "tiny":
-        from grid.tiny import build_tiny_model
+        from grid.shards import digest
+        from grid.tiny import TINY_CONFIG, build_tiny_model
 
-        folder = workdir.root / "models" / "tiny"
+        # One per set of tasks and data: its tokenizer is trained on their texts.
+        folder = workdir.root / "models" / f"tiny-{digest(sorted(spec.tasks), data, sorted(TINY_CONFIG.items()))}"
         if not (folder / "config.json").exists():
             log(f"building the tiny model into {folder}")
         return str(build_tiny_model(data, spec.tasks, folder))
@@ -115,13 +123,13 @@ def check_fits(resources: Resources) -> None:
     import ray
 
     total = ray.cluster_resources()
-    gpus = resources.workers_per_trial * resources.gpus_per_worker
-    if gpus > total.get("GPU", 0):
-        raise LampError(f"a trial asks for {resources.workers_per_trial} worker(s) x {resources.gpus_per_worker} "
-                        f"GPU, but the cluster has {total.get('GPU', 0):g} GPU(s)")
-    cpus = resources.workers_per_trial * resources.cpus_per_worker + 0.01
-    if cpus > total.get("CPU", 0):
-        raise LampError(f"a trial asks for {cpus:g} CPUs, but the cluster has {total.get('CPU', 0):g}")
+    asks = {name: amount * resources.workers_per_trial for name, amount in resources.per_worker().items()}
+    asks["CPU"] += 0.01  # the trial's driver
+    for name, amount in asks.items():
+        if amount > total.get(name, 0):
+            raise LampError(f"a trial asks for {amount:g} {name} ({resources.workers_per_trial} worker(s)), but the "
+                            f"cluster has {total.get(name, 0):g}; on an autoscaling cluster keep a node of that "
+                            "kind up (min_workers: 1)")
 
 
 def trials_that_fit(resources: Resources) -> int:
@@ -130,16 +138,15 @@ def trials_that_fit(resources: Resources) -> int:
     import ray
 
     total = ray.cluster_resources()
-    fits = (total.get("CPU", 1) - 1) / (resources.workers_per_trial * resources.cpus_per_worker)
-    if resources.gpus_per_worker:
-        fits = min(fits, total.get("GPU", 0) / (resources.workers_per_trial * resources.gpus_per_worker))
+    spare = {**total, "CPU": total.get("CPU", 1) - 1}
+    fits = min(spare.get(name, 0) / (amount * resources.workers_per_trial)
+               for name, amount in resources.per_worker().items() if amount)
     return max(1, int(fits))
 
 
 def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
-    per_trial = (f"{resources.workers_per_trial} worker(s) x ({resources.cpus_per_worker:g} CPU"
-                 + (f", {resources.gpus_per_worker:g} GPU" if resources.gpus_per_worker else "")
-                 + f"), DeepSpeed ZeRO-{resources.zero_stage}")
+    asks = ", ".join(f"{amount:g} {name}" for name, amount in resources.per_worker().items())
+    per_trial = f"{resources.workers_per_trial} worker(s) x ({asks}), DeepSpeed ZeRO-{resources.zero_stage}"
     lines = [f"grid {spec.name}: {len(cells)} cell(s), model {spec.model}"]
     for cell in cells:
         needs = "no training (vote)" if cell.model == "vote" else per_trial
@@ -148,7 +155,8 @@ def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
 
 
 def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None = None,
-             storage: str | None = None, address: str | None = None, resources: Resources = Resources(),
+             storage: str | None = None, cache: str | None = None, address: str | None = None,
+             resources: Resources = Resources(),
              max_concurrent: int | None = None, resume: bool = False, dry_run: bool = False,
              retries: int = 2, users: int = SYNTHETIC_USERS, log=print) -> list:
     """Runs the grid; returns a CellResult per cell."""
@@ -170,9 +178,10 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     data_dir = resolve_data(data, spec, work, users, log).resolve()
     model_path = resolve_model(spec.model, data_dir, spec, work, log)
 
-    shard_list = prepare(data_dir, work.cache, tasks=list(spec.tasks), retrievers=spec.retrievers() or ["BM25"],
-                         seeds=list(spec.seeds), address=address, log=log,
-                         by_input=any("decouple" in block.get("ablation", ()) for block in spec.axes))
+    shard_list = prepare(data_dir, cache or work.cache, tasks=list(spec.tasks),
+                         retrievers=spec.retrievers() or ["BM25"], seeds=list(spec.seeds), address=address, log=log,
+                         by_input=any("decouple" in block.get("ablation", ()) for block in spec.axes),
+                         stage_dir=work.cache)
     shards = {}
     for s in shard_list:
         if s.setting == "user" or s.split not in shards.get(s.task, {}):
@@ -185,7 +194,9 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     if resume:
         plan, parent, tuner = restore(plan_file, client, spec, log)
     else:
-        done = tracking.finished_cells(client, experiment)
+        done = {(key, run.data.tags.get("data_fingerprint"), run.data.tags.get("settings_hash"))
+                for key, runs in tracking.cell_runs(client, experiment).items() for run in runs
+                if run.info.status == "FINISHED"}
         pending = [c for c in cells if (c.key, fingerprints[c.cell.task], c.settings_hash) not in done]
         log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
             f"running {len(pending)}")
@@ -194,9 +205,11 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         parent = tracking.start_parent(client, experiment, spec.name, {"data": str(data_dir)})
         run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name)
                    for c in pending]
+        storage = storage if storage is None or is_uri(storage) else str(Path(storage).resolve())
         plan = RunPlan(pending, run_ids, shards, model_path, tracking_uri, storage or work.storage, resources)
-        path = os.path.join(plan.storage, f"{spec.name}-{parent[:8]}")
-        tuner = new_tuner(plan, path, max_concurrent or trials_that_fit(resources), retries)
+        name = f"{spec.name}-{parent[:8]}"
+        path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
+        tuner = new_tuner(plan, name, max_concurrent or trials_that_fit(resources), retries)
         # What --resume needs to pick this run up again after an interruption.
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_bytes(pickle.dumps({"plan": plan, "parent": parent, "tune_path": path}))
@@ -223,7 +236,7 @@ def trainable(plan: RunPlan):
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
 
 
-def new_tuner(plan: RunPlan, path: str, max_concurrent: int | None, retries: int):
+def new_tuner(plan: RunPlan, name: str, max_concurrent: int | None, retries: int):
     from ray import tune
 
     return tune.Tuner(
@@ -231,7 +244,7 @@ def new_tuner(plan: RunPlan, path: str, max_concurrent: int | None, retries: int
         param_space={"cell": tune.grid_search(list(range(len(plan.cells))))},
         # Reused trial drivers: a new process per cell costs seconds of start-up and imports.
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=Path(path).name, storage_path=str(Path(path).parent),
+        run_config=tune.RunConfig(name=name, storage_path=plan.storage,
                                   failure_config=tune.FailureConfig(max_failures=retries), verbose=1),
     )
 
@@ -254,13 +267,17 @@ def restore(plan_file: Path, client, spec: GridSpec, log):
     return plan, parent, tune.Tuner.restore(path, trainable=trainable(plan), resume_errored=True)
 
 
-def summarize(client, experiment: str, cells: list, fingerprints: dict) -> list:
-    """A CellResult per cell: its newest FINISHED run with this data and settings, else its newest."""
+def summarize(client, experiment: str, cells: list, fingerprints: dict | None = None) -> list:
+    """A CellResult per cell: its newest FINISHED run, else its newest run. With
+    fingerprints, only runs on that data (task -> fingerprint) and with the cell's settings count."""
+    from grid import tracking
+
+    by_key = tracking.cell_runs(client, experiment)
     rows = []
     for cell in cells:
-        runs = client.search_runs([experiment], f"tags.cell_key = '{cell.key}' and tags.data_fingerprint = "
-                                                f"'{fingerprints[cell.cell.task]}' and tags.settings_hash = "
-                                                f"'{cell.settings_hash}'", order_by=["attributes.start_time DESC"])
+        runs = [r for r in by_key.get(cell.key, []) if fingerprints is None or (
+            r.data.tags.get("data_fingerprint") == fingerprints[cell.cell.task]
+            and r.data.tags.get("settings_hash") == cell.settings_hash)]
         finished = [r for r in runs if r.info.status == "FINISHED"]
         run = (finished or runs or [None])[0]
         rows.append(CellResult(cell, run.info.status if run else "MISSING",

@@ -27,7 +27,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 import lamp.retrieval
 import lamp.seeding
+from grid.storage import is_uri, join, publish
 from lamp.data import Example, SplitFiles, find_splits, read_examples
 from lamp.errors import LampError
 from lamp.prompts import (
@@ -100,8 +101,8 @@ class SplitShards:
     task: str
     setting: str
     split: str
-    examples: Path  # examples.parquet
-    rankings: dict = field(default_factory=dict)  # (ranking name, seed or None) -> directory
+    examples: Path | str  # examples.parquet; a URI in a cache at one
+    rankings: dict = field(default_factory=dict)  # (ranking name, seed or None) -> directory (or URI)
 
     def ranking(self, name: str, seed: int) -> Path:
         key = (name, seed if name in SEEDED else None)
@@ -203,8 +204,11 @@ def write_rankings(task: str, examples: Path, wanted: dict, workers: int) -> Non
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     # Several blocks per worker, so that every worker gets a share of the split.
+    # Rankers reserve no CPU; their number bounds what they use. Ray Data's own
+    # tasks (listing and reading files) each need a whole free CPU on one node,
+    # and rankers holding a share of every node's CPUs would starve them: a hang.
     ds = ray.data.read_parquet(str(examples), override_num_blocks=4 * workers).map_batches(
-        RankExamples, batch_size=64, batch_format="pyarrow", num_cpus=cpus_per_worker(workers),
+        RankExamples, batch_size=64, batch_format="pyarrow", num_cpus=0,
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs=dict(task=task, examples_path=str(examples), wanted=list(wanted)))
     tmp = {key: Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
@@ -243,32 +247,29 @@ def build_atomically(final: Path, build) -> bool:
 
 
 def default_workers() -> int:
-    """A ranker per CPU; `cpus_per_worker` keeps one CPU's worth free for Ray Data."""
+    """A ranker per CPU of the cluster."""
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def cpus_per_worker(workers: int) -> float:
-    """Share all CPUs but one among the workers, or Ray Data's reads starve and it hangs."""
-    import ray
-
-    spare = max(ray.cluster_resources().get("CPU", 2) - 1, 0.5)
-    return max(0.1, min(1.0, spare / workers))
-
-
 def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full_Random", "RanBM25"),
             seeds=(0,), workers: int | None = None, address: str | None = None, by_input: bool = True,
-            log=print) -> list:
+            log=print, stage_dir=None) -> list:
     """Converts and ranks every split under data_dir into the cache; returns its SplitShards.
-    by_input=False leaves out the rankings over input halves (`decouple` only)."""
+    by_input=False leaves out the rankings over input halves (`decouple` only).
+    cache_dir may be a URI (s3://...): the shards are then computed in stage_dir, a
+    local directory, and published there, and the SplitShards name the published copies."""
     from grid.cluster import ensure_ray
 
     unknown = [r for r in retrievers if r not in lamp.retrieval.RETRIEVERS]
     if unknown:
         raise LampError(f"unknown retriever {unknown[0]!r}; valid: {', '.join(lamp.retrieval.RETRIEVERS)}")
+    remote = str(cache_dir) if is_uri(cache_dir) else None
+    if remote and stage_dir is None:
+        raise LampError(f"a shard cache at {cache_dir} needs a local staging directory")
     # Absolute: Ray's workers read these paths from their own working directory.
-    cache_dir, version = Path(cache_dir).resolve(), code_version()
+    cache_dir, version = Path(stage_dir if remote else cache_dir).resolve(), code_version()
     result, computed, cached = [], 0, 0
     for split in find_splits(data_dir, tasks):
         fingerprint = digest(CACHE_FORMAT, file_digest(split.questions),
@@ -298,7 +299,21 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
         result.append(SplitShards(split.task, split.setting, split.split, examples, rankings))
     log(f"prepare: {computed} shard(s) computed, {cached} already cached in {cache_dir}"
         + (" (nothing to do)" if computed == 0 else ""))
+    if remote:
+        result = [publish_split(s, cache_dir, remote, log) for s in result]
     return result
+
+
+def publish_split(shards: SplitShards, local_root: Path, uri: str, log) -> SplitShards:
+    """The split's shards in the cache at `uri` (copied there if they are not yet), named there."""
+    def published(directory: Path) -> str:
+        target = join(uri, directory.relative_to(local_root).as_posix())
+        if publish(directory, target):
+            log(f"published {directory.relative_to(local_root)} to {target}")
+        return target
+
+    return replace(shards, examples=join(published(shards.examples.parent), shards.examples.name),
+                   rankings={key: published(directory) for key, directory in shards.rankings.items()})
 
 
 # --- 3. Rendering a cell from the shards -------------------------------------------

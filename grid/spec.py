@@ -6,6 +6,7 @@ schema:
     name: my-grid
     tasks: [LaMP_2, LaMP_4]
     model: google/flan-t5-base      # a hub id, a local folder, `tiny` or `vote`
+    data: LaMP                       # a LaMP directory, or `synthetic` (the default)
     seeds: [0, 1, 2]
     axes:                            # blocks; each block is a cross product
       - retriever: [none, Full_Random, RanBM25, Random, BM25]
@@ -64,6 +65,12 @@ class Resources:
     gpus_per_worker: float = 0
     zero_stage: int = 2
     cpus_per_worker: float = 0.5
+    custom_per_worker: dict = field(default_factory=dict)  # e.g. {"trial_node": 1}: trials run where it is
+
+    def per_worker(self) -> dict:
+        """What each Train worker of a trial asks Ray for."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {}),
+                **self.custom_per_worker}
 
 
 @dataclass(frozen=True)
@@ -76,13 +83,22 @@ class GridCell:
     @property
     def key(self) -> str:
         """Names the cell in MLflow and in resume checks: every axis, and the model."""
+        return self.name(with_seed=True)
+
+    @property
+    def setting(self) -> str:
+        """The cell's name without its seed: what a report averages over seeds."""
+        return self.name(with_seed=False)
+
+    def name(self, with_seed: bool) -> str:
         c = self.cell
+        seed = [f"seed={c.seed}"] if with_seed else []
+        if c.retriever == "none":
+            return "/".join([c.task, "none", *seed, self.model])
         retriever = (f"Mixed({c.input_retriever}>{c.output_retriever})" if c.retriever == "Mixed"
                      else c.retriever)
-        if c.retriever == "none":
-            return f"{c.task}/none/seed={c.seed}/{self.model}"
-        return (f"{c.task}/{retriever}/k={c.k}/{c.ablation}/{c.order}/offset={c.rank_offset}"
-                f"/seed={c.seed}/{self.model}")
+        return "/".join([c.task, retriever, f"k={c.k}", c.ablation, c.order, f"offset={c.rank_offset}", *seed,
+                         self.model])
 
     @property
     def settings_hash(self) -> str:
@@ -95,6 +111,21 @@ class GridCell:
                 **{f.name: getattr(self.cell, f.name) for f in fields(self.cell) if f.name != "task"},
                 **{f"train.{k}": v for k, v in asdict(self.training).items()}}
 
+    @classmethod
+    def from_params(cls, params: dict, where: str) -> "GridCell":
+        """The cell a run's MLflow params describe (as `params` wrote them, text)."""
+        def value(name, text):
+            if text == "None":
+                return None
+            if name == "k":
+                return float(text) if "." in text else int(text)
+            return int(text) if name in ("rank_offset", "seed") else text
+
+        cell = Cell(**{f.name: value(f.name, params[f.name]) for f in fields(Cell) if f.name in params})
+        training = {f.name: training_value(f.name, value(f.name, params[f"train.{f.name}"]), where)
+                    for f in fields(Training) if f"train.{f.name}" in params}
+        return cls(cell, params["model"], Training(**training))
+
 
 @dataclass(frozen=True)
 class GridSpec:
@@ -102,6 +133,7 @@ class GridSpec:
     tasks: tuple
     axes: tuple
     model: str = "tiny"
+    data: str = "synthetic"  # a LaMP directory, or `synthetic`
     seeds: tuple = (0,)
     training: Training = field(default_factory=Training)
 
@@ -132,7 +164,7 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
     """A GridSpec from a dict, or a clear error naming what is wrong."""
     if not isinstance(raw, dict):
         raise LampError(f"{where}: a grid is a mapping with name, tasks and axes")
-    known = {"name", "tasks", "axes", "model", "seeds", "training"}
+    known = {"name", "tasks", "axes", "model", "data", "seeds", "training"}
     unknown = set(raw) - known
     if unknown:
         raise LampError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
@@ -158,6 +190,7 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
         raise LampError(f"{where}: training: unknown setting {sorted(bad)[0]!r}; valid: {', '.join(sorted(valid))}")
     seeds = raw.get("seeds", [0])
     return GridSpec(name=str(raw["name"]), tasks=tasks, axes=tuple(blocks), model=str(raw.get("model", "tiny")),
+                    data=str(raw.get("data", "synthetic")),
                     seeds=tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])),
                     training=Training(**{k: training_value(k, v, where) for k, v in training.items()}))
 
@@ -196,7 +229,14 @@ def load_grid(name_or_path: str, named: dict) -> GridSpec:
 
 
 def with_overrides(spec: GridSpec, model=None, seeds=None, **training) -> GridSpec:
-    """The grid with command-line overrides applied."""
+    """The grid with command-line overrides applied. A grid made for a real model
+    run with `--model tiny` (a quick look) takes the tiny model's schedule: the
+    study's would teach it nothing."""
+    base = spec.training
+    if model == "tiny" and spec.model != "tiny":
+        from grid.tiny import TINY_TRAINING
+
+        base = replace(base, **{**TINY_TRAINING, "epochs": 0 if base.epochs == 0 else TINY_TRAINING["epochs"]})
     changes = {k: v for k, v in training.items() if v is not None}
     return replace(spec, model=model or spec.model, seeds=tuple(seeds) if seeds else spec.seeds,
-                   training=replace(spec.training, **changes))
+                   training=replace(base, **changes))

@@ -56,17 +56,24 @@ def git_commit() -> str:
         return "unknown"
 
 
-def finished_cells(client, experiment: str) -> set:
-    """(cell key, data fingerprint, settings hash) of every FINISHED child run."""
-    done, token = set(), None
+def cell_runs(client, experiment: str) -> dict:
+    """cell key -> the experiment's runs of that cell, newest first."""
+    runs, token = {}, None
     while True:
-        page = client.search_runs([experiment], "attributes.status = 'FINISHED' and tags.cell_key != ''",
-                                  max_results=1000, page_token=token)
-        done |= {(r.data.tags["cell_key"], r.data.tags.get("data_fingerprint"), r.data.tags.get("settings_hash"))
-                 for r in page}
+        page = client.search_runs([experiment], "tags.cell_key != ''", max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time DESC"])
+        for run in page:
+            runs.setdefault(run.data.tags["cell_key"], []).append(run)
         token = page.token
         if not token:
-            return done
+            return runs
+
+
+def newest_parent(client, experiment: str) -> str | None:
+    """The run id of the grid's newest `run`, the parent of its cells."""
+    runs = client.search_runs([experiment], "tags.`lamp_grid.role` = 'grid'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
 
 
 def start_parent(client, experiment: str, grid: str, tags: dict) -> str:

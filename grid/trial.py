@@ -358,8 +358,7 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
                            "train_rows": fit.num_rows},
         scaling_config=ScalingConfig(
             num_workers=resources.workers_per_trial, use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker={"CPU": resources.cpus_per_worker,
-                                  **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})}),
+            resources_per_worker=resources.per_worker()),
         datasets={"train": ray.data.from_arrow(fit), "select": select, "dev": dev},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(name=trial_id, storage_path=plan.storage,

@@ -86,30 +86,30 @@ def evaluate(task: str, golds: dict, preds: dict, preds_name="predictions") -> d
 
 
 def resampled_metric(task: str, metric: str, golds: list, preds: list):
-    """The metric as a function of resamples of the examples: it takes `weights`
-    (resamples x examples, how often each example is drawn) and gives the metric
-    of every resample at once. A row of ones gives what `aggregate` gives;
-    bootstrap confidence intervals use multinomial rows. The examples are scored
-    here, once, however many resamples are asked for later."""
+    """The metric as a function of draws of the examples: it takes `drawn` (rows
+    of example positions, a position may repeat) and gives the metric of every
+    row at once. A row of every position gives what `aggregate` gives; bootstrap
+    resamples and paired permutations are rows. The examples are scored here,
+    once, however many rows are asked for later."""
     spec = get_task(task)
     if spec.kind == "classification" and metric == "f1":
         gold = np.array([label_index(spec.labels, g) for g in golds])
         pred = np.array([label_index(spec.labels, p) for p in preds])
-        # Per label: is the example a true positive, a gold, a prediction; -1 is no label.
-        onehot = np.arange(len(spec.labels))[None, :]
-        true_pos = (gold[:, None] == onehot) & (pred[:, None] == onehot)
-        support = (gold[:, None] == onehot).astype(float) + (pred[:, None] == onehot)
 
-        def macro_f1(weights):
-            weights = np.asarray(weights, dtype=float)
-            tp, total = weights @ true_pos, weights @ support
-            return np.divide(2 * tp, total, out=np.zeros_like(tp), where=total > 0).mean(axis=1)
+        def macro_f1(drawn):
+            g, p = gold[drawn], pred[drawn]
+            f1 = np.zeros(len(g))
+            for label in range(len(spec.labels)):  # -1, no label, is never a class
+                is_gold, is_pred = g == label, p == label
+                true_pos = (is_gold & is_pred).sum(axis=1)
+                total = is_gold.sum(axis=1) + is_pred.sum(axis=1)
+                f1 += np.divide(2 * true_pos, total, out=np.zeros(len(g)), where=total > 0)
+            return f1 / len(spec.labels)
         return macro_f1
     key = {"accuracy": "correct", "MAE": "absolute_error", "RMSE": "squared_error"}.get(metric, metric)
     scores = np.array(score_examples(task, golds, preds)[key])
 
-    def mean(weights):
-        weights = np.asarray(weights, dtype=float)
-        value = weights @ scores / weights.sum(axis=1)
+    def mean(drawn):
+        value = scores[drawn].mean(axis=1)
         return np.sqrt(value) if metric == "RMSE" else value
     return mean

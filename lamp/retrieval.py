@@ -9,6 +9,7 @@ item pool is laid out independently of example order, so an example's items
 never depend on which other examples were processed, or in what order.
 """
 
+import itertools
 import math
 import numbers
 import re
@@ -63,10 +64,16 @@ def bm25_scores(query: list[str], documents: list[list[str]], k1=1.5, b=0.75, ep
     (as rank_bm25 accumulates it), and the query terms are added one by one.
     """
     n = len(documents)
-    vocab = {}  # word -> id, in first-seen order
-    words = np.fromiter((vocab.setdefault(t, len(vocab)) for d in documents for t in d), dtype=np.int64)
-    if not vocab:  # no documents or only empty ones: rank_bm25 divides by zero here
+    # Each word's id is where it first occurs; made dense, ids keep first-seen
+    # order. map/chain keep this per-token loop in C: it dominates the cost.
+    first = {}
+    tokens = itertools.chain.from_iterable(documents)
+    positions = np.fromiter(map(first.setdefault, tokens, itertools.count()), dtype=np.int64)
+    if not first:  # no documents or only empty ones: rank_bm25 divides by zero here
         return np.zeros(n)
+    is_first = positions == np.arange(len(positions))
+    words = (np.cumsum(is_first) - 1)[positions]
+    vocab = dict(zip(first, range(len(first))))  # word -> dense id; dicts keep first-seen order
     doc_len = np.array([len(d) for d in documents])
     avgdl = int(doc_len.sum()) / n
 

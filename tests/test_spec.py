@@ -70,3 +70,42 @@ def test_training_settings_take_their_types_from_yaml_text(tmp_path):
 def test_bad_training_settings_are_refused(setting, message):
     with pytest.raises(LampError, match=f"test: training: {message}"):
         spec(training=setting)
+
+
+def test_a_cell_is_rebuilt_from_the_params_it_logs():
+    from grid.spec import GridCell
+
+    for cell in spec(training={"lr": 1e-3, "epochs": 3}).cells():
+        params = {k: str(v) for k, v in cell.params().items()}  # MLflow keeps text
+        assert GridCell.from_params(params, "run") == cell
+
+
+def test_a_setting_is_its_cells_across_seeds():
+    cells = spec().cells()
+    settings = {c.setting for c in cells}
+    assert len(settings) == len(cells) // 2  # two seeds
+    assert "LaMP_3/BM25/k=2/only_output/start/offset=0/tiny" in settings
+
+
+def test_a_quick_look_with_the_tiny_model_takes_its_schedule():
+    from grid.tiny import TINY_TRAINING
+
+    study = spec(model="google/flan-t5-base", data="LaMP")
+    assert study.data == "LaMP" and study.training.lr == 5e-5
+    quick = with_overrides(study, model="tiny", epochs=1)
+    assert quick.model == "tiny" and quick.training.lr == TINY_TRAINING["lr"] and quick.training.epochs == 1
+    zero_shot = with_overrides(spec(model="google/flan-t5-base", training={"epochs": 0}), model="tiny")
+    assert zero_shot.training.epochs == 0
+    assert with_overrides(study).training == study.training
+
+
+def test_the_named_experiments_are_listed_with_their_cell_counts():
+    from tests.cli import run_cli
+
+    done = run_cli("list")
+    assert done.returncode == 0, done.stderr
+    counts = {line.split()[0]: int(line.split()[1]) for line in done.stdout.splitlines()}
+    # fig-b: 2 ablations x 9 k x 3 seeds; fig-c: 3 orders x 5 fractions x 3 seeds;
+    # mixed: 4 tasks x (none + 6 ordered pairs of different retrievers) x 3 seeds.
+    assert counts == {"demo": 12, "paper-fig-a": 15, "paper-fig-b": 54, "paper-fig-c": 45, "paper-ablation": 60,
+                      "paper-mixed": 84, "paper-zero-shot": 30}
