@@ -12,7 +12,7 @@ with it (e.g. `only_output`, or `Random`), which is also how published values
 matched to it.
 """
 
-import os
+import io
 
 import matplotlib
 
@@ -69,6 +69,18 @@ def over_seeds(rows) -> bool:
     return all(r.seeds_low is not None for r in rows)
 
 
+def save(fig, ax, path) -> None:
+    """Legend, layout, and the PNG written whole (temp file + rename), as the report's pages are."""
+    from grid.report import write_atomically
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    write_atomically(path, png.getvalue())
+
+
 def change_bars(task: str, rows: list, published: dict, path) -> str:
     bars = changes(rows)
     study = published.get("change", {})
@@ -85,10 +97,7 @@ def change_bars(task: str, rows: list, published: dict, path) -> str:
     ax.set_xticks(list(x), list(bars), rotation=20, ha="right")
     ax.set_ylabel(f"change in dev {rows[0].metric} vs none")
     ax.set_title(f"{task}: change against no profile")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, ax, path)
     return f"{task}: change in {rows[0].metric} against `none`, per setting, with 95% paired bootstrap CIs"
 
 
@@ -118,10 +127,7 @@ def metric_curves(task: str, rows: list, fractional: bool, published: dict, path
         ax.minorticks_off()
     ax.set_ylabel(f"dev {rows[0].metric}")
     ax.set_title(f"{task}: {rows[0].metric} vs {'fraction of the profile' if fractional else 'k'}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, ax, path)
     over = "seeds" if seeds else "dev examples"
     return f"{task}: dev {rows[0].metric} vs {'fraction' if fractional else 'k'}; bands: 95% CI over {over}"
 
@@ -140,8 +146,5 @@ def draw_figures(rows: list, out, published: dict) -> list:
                 wanted.append((f"{task}-vs-{name}.png",
                                lambda path, f=fractional: metric_curves(task, mine, f, study, path)))
         for name, draw in wanted:
-            tmp = out / f".{name}.tmp.png"  # written whole, then renamed
-            caption = draw(tmp)
-            os.replace(tmp, out / name)
-            drawn.append((task, name, caption))
+            drawn.append((task, name, draw(out / name)))
     return drawn
