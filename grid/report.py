@@ -34,7 +34,8 @@ STATISTICS = ("A row is a setting (a cell without its seed); its value is the me
               "Intervals are 95%: over seeds a t interval, over dev examples a percentile bootstrap "
               f"({RESAMPLES} resamples). The change against `none` is paired (the same draws of the examples "
               "for both cells, per seed) and its p-value comes from a paired permutation test; a change "
-              "whose interval holds 0 is marked not significant. A cell that did not finish is missing, not 0.")
+              "whose interval holds 0, or whose p-value is 0.05 or more, is marked not significant. "
+              "A cell that did not finish is missing, not 0.")
 # A progress bar per downloaded artifact would bury the table.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -63,7 +64,11 @@ class Comparison:
 
     @property
     def significant(self) -> bool:
-        return self.low is not None and (self.low > 0 or self.high < 0)
+        # Both tests must agree: on a metric that is near 0 everywhere (macro-F1 of a
+        # model that learned little) a bootstrap interval can just miss 0 while the
+        # permutation test finds nothing (p = 1).
+        return (self.low is not None and (self.low > 0 or self.high < 0)
+                and (self.p_value is None or self.p_value < 0.05))
 
 
 # --- statistics ---------------------------------------------------------------------

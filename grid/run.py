@@ -173,6 +173,8 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     work.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or work.tracking_uri
     client = tracking.connect(tracking_uri)
+    experiment = tracking.experiment_id(client, spec.name,
+                                        work.artifacts if tracking_uri.startswith("sqlite") else None)
     ensure_ray(address)
     check_fits(resources)
     data_dir = resolve_data(data, spec, work, users, log).resolve()
@@ -188,8 +190,6 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
             shards.setdefault(s.task, {})[s.split] = s
     fingerprints = {task: digest(parts["train"].examples, parts["dev"].examples) for task, parts in shards.items()}
 
-    experiment = tracking.experiment_id(client, spec.name,
-                                        work.artifacts if tracking_uri.startswith("sqlite") else None)
     plan_file = work.plan_file(spec.name)
     if resume:
         plan, parent, tuner = restore(plan_file, client, spec, log)

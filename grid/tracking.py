@@ -43,9 +43,13 @@ def check_server(uri: str, timeout: float = 5) -> None:
 def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
     """The grid's experiment, created (before any trial starts) if it is new."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment.lifecycle_stage == "deleted":  # MLflow keeps the name until `mlflow gc`
+        raise LampError(f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted; restore it "
+                        f"with `mlflow experiments restore --experiment-id {experiment.experiment_id}` or "
+                        f"remove it for good with `mlflow gc` before running grid {name!r} again")
+    return experiment.experiment_id
 
 
 def git_commit() -> str:

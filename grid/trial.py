@@ -185,6 +185,10 @@ def train_cell(config: dict) -> None:
     per_worker = config["train_rows"] // world
     steps_per_epoch = math.ceil(per_worker / settings["batch_size"])
     ds_config = deepspeed_config(settings, config["zero_stage"], steps_per_epoch * epochs, use_bf16)
+    # On CPU, DeepSpeed compiles a shared-memory all-reduce with g++ the first time
+    # it starts in an environment (half a minute, while the trial waits). Only its
+    # tensor-parallel inference calls it; training never does, so it is not built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     select_rows = list(ray.train.get_dataset_shard("select").iter_rows())
@@ -360,7 +364,9 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
             num_workers=resources.workers_per_trial, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker=resources.per_worker()),
         datasets={"train": ray.data.from_arrow(fit), "select": select, "dev": dev},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # One worker reads the whole train set: splitting it would only start a
+        # coordinator actor (a Python process of its own) per trial.
+        dataset_config=DataConfig(datasets_to_split=["train"] if resources.workers_per_trial > 1 else []),
         run_config=RunConfig(name=trial_id, storage_path=plan.storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              callbacks=[TuneReportCallback()]),

@@ -93,6 +93,9 @@ def test_lower_is_better_metrics_read_a_drop_as_a_gain_in_the_header():
     rows = [row("LaMP_3/none/tiny", "none", 0.9),
             row("LaMP_3/BM25/k=4/tiny", "BM25", 0.5, delta=-0.4, low=-0.5, high=-0.3, p_value=0.0005),
             row("LaMP_3/Random/k=4/tiny", "Random", 0.85, delta=-0.05, low=-0.2, high=0.1, p_value=0.5),
+            # An interval that just misses 0 while the permutation test finds nothing.
+            row("LaMP_3/Full_Random/k=4/tiny", "Full_Random", 0.89, delta=-0.01, low=-0.02, high=-0.0001,
+                p_value=1.0),
             Comparison("LaMP_3/RanBM25/k=4/tiny", Cell("LaMP_3", "RanBM25", 4), "LaMP_3", "MAE", {},
                        missing={0: "FAILED"})]
     table = format_table(rows).splitlines()
@@ -100,7 +103,8 @@ def test_lower_is_better_metrics_read_a_drop_as_a_gain_in_the_header():
     assert "(baseline)" in table[1]
     assert "-0.4000  [-0.5000, -0.3000]  p=0.0005" in table[2] and "not significant" not in table[2]
     assert table[3].endswith("not significant")
-    assert table[4].endswith("missing (seed 0 FAILED)")
+    assert table[4].endswith("p=1.0000  not significant")
+    assert table[5].endswith("missing (seed 0 FAILED)")
 
 
 # --- a real grid ---------------------------------------------------------------------

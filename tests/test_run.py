@@ -154,3 +154,13 @@ def test_data_missing_a_task_and_a_cell_too_big_for_the_cluster(workdir, tmp_pat
     assert done.returncode == 2 and "no LaMP_4" in done.stderr, done.stderr
     done = run_cli("run", "demo", "--gpus-per-worker", "1", "--workdir", tmp_path, timeout=120)
     assert done.returncode == 2 and "GPU" in done.stderr, done.stderr
+
+
+def test_a_grid_whose_experiment_was_deleted_is_refused_with_the_way_out(tmp_path):
+    client = MlflowClient(Workdir(tmp_path).tracking_uri)
+    client.delete_experiment(client.create_experiment("demo"))  # as the MLflow UI's delete does
+    done = run_cli("run", "demo", "--workdir", tmp_path, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "MLflow experiment 'demo' (id 1) is deleted" in done.stderr and "mlflow experiments restore" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()  # refused before any work
