@@ -15,6 +15,7 @@ Every verb has `--help`. Bad input ends with a one-line message and exit 2.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -376,13 +377,20 @@ def main(argv=None) -> int:
         argv = ["run", "demo", *argv]  # no verb: the demo grid, e.g. `python experiments.py --workdir DIR`
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, so that a reader gone away is caught below, not at exit
+        return code
     except LampError as error:
         print(f"lamp-grid {args.verb}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lamp-grid {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`list | head -1`). Python's own advice: point stdout
+        # at /dev/null, or flushing it at exit raises again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

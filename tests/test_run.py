@@ -106,9 +106,11 @@ def test_a_crashed_trial_is_retried_into_its_one_run(workdir, tmp_path):
 
 
 def test_interrupt_then_resume_completes_the_grid(workdir, tmp_path):
-    spec = write_grid(tmp_path / "stop.yaml", "stop", [{"retriever": ["BM25", "Random"], "k": [1, 3]}])
+    spec = write_grid(tmp_path / "stop.yaml", "stop", [{"retriever": ["BM25"], "k": [1, 2, 3]}])
     args = [sys.executable, str(ROOT / "experiments.py"), "run", str(spec), "--data", str(workdir / "data"),
             "--workdir", str(workdir), "--max-concurrent", "1"]
+    # The store's tables first: this test's polling and the run creating them at once would collide.
+    MlflowClient(Workdir(workdir).tracking_uri).search_experiments()
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # interrupt once the first cell is done
@@ -124,14 +126,15 @@ def test_interrupt_then_resume_completes_the_grid(workdir, tmp_path):
     _, all_runs = runs(workdir, "stop")
     statuses = [r.info.status for r in all_runs]
     assert "RUNNING" not in statuses and "SCHEDULED" not in statuses, statuses
-    assert 1 <= statuses.count("FINISHED") < 5  # some cell done, the grid not
+    finished = [r for r in cells_of(all_runs) if r.info.status == "FINISHED"]
+    assert 1 <= len(finished) < 3  # some cell done, the grid not
 
     done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, "--resume", timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _, all_runs = runs(workdir, "stop")
     children = cells_of(all_runs)
-    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
-    assert len({r.data.tags["cell_key"] for r in children}) == 4
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert len({r.data.tags["cell_key"] for r in children}) == 3
 
 
 @pytest.mark.parametrize("args, message", [

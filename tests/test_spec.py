@@ -1,5 +1,8 @@
 """Grid specs: expansion into cells, and refusals before anything starts."""
 
+import subprocess
+import sys
+
 import pytest
 
 from grid.spec import load_grid, parse_grid, with_overrides
@@ -109,3 +112,15 @@ def test_the_named_experiments_are_listed_with_their_cell_counts():
     # mixed: 4 tasks x (none + 6 ordered pairs of different retrievers) x 3 seeds.
     assert counts == {"demo": 12, "paper-fig-a": 15, "paper-fig-b": 54, "paper-fig-c": 45, "paper-ablation": 60,
                       "paper-mixed": 84, "paper-zero-shot": 30}
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly():
+    from tests.cli import ROOT
+
+    # `list | head -1`: the pipe's far end is closed before the listing is written.
+    process = subprocess.Popen([sys.executable, str(ROOT / "experiments.py"), "list"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 1
+    assert stderr == ""
