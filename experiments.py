@@ -259,11 +259,14 @@ def cmd_report(args) -> int:
         name, cells = spec.name, spec.cells()
     else:
         name, cells = args.experiment, None
-    rows = compare_cells(client, read_results(client, name, cells))
+    experiment = tracking.find_experiment(client, name)
+    if experiment is None:
+        raise LampError(f"no MLflow experiment {name!r} in {uri}: run the grid first")
+    rows = compare_cells(client, read_results(client, experiment, cells))
     out = Path(args.out)
     files = write_report(rows, out, f"lamp-grid report: {name}", uri, PUBLISHED.get(name))
     print(format_table(rows))
-    parent = tracking.newest_parent(client, client.get_experiment_by_name(name).experiment_id)
+    parent = tracking.newest_parent(client, experiment.experiment_id)
     if parent is not None:
         client.log_artifacts(parent, str(out), artifact_path="report")
     print(f"\nwrote {', '.join(str(f) for f in files)}"

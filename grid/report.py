@@ -287,25 +287,22 @@ def write_report(rows: list, out: Path, title: str, source: str, published: dict
     return [out / "report.md", out / "report.html"] + [out / name for _, name, _ in figures]
 
 
-def read_results(client, experiment_name: str, cells: list | None = None) -> list:
-    """A CellResult per cell of the experiment (its newest FINISHED run, else
-    its newest). cells: the grid's cells, listed even where no run exists;
+def read_results(client, experiment, cells: list | None = None) -> list:
+    """A CellResult per cell of the MLflow experiment (its newest FINISHED run,
+    else its newest). cells: the grid's cells, listed even where no run exists;
     None: every cell the experiment has runs of."""
     from grid import tracking
     from grid.run import summarize
     from grid.spec import GridCell
 
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise LampError(f"no MLflow experiment {experiment_name!r} in the tracking store: run the grid first")
     by_key = tracking.cell_runs(client, experiment.experiment_id)
     if not by_key:
-        raise LampError(f"MLflow experiment {experiment_name!r} has no cell runs")
+        raise LampError(f"MLflow experiment {experiment.name!r} has no cell runs")
     if cells is None:
         cells = sorted((GridCell.from_params(runs[0].data.params, f"run {runs[0].info.run_id}")
                         for runs in by_key.values()), key=lambda c: (c.cell.task, c.cell.retriever != "none", c.key))
     elif not any(c.key in by_key for c in cells):
         models = sorted({runs[0].data.tags.get("model", "?") for runs in by_key.values()})
-        raise LampError(f"MLflow experiment {experiment_name!r} has no run of this grid's cells with model "
+        raise LampError(f"MLflow experiment {experiment.name!r} has no run of this grid's cells with model "
                         f"{cells[0].model}; its runs used {', '.join(models)} (pass --model)")
     return summarize(client, experiment.experiment_id, cells)

@@ -40,15 +40,22 @@ def check_server(uri: str, timeout: float = 5) -> None:
         raise LampError(f"cannot reach the MLflow tracking server at {uri}: {error}") from None
 
 
-def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
-    """The grid's experiment, created (before any trial starts) if it is new."""
+def find_experiment(client, name: str):
+    """The MLflow experiment of that name, or None; a deleted one is refused
+    (MLflow keeps its name, and its runs, until `mlflow gc`)."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    if experiment.lifecycle_stage == "deleted":  # MLflow keeps the name until `mlflow gc`
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise LampError(f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted; restore it "
                         f"with `mlflow experiments restore --experiment-id {experiment.experiment_id}` or "
-                        f"remove it for good with `mlflow gc` before running grid {name!r} again")
+                        f"remove it for good with `mlflow gc` before using grid {name!r} again")
+    return experiment
+
+
+def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
+    """The grid's experiment, created (before any trial starts) if it is new."""
+    experiment = find_experiment(client, name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location)
     return experiment.experiment_id
 
 

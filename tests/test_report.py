@@ -189,3 +189,15 @@ def test_a_failed_cell_is_reported_missing_not_zero(finished_grid):
                                            abs=1e-4)
     assert rows["LaMP_2/Random/k=1/both/start/offset=0/vote"][2] == "missing (seed 0 FAILED, seed 1 FAILED)"
     assert "missing (seed 0 FAILED, seed 1 FAILED)" in done.stdout
+
+
+def test_a_deleted_or_absent_experiment_is_refused_before_any_page_is_written(tmp_path):
+    client = MlflowClient(Workdir(tmp_path).tracking_uri)
+    client.delete_experiment(client.create_experiment("demo"))  # as the MLflow UI's delete does
+    done = run_cli("report", "demo", "--workdir", tmp_path, "--out", tmp_path / "out", timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "MLflow experiment 'demo' (id 1) is deleted" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("report", "--experiment", "no-such-grid", "--workdir", tmp_path, "--out", tmp_path / "out",
+                   timeout=120)
+    assert done.returncode == 2 and "no MLflow experiment 'no-such-grid'" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
