@@ -23,7 +23,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 from grid.shards import cell_table, prepare
 from grid.tiny import build_tiny_model
-from grid.trial import CHUNK_BATCHES, length_batches, pad
+from grid.trial import CHUNK_BATCHES, LengthBatches, pad
 from lamp.cell import Cell
 from lamp.synth import write_synthetic
 
@@ -68,7 +68,7 @@ def main():
         lengths = [len(x) for x in chunk["input_ids"]]
         # As the trainer does: sort by length within chunks of CHUNK_BATCHES batches.
         size = args.batch_size * CHUNK_BATCHES
-        collate = length_batches(args.batch_size, 0, seed=0)
+        collate = LengthBatches(args.batch_size, 0, seed=0)
         dynamic = [b for i in range(0, n, size) for b in collate({k: v[i:i + size] for k, v in chunk.items()})]
         order = list(range(n))
         random.Random(0).shuffle(order)

@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ray.data.collate_fn import NumpyBatchCollateFn
+
 from lamp.metrics import aggregate, score_examples
 from lamp.tasks import get_task
 
@@ -39,22 +41,25 @@ def pad(sequences, value: int, left: bool = False):
     return torch.tensor(rows, dtype=torch.long)
 
 
-def length_batches(batch_size: int, pad_id: int, seed: int):
-    """A collate_fn for iter_torch_batches: sorts a chunk of examples by length,
-    cuts it into batches of similar length, pads each to its own longest, and
-    shuffles the batches (with a seeded generator)."""
-    def collate(chunk: dict) -> list:
+class LengthBatches(NumpyBatchCollateFn):
+    """iter_torch_batches' collate_fn: sorts a chunk of examples by length, cuts it
+    into batches of similar length, pads each to its own longest, and shuffles the
+    batches (with a seeded generator)."""
+
+    def __init__(self, batch_size: int, pad_id: int, seed: int):
+        self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
+
+    def __call__(self, chunk: dict) -> list:
         order = sorted(range(len(chunk["input_ids"])), key=lambda i: len(chunk["input_ids"][i]))
         batches = []
-        for start in range(0, len(order), batch_size):
-            picked = order[start:start + batch_size]
+        for start in range(0, len(order), self.batch_size):
+            picked = order[start:start + self.batch_size]
             inputs = [chunk["input_ids"][i] for i in picked]
-            batches.append({"input_ids": pad(inputs, pad_id),
+            batches.append({"input_ids": pad(inputs, self.pad_id),
                             "attention_mask": pad([[1] * len(s) for s in inputs], 0),
                             "labels": pad([chunk["labels"][i] for i in picked], -100)})
-        random.Random(seed + len(order)).shuffle(batches)
+        random.Random(self.seed + len(order)).shuffle(batches)
         return batches
-    return collate
 
 
 # --- DeepSpeed ----------------------------------------------------------------------------
@@ -209,7 +214,7 @@ def train_cell(config: dict) -> None:
     first_step = last_step = None
     for epoch in range(start_epoch, epochs):
         losses = []
-        collate = length_batches(settings["batch_size"], tokenizer.pad_token_id, settings["seed"] * 1000 + epoch)
+        collate = LengthBatches(settings["batch_size"], tokenizer.pad_token_id, settings["seed"] * 1000 + epoch)
         for batches in train_shard.iter_torch_batches(batch_size=settings["batch_size"] * CHUNK_BATCHES,
                                                       collate_fn=collate):
             for batch in batches:
