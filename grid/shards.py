@@ -253,23 +253,6 @@ def default_workers() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def rank_splits(to_rank: list, workers: int, log) -> None:
-    """Ranks several splits at once, each with its share of the rankers: a split's
-    pipeline waits on starting actors and reading files, and another split's
-    ranking fills that time. At most `workers` rankers run, each holding one split."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    at_once = min(len(to_rank), workers)
-
-    def rank_split(job):
-        label, task, examples, missing = job
-        write_rankings(task, examples, missing, max(1, workers // at_once))
-        log(f"ranked {label}: " + ", ".join(f"{n}" + ("" if s is None else f" seed {s}") for n, s in missing))
-
-    with ThreadPoolExecutor(max_workers=at_once) as pool:
-        list(pool.map(rank_split, to_rank))
-
-
 def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full_Random", "RanBM25"),
             seeds=(0,), workers: int | None = None, address: str | None = None, by_input: bool = True,
             log=print, stage_dir=None) -> list:
@@ -287,7 +270,7 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
         raise LampError(f"a shard cache at {cache_dir} needs a local staging directory")
     # Absolute: Ray's workers read these paths from their own working directory.
     cache_dir, version = Path(stage_dir if remote else cache_dir).resolve(), code_version()
-    result, to_rank, computed, cached = [], [], 0, 0
+    result, computed, cached = [], 0, 0
     for split in find_splits(data_dir, tasks):
         fingerprint = digest(CACHE_FORMAT, file_digest(split.questions),
                              split.outputs and file_digest(split.outputs))
@@ -308,12 +291,12 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
         missing = {key: path for key, path in rankings.items() if not path.is_dir()}
         cached += len(rankings) - len(missing)
         if missing:
-            to_rank.append((label, split.task, examples, missing))
+            ensure_ray(address)
+            write_rankings(split.task, examples, missing, workers or default_workers())
             computed += len(missing)
+            log(f"ranked {label}: " + ", ".join(f"{n}" + ("" if s is None else f" seed {s}")
+                                                 for n, s in missing))
         result.append(SplitShards(split.task, split.setting, split.split, examples, rankings))
-    if to_rank:
-        ensure_ray(address)
-        rank_splits(to_rank, workers or default_workers(), log)
     log(f"prepare: {computed} shard(s) computed, {cached} already cached in {cache_dir}"
         + (" (nothing to do)" if computed == 0 else ""))
     if remote:
