@@ -305,4 +305,4 @@ def read_results(client, experiment, cells: list | None = None) -> list:
         models = sorted({runs[0].data.tags.get("model", "?") for runs in by_key.values()})
         raise LampError(f"MLflow experiment {experiment.name!r} has no run of this grid's cells with model "
                         f"{cells[0].model}; its runs used {', '.join(models)} (pass --model)")
-    return summarize(client, experiment.experiment_id, cells)
+    return summarize(by_key, cells)

@@ -194,14 +194,14 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     if resume:
         plan, parent, tuner = restore(plan_file, client, spec, log)
     else:
+        by_key = tracking.cell_runs(client, experiment)
         done = {(key, run.data.tags.get("data_fingerprint"), run.data.tags.get("settings_hash"))
-                for key, runs in tracking.cell_runs(client, experiment).items() for run in runs
-                if run.info.status == "FINISHED"}
+                for key, runs in by_key.items() for run in runs if run.info.status == "FINISHED"}
         pending = [c for c in cells if (c.key, fingerprints[c.cell.task], c.settings_hash) not in done]
         log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
             f"running {len(pending)}")
         if not pending:
-            return summarize(client, experiment, cells, fingerprints)
+            return summarize(by_key, cells, fingerprints)
         parent = tracking.start_parent(client, experiment, spec.name, {"data": str(data_dir)})
         run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name)
                    for c in pending]
@@ -224,7 +224,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         tracking.close_open_runs(client, plan.run_ids, "KILLED" if status == "KILLED" else "FAILED")
         finished = all(client.get_run(r).info.status == "FINISHED" for r in plan.run_ids)
         client.set_terminated(parent, "FINISHED" if finished else ("KILLED" if status == "KILLED" else "FAILED"))
-    return summarize(client, experiment, cells, fingerprints)
+    return summarize(tracking.cell_runs(client, experiment), cells, fingerprints)
 
 
 def trainable(plan: RunPlan):
@@ -267,12 +267,10 @@ def restore(plan_file: Path, client, spec: GridSpec, log):
     return plan, parent, tune.Tuner.restore(path, trainable=trainable(plan), resume_errored=True)
 
 
-def summarize(client, experiment: str, cells: list, fingerprints: dict | None = None) -> list:
-    """A CellResult per cell: its newest FINISHED run, else its newest run. With
-    fingerprints, only runs on that data (task -> fingerprint) and with the cell's settings count."""
-    from grid import tracking
-
-    by_key = tracking.cell_runs(client, experiment)
+def summarize(by_key: dict, cells: list, fingerprints: dict | None = None) -> list:
+    """A CellResult per cell from its runs (tracking.cell_runs): its newest FINISHED
+    run, else its newest run. With fingerprints, only runs on that data (task ->
+    fingerprint) and with the cell's settings count."""
     rows = []
     for cell in cells:
         runs = [r for r in by_key.get(cell.key, []) if fingerprints is None or (
