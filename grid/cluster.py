@@ -12,12 +12,11 @@ from lamp.errors import LampError
 # flood the console.
 WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 # On a local cluster, two more actors per trial do nothing but cost CPU: the
-# preemption watcher (for cloud spot nodes) and the metrics exporter (for Ray's
-# dashboard, which we do not start).
+# preemption watcher (for cloud spot nodes) and the Train metrics exporter.
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
-def ensure_ray(address: str | None = None) -> None:
+def ensure_ray(address: str | None = None, log=print) -> None:
     """Starts (or joins) Ray once per process, with a clear error if it cannot."""
     import ray
 
@@ -30,12 +29,17 @@ def ensure_ray(address: str | None = None) -> None:
     env = dict(WORKER_ENV) if joins else {**WORKER_ENV, **LOCAL_ENV}
     if not _has_gpu():  # DeepSpeed reads it in every worker: CPU-only machines need it
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+    # A local cluster starts Ray's dashboard too: Ray Train's placement-group
+    # cleaners ask its State API every second whether their run's controller is
+    # alive (without it they warn on every try), and it shows the trials' actors.
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
+        context = ray.init(address=address, include_dashboard=True, logging_level=logging.WARNING,
+                           runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise LampError(f"cannot reach Ray at {address or 'a new local cluster'}: "
                         f"{str(error).splitlines()[0]}") from None
+    if context.dashboard_url:
+        log(f"Ray dashboard: http://{context.dashboard_url}" + ("" if joins else " (until this command ends)"))
 
 
 def _has_gpu() -> bool:

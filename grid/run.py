@@ -175,7 +175,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     client = tracking.connect(tracking_uri)
     experiment = tracking.experiment_id(client, spec.name,
                                         work.artifacts if tracking_uri.startswith("sqlite") else None)
-    ensure_ray(address)
+    ensure_ray(address, log)
     check_fits(resources)
     data_dir = resolve_data(data, spec, work, users, log).resolve()
     model_path = resolve_model(spec.model, data_dir, spec, work, log)

@@ -291,7 +291,7 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
         missing = {key: path for key, path in rankings.items() if not path.is_dir()}
         cached += len(rankings) - len(missing)
         if missing:
-            ensure_ray(address)
+            ensure_ray(address, log)
             write_rankings(split.task, examples, missing, workers or default_workers())
             computed += len(missing)
             log(f"ranked {label}: " + ", ".join(f"{n}" + ("" if s is None else f" seed {s}")
