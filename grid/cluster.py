@@ -29,12 +29,12 @@ def ensure_ray(address: str | None = None, log=print) -> None:
     env = dict(WORKER_ENV) if joins else {**WORKER_ENV, **LOCAL_ENV}
     if not _has_gpu():  # DeepSpeed reads it in every worker: CPU-only machines need it
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
-    # A local cluster starts Ray's dashboard too: Ray Train's placement-group
-    # cleaners ask its State API every second whether their run's controller is
-    # alive (without it they warn on every try), and it shows the trials' actors.
+    # A local cluster starts Ray's dashboard (Ray's default: where it can, and no
+    # failure if it cannot). Ray Train's placement-group cleaners ask its State API
+    # every second whether their run's controller is alive, warning on every try
+    # without it; and it shows the trials' actors.
     try:
-        context = ray.init(address=address, include_dashboard=True, logging_level=logging.WARNING,
-                           runtime_env={"env_vars": env})
+        context = ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise LampError(f"cannot reach Ray at {address or 'a new local cluster'}: "
                         f"{str(error).splitlines()[0]}") from None

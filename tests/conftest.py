@@ -13,7 +13,7 @@ def ray_local():
 
     from grid.cluster import LOCAL_ENV, WORKER_ENV
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level=logging.WARNING,
+    ray.init(num_cpus=2, logging_level=logging.WARNING,
              runtime_env={"env_vars": {**WORKER_ENV, **LOCAL_ENV, "DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
