@@ -1,8 +1,9 @@
 """Benchmark: the floor of a grid's trials, Tune trials whose Ray Train run does no work.
 
-Each trial is what `run` makes of a cell, less the cell: a Tune function
-trial with a sliver of CPU that builds a TorchTrainer (one worker of 0.5 CPU,
-a Ray Data train set, TuneReportCallback, checkpoints kept) and calls fit().
+Each trial is what `run` makes of a cell, less the cell: `run`'s Tune trial
+driver (a sliver of CPU) fits `run`'s TorchTrainer (grid.trial.cell_trainer:
+one worker of 0.5 CPU, a Ray Data train set, TuneReportCallback, checkpoints
+kept).
 The training function imports torch, DeepSpeed and transformers, as the real
 one does, and reports three epochs with a small checkpoint each. Trials run as
 many at a time as `run` would start (grid.run.trials_that_fit). What is left
@@ -30,14 +31,12 @@ import ray
 import ray.data
 import ray.train
 from ray import tune
-from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 from report import write_result  # bench/report.py: scripts run from bench/
 
 from grid.cluster import ensure_ray
-from grid.run import trials_that_fit
+from grid.run import new_tuner, trainable, trials_that_fit
 from grid.spec import Resources
+from grid.trial import cell_trainer
 
 EPOCHS = 3
 
@@ -53,18 +52,11 @@ def train_nothing(config: dict) -> None:
             ray.train.report({"epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def empty_trial(config: dict) -> None:
-    resources = config["resources"]
+def empty_trial(config: dict, resources: Resources, storage: str) -> None:
+    """A trial as grid.trial.run_trial makes it, less the cell: the same Ray Train run."""
     train = pa.table({"input_ids": [[1] * 90] * 1000, "labels": [[1] * 10] * 1000})
-    TorchTrainer(
-        train_nothing,
-        scaling_config=ScalingConfig(num_workers=resources.workers_per_trial,
-                                     resources_per_worker=resources.per_worker()),
-        datasets={"train": ray.data.from_arrow(train)},
-        dataset_config=DataConfig(datasets_to_split=[]),
-        run_config=RunConfig(name=tune.get_context().get_trial_id(), storage_path=config["storage"],
-                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=[TuneReportCallback()]),
-    ).fit()
+    cell_trainer(train_nothing, {}, {"train": ray.data.from_arrow(train)}, resources,
+                 tune.get_context().get_trial_id(), storage).fit()
 
 
 def busy_cpu_s() -> float:
@@ -93,11 +85,8 @@ def main():
         resources = Resources()
         at_once = trials_that_fit(resources)
         cpu, start = busy_cpu_s(), time.perf_counter()
-        tuner = tune.Tuner(
-            tune.with_resources(empty_trial, {"CPU": 0.01}),
-            param_space={"resources": resources, "storage": storage, "i": tune.grid_search(list(range(args.trials)))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=at_once, reuse_actors=True),
-            run_config=tune.RunConfig(name="floor", storage_path=storage, verbose=0))
+        tuner = new_tuner(trainable(empty_trial, resources=resources, storage=storage), args.trials, "floor",
+                          storage, at_once, retries=0)
         grid = tuner.fit()
         wall, cpu = time.perf_counter() - start, busy_cpu_s() - cpu
         assert not grid.errors, grid.errors

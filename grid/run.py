@@ -209,7 +209,10 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         plan = RunPlan(pending, run_ids, shards, model_path, tracking_uri, storage or work.storage, resources)
         name = f"{spec.name}-{parent[:8]}"
         path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
-        tuner = new_tuner(plan, name, max_concurrent or trials_that_fit(resources), retries)
+        from grid.trial import run_trial
+
+        tuner = new_tuner(trainable(run_trial, plan=plan), len(pending), name, plan.storage,
+                          max_concurrent or trials_that_fit(resources), retries)
         # What --resume needs to pick this run up again after an interruption.
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_bytes(pickle.dumps({"plan": plan, "parent": parent, "tune_path": path}))
@@ -227,24 +230,23 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     return summarize(tracking.cell_runs(client, experiment), cells, fingerprints)
 
 
-def trainable(plan: RunPlan):
-    """The Tune trainable: a driver with a sliver of CPU (its Train workers hold the real resources)."""
+def trainable(function, **parameters):
+    """A Tune trainable: a driver with a sliver of CPU (its Train workers hold the real resources)."""
     from ray import tune
 
-    from grid.trial import run_trial
-
-    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+    return tune.with_resources(tune.with_parameters(function, **parameters), {"CPU": 0.01})
 
 
-def new_tuner(plan: RunPlan, name: str, max_concurrent: int | None, retries: int):
+def new_tuner(trial, cells: int, name: str, storage: str, max_concurrent: int | None, retries: int):
+    """The Tune run of a grid's trials, `trial` (a trainable) once per cell index."""
     from ray import tune
 
     return tune.Tuner(
-        trainable(plan),
-        param_space={"cell": tune.grid_search(list(range(len(plan.cells))))},
+        trial,
+        param_space={"cell": tune.grid_search(list(range(cells)))},
         # Reused trial drivers: a new process per cell costs seconds of start-up and imports.
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=plan.storage,
+        run_config=tune.RunConfig(name=name, storage_path=storage,
                                   failure_config=tune.FailureConfig(max_failures=retries), verbose=1),
     )
 
@@ -252,6 +254,8 @@ def new_tuner(plan: RunPlan, name: str, max_concurrent: int | None, retries: int
 def restore(plan_file: Path, client, spec: GridSpec, log):
     """The interrupted Tune experiment of this grid, its plan, and its MLflow runs reopened."""
     from ray import tune
+
+    from grid.trial import run_trial
 
     if not plan_file.exists():
         raise LampError(f"--resume: no interrupted run of grid {spec.name!r} in {plan_file.parent}")
@@ -264,7 +268,7 @@ def restore(plan_file: Path, client, spec: GridSpec, log):
         if client.get_run(run_id).info.status != "FINISHED":
             client.update_run(run_id, status="SCHEDULED")
     log(f"resuming grid {spec.name} from {path}")
-    return plan, parent, tune.Tuner.restore(path, trainable=trainable(plan), resume_errored=True)
+    return plan, parent, tune.Tuner.restore(path, trainable=trainable(run_trial, plan=plan), resume_errored=True)
 
 
 def summarize(by_key: dict, cells: list, fingerprints: dict | None = None) -> list:

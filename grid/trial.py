@@ -342,9 +342,6 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from grid.shards import cell_table
 
@@ -358,25 +355,33 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
                                          training.max_prompt_tokens))
     settings = {**asdict(training), "task": cell.task, "seed": cell.seed,
                 "epochs": training.epochs_for(cell.task)}
-    resources = plan.resources
-    trainer = TorchTrainer(
-        train_cell,
-        train_loop_config={"settings": settings, "model_path": plan.model_path, "run_id": run_id,
-                           "trial_start": trial_start,
-                           "tracking_uri": plan.tracking_uri, "zero_stage": resources.zero_stage,
-                           "train_rows": fit.num_rows},
+    config = {"settings": settings, "model_path": plan.model_path, "run_id": run_id, "trial_start": trial_start,
+              "tracking_uri": plan.tracking_uri, "zero_stage": plan.resources.zero_stage,
+              "train_rows": fit.num_rows}
+    datasets = {"train": ray.data.from_arrow(fit), "select": select, "dev": dev}
+    cell_trainer(train_cell, config, datasets, plan.resources, trial_id, plan.storage).fit()
+
+
+def cell_trainer(train_loop, config: dict, datasets: dict, resources, name: str, storage: str):
+    """A cell's Ray Train run: the TorchTrainer a Tune trial fits, named by the trial id
+    so that a retry with the same storage resumes it, its results reported to Tune."""
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=resources.workers_per_trial, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker=resources.per_worker()),
-        datasets={"train": ray.data.from_arrow(fit), "select": select, "dev": dev},
+        datasets=datasets,
         # One worker reads the whole train set: splitting it would only start a
         # coordinator actor (a Python process of its own) per trial.
         dataset_config=DataConfig(datasets_to_split=["train"] if resources.workers_per_trial > 1 else []),
-        run_config=RunConfig(name=trial_id, storage_path=plan.storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+        run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
                              callbacks=[TuneReportCallback()]),
     )
-    trainer.fit()
 
 
 def run_vote(grid_cell, plan, run_id: str) -> dict:
