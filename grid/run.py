@@ -7,12 +7,14 @@ and Ray Tune runs one trial per cell that is not already FINISHED.
 """
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from grid.spec import GridCell, GridSpec, Resources
 from grid.storage import is_uri, local_data
 from lamp.errors import LampError
+from lamp.tasks import get_task
 
 SYNTHETIC_USERS = 1500  # per task: enough for the tiny model to learn the demo's signal
 
@@ -118,38 +120,211 @@ def resolve_model(model: str, data: Path, spec: GridSpec, workdir: Workdir, log)
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
-def check_fits(resources: Resources) -> None:
-    """Refuse a trial that the cluster cannot place, before it waits forever."""
+def check_fits(resources: Resources, log) -> None:
+    """Refuse a trial that the cluster cannot place, before it waits forever. On an
+    autoscaling cluster a trial fits if a node type the autoscaler can start holds
+    its workers: it then waits for that node."""
     import ray
+
+    from grid.cluster import autoscaler_node_types
 
     total = ray.cluster_resources()
     asks = {name: amount * resources.workers_per_trial for name, amount in resources.per_worker().items()}
     asks["CPU"] += 0.01  # the trial's driver
-    for name, amount in asks.items():
-        if amount > total.get(name, 0):
-            raise LampError(f"a trial asks for {amount:g} {name} ({resources.workers_per_trial} worker(s)), but the "
-                            f"cluster has {total.get(name, 0):g}; on an autoscaling cluster keep a node of that "
-                            "kind up (min_workers: 1)")
+    short = [name for name, amount in asks.items() if amount > total.get(name, 0)]
+    if not short:
+        return
+    worker = resources.per_worker()
+    startable = [types for types, _ in autoscaler_node_types()
+                 if all(types.get(name, 0) >= amount for name, amount in worker.items())]
+    wanted = ", ".join(f"{asks[name]:g} {name}" for name in short)
+    if startable:
+        log(f"the cluster has no room for a trial ({wanted}) yet: trials wait for the autoscaler to start a node "
+            f"with {', '.join(f'{v:g} {k}' for k, v in sorted(startable[0].items()))}")
+        return
+    name = short[0]
+    raise LampError(f"a trial asks for {asks[name]:g} {name} ({resources.workers_per_trial} worker(s)), but the "
+                    f"cluster has {total.get(name, 0):g}, and no node type its autoscaler can start has enough")
+
+
+def check_batches(cells: list, resources: Resources) -> None:
+    """A cell's batch is the global batch, split evenly over its trial's workers."""
+    for cell in cells:
+        if cell.model != "vote" and cell.training.batch_size % resources.workers_per_trial:
+            raise LampError(f"{cell.key}: batch_size {cell.training.batch_size} cannot be split evenly over "
+                            f"{resources.workers_per_trial} workers per trial; the batch is the global one, so "
+                            "choose a worker count that divides it")
 
 
 def trials_that_fit(resources: Resources) -> int:
-    """Trials at once: as many as the cluster can give workers to, one CPU kept for Ray Data.
-    (Tune would otherwise start every trial's driver at once, and they would thrash.)"""
+    """Trials at once: as many as the cluster, at its largest, can give workers to, one
+    CPU kept for Ray Data. (Tune would otherwise start every trial's driver at once,
+    and they would thrash.)"""
     import ray
 
-    total = ray.cluster_resources()
+    from grid.cluster import autoscaler_node_types
+
+    total = dict(ray.cluster_resources())
+    for types, count in autoscaler_node_types():
+        for name, amount in types.items():  # an unlimited node type counts as 8 nodes
+            total[name] = max(total.get(name, 0), amount * (8 if count < 0 else count))
     spare = {**total, "CPU": total.get("CPU", 1) - 1}
     fits = min(spare.get(name, 0) / (amount * resources.workers_per_trial)
                for name, amount in resources.per_worker().items() if amount)
     return max(1, int(fits))
 
 
+LOOPBACK = ("127.", "localhost", "::1")
+
+
+def for_other_nodes(tracking_uri: str, artifacts: str, cache: str, storage: str, log) -> str:
+    """Where trials on the cluster's other nodes find the tracking server, the shard
+    cache and Ray's storage; a location they could not reach is mended (a loopback
+    tracking address becomes this node's) or refused, before any trial starts.
+    Returns the tracking URI the trials use."""
+    import ray
+
+    from grid.cluster import check_nodes_reach, spans_other_nodes
+    from grid.tracking import check_server
+
+    if not spans_other_nodes():
+        return tracking_uri
+    here = ray.util.get_node_ip_address()
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https"):
+        raise LampError(f"the MLflow store {tracking_uri} is a file on this machine, which trials on the "
+                        "cluster's other nodes cannot write: run a tracking server here (`mlflow server --host "
+                        f"0.0.0.0 --port 5000 --backend-store-uri {tracking_uri} --artifacts-destination DIR_OR_URI`)"
+                        f" and pass --tracking-uri http://{here}:5000")
+    if (parts.hostname or "").startswith(LOOPBACK):
+        reachable = urlunsplit(parts._replace(netloc=f"{here}:{parts.port}" if parts.port else here))
+        try:
+            check_server(reachable)
+        except LampError:
+            raise LampError(f"the MLflow server at {tracking_uri} answers on this machine's loopback only, and "
+                            f"trials on other nodes reach this machine at {here}: start it with `mlflow server "
+                            f"--host 0.0.0.0` (or --host {here})") from None
+        log(f"trials on other nodes log to {tracking_uri} as {reachable}")
+        tracking_uri = reachable
+    paths = {"--cache": cache, "--storage": storage}
+    if artifacts.startswith("file:") or not is_uri(artifacts):  # not proxied by the server: nodes write there
+        paths["the experiment's MLflow artifact location"] = urlsplit(artifacts).path or artifacts
+    check_nodes_reach({label: path for label, path in paths.items() if not is_uri(path)},
+                      {"the MLflow server": f"{tracking_uri.rstrip('/')}/health"})
+    return tracking_uri
+
+
+def model_for_nodes(model_path: str | None, cache: str, log) -> str | None:
+    """A local model folder (the tiny model, or a user's) as trials on other nodes
+    can load it: published into the shard cache, which every node reaches.
+    A hub id is left as it is: each node downloads it."""
+    from grid.cluster import spans_other_nodes
+
+    if model_path is None or not Path(model_path).is_dir() or not spans_other_nodes():
+        return model_path
+    from pyarrow import fs
+
+    from grid.shards import build_atomically, digest
+    from grid.storage import join, publish
+
+    folder = Path(model_path)
+    listing = sorted((f.relative_to(folder).as_posix(), f.stat().st_size) for f in folder.rglob("*") if f.is_file())
+    name = f"{folder.name}-{digest(listing)}"
+    if is_uri(cache):
+        target = join(cache, "models", name)
+        if publish(folder, target):
+            log(f"published the model {folder} to {target}")
+        return target
+    target = Path(cache) / "models" / name
+
+    def copy(tmp: Path) -> None:
+        fs.copy_files(str(folder), str(tmp), source_filesystem=fs.LocalFileSystem(),
+                      destination_filesystem=fs.LocalFileSystem())
+
+    if build_atomically(target, copy):
+        log(f"copied the model {folder} into the shard cache, {target}")
+    return str(target)
+
+
+def model_config(model: str):
+    """The Hugging Face config of a grid's model, or None where it cannot be read
+    (`vote`; a hub id with no network; a folder that is not there yet)."""
+    if model == "vote":
+        return None
+    from transformers import AutoConfig, T5Config
+
+    if model == "tiny":
+        from grid.tiny import TINY_CONFIG, TOKENIZER_VOCAB
+
+        return T5Config(vocab_size=TOKENIZER_VOCAB, **TINY_CONFIG)
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
+
+
+def memory_estimates(cells: list, resources: Resources) -> dict:
+    """cell key -> MemoryEstimate of one of its GPUs (ZeRO stage, batch and prompt
+    length as the cell asks; bf16, as on the GPUs that have it natively)."""
+    from grid.memory import count_parameters, estimate_memory
+
+    configs, estimates = {}, {}
+    for cell in cells:
+        if cell.model not in configs:
+            config = model_config(cell.model)
+            configs[cell.model] = config and (config, count_parameters(config))
+        if not configs[cell.model]:
+            continue
+        config, params = configs[cell.model]
+        shared = dict(prompt_tokens=cell.training.max_prompt_tokens, beams=cell.training.beams,
+                      output_tokens=get_task(cell.cell.task).max_new_tokens, workers=resources.workers_per_trial,
+                      gpus_per_worker=resources.gpus_per_worker, zero_stage=resources.zero_stage, bf16=True)
+        decoding = estimate_memory(config, params, micro_batch=cell.training.eval_batch_size, training=False,
+                                   **shared)
+        if cell.training.epochs_for(cell.cell.task) == 0:
+            estimates[cell.key] = decoding
+            continue
+        training = estimate_memory(config, params, training=True,
+                                   micro_batch=cell.training.batch_size // resources.workers_per_trial, **shared)
+        # A trial decodes dev with its training state still on the GPU.
+        estimates[cell.key] = replace(training, activations=max(training.activations, decoding.activations))
+    return estimates
+
+
+def check_memory(cells: list, resources: Resources, log) -> None:
+    """Refuse a cell whose estimated memory is more than the GPUs it asks for hold."""
+    from grid.cluster import gpu_memory
+
+    if not resources.gpus_per_worker:
+        return
+    memory = gpu_memory()
+    if memory is None:
+        log("GPU memory: no GPU node is up to ask; cells are not checked against it")
+        return
+    room = memory * min(1.0, resources.gpus_per_worker)  # a fraction of a GPU shares it
+    for key, estimate in memory_estimates(cells, resources).items():
+        if estimate.total > room:
+            raise LampError(f"{key} needs about {estimate.describe()}, more than the {room / 1e9:.1f} GB each "
+                            f"worker gets ({resources.gpus_per_worker:g} of a {memory / 1e9:.1f} GB GPU): use a "
+                            "higher --zero-stage, more --workers-per-trial, a smaller batch or shorter prompts")
+
+
 def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
     asks = ", ".join(f"{amount:g} {name}" for name, amount in resources.per_worker().items())
     per_trial = f"{resources.workers_per_trial} worker(s) x ({asks}), DeepSpeed ZeRO-{resources.zero_stage}"
+    estimates = memory_estimates(cells, resources) if resources.gpus_per_worker else {}
     lines = [f"grid {spec.name}: {len(cells)} cell(s), model {spec.model}"]
     for cell in cells:
-        needs = "no training (vote)" if cell.model == "vote" else per_trial
+        if cell.model == "vote":
+            needs = "no training (vote)"
+        elif cell.training.epochs_for(cell.cell.task) == 0:
+            needs = f"zero-shot, no optimizer: {resources.workers_per_trial} worker(s) x ({asks})"
+        else:
+            needs = per_trial
+        if cell.key in estimates:
+            needs += f"; GPU memory about {estimates[cell.key].describe()}"
+        elif resources.gpus_per_worker and cell.model != "vote":
+            needs += "; GPU memory unknown (the model's config cannot be read)"
         lines.append(f"  {cell.key}: {needs}")
     return "\n".join(lines)
 
@@ -165,6 +340,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     from grid.shards import digest, prepare
 
     cells = spec.cells()
+    check_batches(cells, resources)
     if dry_run:
         log(describe(spec, cells, resources))
         return []
@@ -176,11 +352,17 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     experiment = tracking.experiment_id(client, spec.name,
                                         work.artifacts if tracking_uri.startswith("sqlite") else None)
     ensure_ray(address, log)
-    check_fits(resources)
+    check_fits(resources, log)
+    check_memory(cells, resources, log)
+    cache = cache or str(work.cache)
+    storage = storage if storage is None or is_uri(storage) else str(Path(storage).resolve())
+    storage = storage or work.storage
+    trial_tracking_uri = for_other_nodes(tracking_uri, client.get_experiment(experiment).artifact_location,
+                                         cache, storage, log)
     data_dir = resolve_data(data, spec, work, users, log).resolve()
-    model_path = resolve_model(spec.model, data_dir, spec, work, log)
+    model_path = model_for_nodes(resolve_model(spec.model, data_dir, spec, work, log), cache, log)
 
-    shard_list = prepare(data_dir, cache or work.cache, tasks=list(spec.tasks),
+    shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
                          retrievers=spec.retrievers() or ["BM25"], seeds=list(spec.seeds), address=address, log=log,
                          by_input=any("decouple" in block.get("ablation", ()) for block in spec.axes),
                          stage_dir=work.cache)
@@ -205,8 +387,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         parent = tracking.start_parent(client, experiment, spec.name, {"data": str(data_dir)})
         run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name)
                    for c in pending]
-        storage = storage if storage is None or is_uri(storage) else str(Path(storage).resolve())
-        plan = RunPlan(pending, run_ids, shards, model_path, tracking_uri, storage or work.storage, resources)
+        plan = RunPlan(pending, run_ids, shards, model_path, trial_tracking_uri, storage, resources)
         name = f"{spec.name}-{parent[:8]}"
         path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
         from grid.trial import run_trial

@@ -155,7 +155,7 @@ def to_example(record: dict) -> Example:
                    output=record["output"])
 
 
-def load_examples(path: Path) -> list:
+def load_examples(path) -> list:
     return [to_example(record) for record in pq.read_table(path).to_pylist()]
 
 
@@ -170,7 +170,7 @@ class RankExamples:
         self.examples = self.pool = None
         if any(name.removesuffix("_input") in POOLED for name, _ in wanted):
             # Other users' items: the whole split is needed.
-            self.examples = load_examples(Path(examples_path))
+            self.examples = load_examples(examples_path)  # a path or a URI
             self.pool = ItemPool(self.examples)
             # Items are referenced by identity: the pool hands out the very dicts.
             self.pool_refs = {id(item): (row, pos) for row, example in enumerate(self.examples)
@@ -196,7 +196,7 @@ class RankExamples:
                 "score": None if ranking.scores is None else ranking.scores.tolist()}
 
 
-def write_rankings(task: str, examples: Path, wanted: dict, workers: int) -> None:
+def write_rankings(task: str, examples: str, wanted: dict, workers: int) -> None:
     """Computes the wanted rankings ((name, seed) -> final directory) in one Ray Data
     pass over the split, streaming each into its own Parquet file, then publishes
     each directory atomically."""
@@ -240,7 +240,12 @@ def build_atomically(final: Path, build) -> bool:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         build(tmp)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            return False  # another process (a worker on the same node) built it first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
@@ -260,7 +265,7 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
     by_input=False leaves out the rankings over input halves (`decouple` only).
     cache_dir may be a URI (s3://...): the shards are then computed in stage_dir, a
     local directory, and published there, and the SplitShards name the published copies."""
-    from grid.cluster import ensure_ray
+    from grid.cluster import check_nodes_reach, ensure_ray
 
     unknown = [r for r in retrievers if r not in lamp.retrieval.RETRIEVERS]
     if unknown:
@@ -283,6 +288,8 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
         else:
             cached += 1
         examples = examples_dir / "examples.parquet"
+        # Rankers may run on any node of the cluster: they read the cache's copy.
+        source = join(published(examples_dir, cache_dir, remote, log), examples.name) if remote else str(examples)
         rankings = {}
         for name in rankings_for(split.task, retrievers, by_input):
             for seed in (seeds if name in SEEDED else [None]):
@@ -292,7 +299,9 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
         cached += len(rankings) - len(missing)
         if missing:
             ensure_ray(address, log)
-            write_rankings(split.task, examples, missing, workers or default_workers())
+            if not remote:
+                check_nodes_reach({"--cache": cache_dir}, {})
+            write_rankings(split.task, source, missing, workers or default_workers())
             computed += len(missing)
             log(f"ranked {label}: " + ", ".join(f"{n}" + ("" if s is None else f" seed {s}")
                                                  for n, s in missing))
@@ -304,16 +313,20 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
     return result
 
 
+def published(directory: Path, local_root: Path, uri: str, log) -> str:
+    """A staged cache directory's URI in the cache at `uri`, copied there if it is not yet."""
+    target = join(uri, directory.relative_to(local_root).as_posix())
+    if publish(directory, target):
+        log(f"published {directory.relative_to(local_root)} to {target}")
+    return target
+
+
 def publish_split(shards: SplitShards, local_root: Path, uri: str, log) -> SplitShards:
     """The split's shards in the cache at `uri` (copied there if they are not yet), named there."""
-    def published(directory: Path) -> str:
-        target = join(uri, directory.relative_to(local_root).as_posix())
-        if publish(directory, target):
-            log(f"published {directory.relative_to(local_root)} to {target}")
-        return target
-
-    return replace(shards, examples=join(published(shards.examples.parent), shards.examples.name),
-                   rankings={key: published(directory) for key, directory in shards.rankings.items()})
+    return replace(shards, examples=join(published(shards.examples.parent, local_root, uri, log),
+                                         shards.examples.name),
+                   rankings={key: published(directory, local_root, uri, log)
+                             for key, directory in shards.rankings.items()})
 
 
 # --- 3. Rendering a cell from the shards -------------------------------------------

@@ -49,9 +49,11 @@ class Training:
     batch_size: int = 6
     epochs: int | None = None  # None: the task's default (10, or 20 for generation)
     beams: int = 4
+    eval_batch_size: int = 32  # decoding: its own batch, of prompts of similar length
     repetition_penalty: float = 1.0  # in generation; 1 is none (the study's)
     max_prompt_tokens: int = 512
     selection_share: float = 0.1  # users of train held out for model selection
+    checkpoint_every: int = 1  # epochs between saved training states (what a retry resumes from)
     limit_train: int | None = None  # examples, for quick looks
     limit_dev: int | None = None
 

@@ -33,6 +33,7 @@ SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0 (also the decoder
 TINY_CONFIG = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4,
                "relative_attention_num_buckets": 16, "dropout_rate": 0.0, "feed_forward_proj": "relu",
                "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": True}
+TOKENIZER_VOCAB = 4000  # at most: a small data set may give fewer
 # Its schedule: a high rate, no weight decay, a few epochs, short prompts, greedy
 # decoding with a repetition penalty that keeps a title from repeating a word.
 TINY_TRAINING = {"epochs": 3, "lr": 3e-3, "weight_decay": 0, "batch_size": 16, "beams": 1,
@@ -55,7 +56,7 @@ def training_texts(data_dir, tasks):
                     f"x{spec.profile_joiner or ''}y{ITEM_SEPARATOR}z")
 
 
-def train_tokenizer(texts, vocab_size: int = 4000):
+def train_tokenizer(texts, vocab_size: int = TOKENIZER_VOCAB):
     """A byte-level BPE tokenizer (GPT-2's) with T5's special tokens, trained on the texts.
 
     Byte-level: any text can be encoded. GPT-2's pre-tokenizer splits quotes off

@@ -7,9 +7,16 @@ cell's rendered dataset, batches examples of similar length with dynamic
 padding, trains with `deepspeed.initialize` at the ZeRO stage asked, selects
 the epoch on a user-disjoint slice held out from train, and at the end
 generates on dev with beam search. Rank 0 scores the predictions with LaMP's
-metrics and logs everything to the cell's MLflow run.
+metrics and logs everything to the cell's MLflow run. A zero-shot cell
+(`epochs: 0`) loads the model for inference only (`zero_shot_cell`).
+
+Everything about the hardware is decided on the worker, from what Ray gave it:
+the device, DeepSpeed's accelerator and the precision. The command may run on
+a head node with no GPU at all.
 """
 
+import argparse
+import io
 import json
 import math
 import os
@@ -62,13 +69,42 @@ class LengthBatches(NumpyBatchCollateFn):
         return batches
 
 
-# --- DeepSpeed ----------------------------------------------------------------------------
+# --- the worker's hardware ---------------------------------------------------------------
 
 
-def deepspeed_config(settings: dict, zero_stage: int, total_steps: int, use_bf16: bool) -> dict:
+def worker_device():
+    """The device Ray Train gave this worker; DeepSpeed's accelerator is set to match
+    before DeepSpeed is imported. (The machine that ran the command may be a CPU head:
+    nothing it knows about hardware holds here.)"""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    os.environ["DS_ACCELERATOR"] = "cuda" if device.type == "cuda" else "cpu"
+    return device
+
+
+def native_bf16(device) -> bool:
+    """bf16 only where the GPU computes it natively (Ampere and newer). torch's
+    is_bf16_supported() also counts emulation, slow on T4 or V100; fp16 overflows
+    in T5, so those train in fp32."""
+    import torch
+
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def micro_batch(batch_size: int, world: int) -> int:
+    """Each worker's share of the grid's batch: the batch is the global one, so a
+    cell's results do not change with --workers-per-trial."""
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} cannot be split evenly over {world} workers")
+    return batch_size // world
+
+
+def deepspeed_config(settings: dict, zero_stage: int, total_steps: int, use_bf16: bool, world: int) -> dict:
     """The study's optimizer and schedule (AdamW, linear warmup then linear decay) for DeepSpeed."""
     return {
-        "train_micro_batch_size_per_gpu": settings["batch_size"],
+        "train_batch_size": settings["batch_size"],
+        "train_micro_batch_size_per_gpu": micro_batch(settings["batch_size"], world),
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": settings["lr"], "weight_decay": settings["weight_decay"],
@@ -102,36 +138,49 @@ def load_state(engine, state: dict, zero_stage: int) -> None:
         engine.module.load_state_dict(state)
 
 
+def all_reduce(values: list, device, op: str = "sum") -> list:
+    """Sums (or maxes) numbers over the trial's workers. The tensor lives on the
+    worker's device: NCCL, Ray Train's backend on GPUs, refuses CPU tensors."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
 # --- evaluation ---------------------------------------------------------------------------
 
 
-def generate(engine, tokenizer, rows: list, settings: dict, beams: int, decoder_only: bool,
-             zero_stage: int, world: int) -> list:
-    """Predictions for this worker's rows, in order."""
+def generate(model, device, tokenizer, rows: list, settings: dict, beams: int, decoder_only: bool,
+             synced_gpus: bool) -> list:
+    """Predictions for this worker's rows, in order. Decoded in batches of similar
+    length (sorted, then put back), so that little of a batch is padding."""
     import torch
 
     spec = get_task(settings["task"])
-    model = engine.module
     model.eval()
-    predictions = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
+    predictions = [None] * len(rows)
     with torch.no_grad():
-        for start in range(0, len(rows), settings["batch_size"]):
-            batch = rows[start:start + settings["batch_size"]]
-            ids = [r["prompt_ids"] for r in batch]
-            input_ids = pad(ids, tokenizer.pad_token_id, left=decoder_only).to(engine.device)
-            mask = pad([[1] * len(s) for s in ids], 0, left=decoder_only).to(engine.device)
+        for start in range(0, len(order), settings["eval_batch_size"]):
+            picked = order[start:start + settings["eval_batch_size"]]
+            ids = [rows[i]["prompt_ids"] for i in picked]
+            input_ids = pad(ids, tokenizer.pad_token_id, left=decoder_only).to(device)
+            mask = pad([[1] * len(s) for s in ids], 0, left=decoder_only).to(device)
             out = model.generate(input_ids=input_ids, attention_mask=mask, num_beams=beams,
                                  max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 repetition_penalty=settings["repetition_penalty"],
-                                 synced_gpus=zero_stage == 3 and world > 1)
+                                 repetition_penalty=settings["repetition_penalty"], synced_gpus=synced_gpus)
             if decoder_only:
                 out = out[:, input_ids.shape[1]:]
-            predictions += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+            for i, text in zip(picked, tokenizer.batch_decode(out, skip_special_tokens=True)):
+                predictions[i] = text.strip()
     model.train()
     return predictions
 
 
-def evaluate_rows(engine, tokenizer, rows: list, settings: dict, beams: int, decoder_only: bool,
+def evaluate_rows(model, device, tokenizer, rows: list, settings: dict, beams: int, decoder_only: bool,
                   zero_stage: int) -> tuple:
     """(ids, predictions) over all rows, each worker generating for its share; every worker gets all."""
     import torch.distributed as dist
@@ -142,7 +191,8 @@ def evaluate_rows(engine, tokenizer, rows: list, settings: dict, beams: int, dec
     share = math.ceil(len(rows) / world) if rows else 0
     padded = rows + rows[-1:] * (share * world - len(rows))
     mine = padded[rank * share:(rank + 1) * share]
-    predictions = generate(engine, tokenizer, mine, settings, beams, decoder_only, zero_stage, world)
+    predictions = generate(model, device, tokenizer, mine, settings, beams, decoder_only,
+                           synced_gpus=zero_stage == 3 and world > 1)
     gathered = [None] * world
     if world > 1:
         dist.all_gather_object(gathered, predictions)
@@ -159,18 +209,31 @@ def main_metric(task: str, golds: list, predictions: list) -> float:
 # --- the Ray Train worker loop ----------------------------------------------------------
 
 
+def load_tokenizer(model_path: str):
+    from transformers import AutoConfig, AutoTokenizer
+
+    decoder_only = not AutoConfig.from_pretrained(model_path).is_encoder_decoder
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, decoder_only
+
+
+def model_class(decoder_only: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForCausalLM if decoder_only else AutoModelForSeq2SeqLM
+
+
 def train_cell(config: dict) -> None:
     """Runs on every Train worker: fine-tune, select, evaluate; rank 0 logs."""
-    import deepspeed
     import ray.train
     import torch
-    import torch.distributed as dist
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-        AutoTokenizer,
-    )
+
+    from grid.storage import local_model
+
+    device = worker_device()
+    import deepspeed  # after worker_device(): it picks its accelerator at import
 
     settings, task = config["settings"], config["settings"]["task"]
     spec = get_task(task)
@@ -179,77 +242,108 @@ def train_cell(config: dict) -> None:
     torch.manual_seed(settings["seed"])
     crash_once(config)
 
-    model_path = config["model_path"]
-    decoder_only = not AutoConfig.from_pretrained(model_path).is_encoder_decoder
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = (AutoModelForCausalLM if decoder_only else AutoModelForSeq2SeqLM).from_pretrained(model_path)
-    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    model_path = local_model(config["model_path"])
+    tokenizer, decoder_only = load_tokenizer(model_path)
+    model = model_class(decoder_only).from_pretrained(model_path)
+    n_params = sum(p.numel() for p in model.parameters())
+    use_bf16 = native_bf16(device)
     epochs = settings["epochs"]
-    per_worker = config["train_rows"] // world
-    steps_per_epoch = math.ceil(per_worker / settings["batch_size"])
-    ds_config = deepspeed_config(settings, config["zero_stage"], steps_per_epoch * epochs, use_bf16)
+    micro = micro_batch(settings["batch_size"], world)
+    steps_per_epoch = math.ceil(config["train_rows"] // world / micro)
+    ds_config = deepspeed_config(settings, config["zero_stage"], steps_per_epoch * epochs, use_bf16, world)
     # On CPU, DeepSpeed compiles a shared-memory all-reduce with g++ the first time
     # it starts in an environment (half a minute, while the trial waits). Only its
     # tensor-parallel inference calls it; training never does, so it is not built.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # device_rank: DeepSpeed would take cuda:LOCAL_RANK, which is not the GPU Ray
+    # gave this worker when a worker has more than one GPU, or a fraction of one.
+    engine, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=device.index or 0), model=model,
+                                           model_parameters=model.parameters(), config=ds_config)
 
     select_rows = list(ray.train.get_dataset_shard("select").iter_rows())
     dev_rows = list(ray.train.get_dataset_shard("dev").iter_rows())
     sign = 1 if spec.higher_is_better else -1
     start_epoch, best = 0, {"metric": None, "epoch": -1}
     best_state = None
+    best_weights = BestWeights(config["best_dir"])
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a retry of this trial: carry on from the last epoch it finished
+    if checkpoint:  # a retry of this trial: carry on from the last training state saved
         with checkpoint.as_directory() as directory:
             engine.load_checkpoint(directory, tag="last_epoch")
             state = json.loads((Path(directory) / "state.json").read_text())
             start_epoch, best = state["epoch"] + 1, state["best"]
-            best_state = torch.load(Path(directory) / "best.pt")
+        best_state = best_weights.load(best["epoch"])
+    saved_best = best["epoch"]  # the best epoch the newest saved training state points to
 
     log = MlflowLog(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
+    timing = {"train_s": 0.0, "checkpoint_s": 0.0, "examples": 0, "tokens": 0}
     first_step = last_step = None
+    loop_start = time.time()
     for epoch in range(start_epoch, epochs):
         losses = []
-        collate = LengthBatches(settings["batch_size"], tokenizer.pad_token_id, settings["seed"] * 1000 + epoch)
-        for batches in train_shard.iter_torch_batches(batch_size=settings["batch_size"] * CHUNK_BATCHES,
-                                                      collate_fn=collate):
+        collate = LengthBatches(micro, tokenizer.pad_token_id, settings["seed"] * 1000 + epoch)
+        for batches in train_shard.iter_torch_batches(batch_size=micro * CHUNK_BATCHES, collate_fn=collate):
             for batch in batches:
+                step_start = time.time()
                 loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
-                first_step = first_step or time.time()
                 last_step = time.time()
-        loss = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(loss)
-        ids, predictions = evaluate_rows(engine, tokenizer, select_rows, settings, 1, decoder_only,
-                                         config["zero_stage"])
+                first_step = first_step or step_start
+                timing["train_s"] += last_step - step_start
+                timing["examples"] += len(batch["input_ids"])
+                timing["tokens"] += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+        loss_sum, steps = all_reduce([sum(losses), len(losses)], engine.device)
+        ids, predictions = evaluate_rows(engine.module, engine.device, tokenizer, select_rows, settings, 1,
+                                         decoder_only, config["zero_stage"])
         metric = main_metric(task, [r["output"] for r in select_rows], predictions) if select_rows else 0.0
+        saving = time.time()
         if best["metric"] is None or sign * metric > sign * best["metric"]:
             best, best_state = {"metric": metric, "epoch": epoch}, full_state(engine, config["zero_stage"])
-        metrics = {"epoch": epoch, "train_loss": float(loss[0] / max(loss[1], 1)),
-                   f"select_{spec.main_metric}": metric}
+            if rank == 0:
+                best_weights.save(best_state, epoch)
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), f"select_{spec.main_metric}": metric}
         if log:
             log.metrics(metrics, step=epoch)
-        with tempfile.TemporaryDirectory() as directory:
+        last = epoch == epochs - 1
+        if (epoch + 1) % settings["checkpoint_every"] == 0 or last:
+            # The training state, every checkpoint_every epochs: what a retry resumes
+            # from. Ray uploads it in the background and deletes the local copy.
+            directory = tempfile.mkdtemp(prefix="lamp-grid-checkpoint-")
             engine.save_checkpoint(directory, tag="last_epoch")
             if rank == 0:
-                torch.save(best_state, Path(directory) / "best.pt")
                 (Path(directory) / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            if rank == 0:  # the state before this one may still be the newest committed
+                best_weights.keep_only({saved_best, best["epoch"]})
+            saved_best = best["epoch"]
+        else:
+            ray.train.report(metrics)
+        timing["checkpoint_s"] += time.time() - saving
+    loop_s = time.time() - loop_start
 
     if best_state is not None:
         load_state(engine, best_state, config["zero_stage"])
-    ids, predictions = evaluate_rows(engine, tokenizer, dev_rows, settings, settings["beams"], decoder_only,
-                                     config["zero_stage"])
+    decode_start = time.time()
+    ids, predictions = evaluate_rows(engine.module, engine.device, tokenizer, dev_rows, settings,
+                                     settings["beams"], decoder_only, config["zero_stage"])
+    decode_s = time.time() - decode_start
+    examples, tokens = all_reduce([timing["examples"], timing["tokens"]], engine.device)
+    train_s, checkpoint_s = all_reduce([timing["train_s"], timing["checkpoint_s"]], engine.device, op="max")
     golds = [r["output"] for r in dev_rows]
     final = {f"dev_{k}": v for k, v in aggregate(task, golds, predictions).items()}
-    final["best_epoch"] = best["epoch"]
+    final.update(best_epoch=best["epoch"], n_params=n_params, decode_examples_per_s=len(dev_rows) / decode_s)
+    if train_s:  # a retry that resumed after the last epoch trained nothing
+        final.update(train_s=train_s, train_examples_per_s=examples / train_s, train_tokens_per_s=tokens / train_s,
+                     checkpoint_s=checkpoint_s, checkpoint_share=checkpoint_s / max(loop_s, 1e-9))
+    if device.type == "cuda":
+        (peak,) = all_reduce([torch.cuda.max_memory_allocated(device) / 1e9], engine.device, op="max")
+        final["peak_gpu_memory_gb"] = peak
     if log:
         log.metrics(final)
         log.results(task, ids, golds, predictions, dev_rows, ds_config)
@@ -258,6 +352,89 @@ def train_cell(config: dict) -> None:
                          "last_step_to_results_logged_s": time.time() - last_step,
                          "trial_s": time.time() - config["trial_start"]})
     ray.train.report(final)
+
+
+def zero_shot_cell(config: dict) -> None:
+    """Runs on every Train worker of a zero-shot cell: the model as it comes, for
+    inference only. No DeepSpeed engine and no optimizer (an 11B model would need
+    about 110 GB for AdamW's states); bf16 where native; a worker with several GPUs
+    spreads the model over them."""
+    import ray.train
+    import torch
+
+    from grid.storage import local_model
+
+    device = worker_device()
+    settings, task = config["settings"], config["settings"]["task"]
+    rank = ray.train.get_context().get_world_rank()
+    crash_once(config)
+    model_path = local_model(config["model_path"])
+    tokenizer, decoder_only = load_tokenizer(model_path)
+    dtype = torch.bfloat16 if native_bf16(device) else torch.float32
+    spread = device.type == "cuda" and len(ray.train.torch.get_devices()) > 1
+    model = model_class(decoder_only).from_pretrained(
+        model_path, dtype=dtype, **({"device_map": "auto"} if spread else {}))
+    if not spread:
+        model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    dev_rows = list(ray.train.get_dataset_shard("dev").iter_rows())
+    decode_start = time.time()
+    ids, predictions = evaluate_rows(model, device, tokenizer, dev_rows, settings, settings["beams"],
+                                     decoder_only, zero_stage=0)
+    golds = [r["output"] for r in dev_rows]
+    final = {f"dev_{k}": v for k, v in aggregate(task, golds, predictions).items()}
+    final.update(n_params=n_params, decode_examples_per_s=len(dev_rows) / (time.time() - decode_start))
+    if device.type == "cuda":
+        (peak,) = all_reduce([torch.cuda.max_memory_allocated(device) / 1e9], device, op="max")
+        final["peak_gpu_memory_gb"] = peak
+    if rank == 0:
+        log = MlflowLog(config["tracking_uri"], config["run_id"])
+        log.metrics(final)
+        log.results(task, ids, golds, predictions, dev_rows, {})
+    ray.train.report(final)
+
+
+class BestWeights:
+    """The best epoch's weights, in the trial's storage beside Ray's checkpoints:
+    written only when the selection metric improves (not with every training
+    state), read back by a retry. A file per epoch, so that the one the last saved
+    training state points to is never overwritten before a newer state points
+    elsewhere. `directory` is a local (shared) path or a URI."""
+
+    def __init__(self, directory: str):
+        from grid.storage import filesystem
+
+        self.fs, self.root = filesystem(directory)
+
+    def path(self, epoch: int) -> str:
+        return f"{self.root}/epoch-{epoch}.pt"
+
+    def save(self, state: dict, epoch: int) -> None:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.fs.create_dir(self.root, recursive=True)
+        with self.fs.open_output_stream(f"{self.path(epoch)}.tmp") as out:
+            out.write(buffer.getvalue())
+        self.fs.move(f"{self.path(epoch)}.tmp", self.path(epoch))
+
+    def load(self, epoch: int):
+        import torch
+
+        if epoch < 0:
+            return None
+        with self.fs.open_input_file(self.path(epoch)) as f:
+            return torch.load(io.BytesIO(f.read()))
+
+    def keep_only(self, epochs: set) -> None:
+        """Removes every other epoch's file: those the saved training states no longer point to."""
+        from pyarrow import fs
+
+        keep = {f"epoch-{epoch}.pt" for epoch in epochs}
+        for info in self.fs.get_file_info(fs.FileSelector(self.root, allow_not_found=True)):
+            if info.base_name.startswith("epoch-") and info.base_name not in keep:
+                self.fs.delete_file(info.path)
 
 
 def crash_once(config: dict) -> None:
@@ -344,22 +521,28 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
     import ray.data
 
     from grid.shards import cell_table
+    from grid.storage import join, local_model
 
     cell, training = grid_cell.cell, grid_cell.training
-    train = cell_table(plan.shards[cell.task]["train"], cell, plan.model_path, training.limit_train,
-                       training.max_prompt_tokens)
-    held_out = pa.array([selection_user(u, training.selection_share) for u in train.column("user").to_pylist()])
-    fit = train.filter(pc.invert(held_out)).select(["input_ids", "labels"])
-    select = ray.data.from_arrow(train.filter(held_out))
-    dev = ray.data.from_arrow(cell_table(plan.shards[cell.task]["dev"], cell, plan.model_path, training.limit_dev,
+    tokenizer = local_model(plan.model_path)  # this trial driver may run on any node
+    dev = ray.data.from_arrow(cell_table(plan.shards[cell.task]["dev"], cell, tokenizer, training.limit_dev,
                                          training.max_prompt_tokens))
     settings = {**asdict(training), "task": cell.task, "seed": cell.seed,
                 "epochs": training.epochs_for(cell.task)}
     config = {"settings": settings, "model_path": plan.model_path, "run_id": run_id, "trial_start": trial_start,
               "tracking_uri": plan.tracking_uri, "zero_stage": plan.resources.zero_stage,
-              "train_rows": fit.num_rows}
+              "best_dir": join(plan.storage, trial_id, "best")}
+    if settings["epochs"] == 0:
+        cell_trainer(zero_shot_cell, config, {"dev": dev}, plan.resources, trial_id, plan.storage).fit()
+        return
+    train = cell_table(plan.shards[cell.task]["train"], cell, tokenizer, training.limit_train,
+                       training.max_prompt_tokens)
+    held_out = pa.array([selection_user(u, training.selection_share) for u in train.column("user").to_pylist()])
+    fit = train.filter(pc.invert(held_out)).select(["input_ids", "labels"])
+    select = ray.data.from_arrow(train.filter(held_out))
     datasets = {"train": ray.data.from_arrow(fit), "select": select, "dev": dev}
-    cell_trainer(train_cell, config, datasets, plan.resources, trial_id, plan.storage).fit()
+    cell_trainer(train_cell, {**config, "train_rows": fit.num_rows}, datasets, plan.resources, trial_id,
+                 plan.storage).fit()
 
 
 def cell_trainer(train_loop, config: dict, datasets: dict, resources, name: str, storage: str):
@@ -378,7 +561,8 @@ def cell_trainer(train_loop, config: dict, datasets: dict, resources, name: str,
         datasets=datasets,
         # One worker reads the whole train set: splitting it would only start a
         # coordinator actor (a Python process of its own) per trial.
-        dataset_config=DataConfig(datasets_to_split=["train"] if resources.workers_per_trial > 1 else []),
+        dataset_config=DataConfig(datasets_to_split=["train"] if "train" in datasets
+                                  and resources.workers_per_trial > 1 else []),
         run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
                              callbacks=[TuneReportCallback()]),
     )

@@ -1,9 +1,6 @@
 import logging
-import os
 
 import pytest
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +11,6 @@ def ray_local():
     from grid.cluster import LOCAL_ENV, WORKER_ENV
 
     ray.init(num_cpus=2, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {**WORKER_ENV, **LOCAL_ENV, "DS_ACCELERATOR": "cpu"}})
+             runtime_env={"env_vars": {**WORKER_ENV, **LOCAL_ENV}})
     yield ray
     ray.shutdown()

@@ -79,6 +79,21 @@ def test_two_workers_with_zero_2(workdir, ray_local):
     assert '"stage": 2' in open(config).read()
 
 
+def test_zero_shot_trains_nothing_and_keeps_no_checkpoint(workdir, ray_local, tmp_path):
+    spec = grid("zero-shot", [{"retriever": ["BM25"], "k": [2]}], epochs=0)
+    storage = tmp_path / "ray_results"
+    rows = run_grid(spec, str(workdir / "data"), workdir, storage=str(storage), log=lambda _: None)
+    assert [r.status for r in rows] == ["FINISHED"]
+    client, all_runs = runs(workdir, "zero-shot")
+    (cell,) = cells_of(all_runs)
+    assert {"dev_f1", "dev_accuracy", "n_params", "decode_examples_per_s"} <= set(cell.data.metrics)
+    assert not {"train_loss", "train_s", "checkpoint_s"} & set(cell.data.metrics)
+    # No DeepSpeed engine was built: no config logged, and no training state or best weights stored.
+    config = client.download_artifacts(cell.info.run_id, "deepspeed_config.json")
+    assert open(config).read() == "{}"
+    assert not [p for p in storage.rglob("*") if p.name.startswith(("checkpoint", "epoch-"))]
+
+
 def test_vote_needs_no_training(workdir, ray_local):
     spec = parse_grid({"name": "vote", "tasks": ["LaMP_2"], "model": "vote",
                        "axes": [{"retriever": ["BM25", "Full_Random"], "k": [5]}]}, "vote")
@@ -152,6 +167,30 @@ def test_bad_input_is_refused_before_any_trial(args, message, tmp_path):
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_dry_run_prints_each_cells_gpu_memory(tmp_path):
+    from transformers import T5Config
+
+    # flan-t5-base's shape, as a config alone: the estimate reads no weights.
+    T5Config(d_model=768, d_ff=2048, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128,
+             feed_forward_proj="gated-gelu").save_pretrained(tmp_path / "model")
+    common = ["--model", tmp_path / "model", "--dry-run", "--gpus-per-worker", "1", "--workdir", tmp_path]
+    trained = run_cli("run", "paper-fig-b", *common, timeout=120)
+    assert trained.returncode == 0, trained.stderr
+    # 222.9M parameters (transformers 5 ties T5's head) x 12 bytes of AdamW state in bf16 training
+    assert "DeepSpeed ZeRO-2; GPU memory about" in trained.stdout and "optimizer 2.7," in trained.stdout
+    zero_shot = run_cli("run", "paper-zero-shot", *common, timeout=120)
+    assert zero_shot.returncode == 0, zero_shot.stderr
+    line = zero_shot.stdout.splitlines()[1]
+    assert "zero-shot, no optimizer" in line and "weights 0.4, gradients 0.0, optimizer 0.0" in line
+
+
+def test_a_batch_that_the_workers_cannot_share_is_refused_before_any_work(tmp_path):
+    done = run_cli("run", "demo", "--workers-per-trial", "3", "--workdir", tmp_path, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "batch_size 16 cannot be split evenly over 3 workers" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_data_missing_a_task_and_a_cell_too_big_for_the_cluster(workdir, tmp_path):
     done = run_cli("run", "demo", "--data", workdir / "data", "--workdir", tmp_path, timeout=120)
     assert done.returncode == 2 and "no LaMP_4" in done.stderr, done.stderr
@@ -167,3 +206,32 @@ def test_a_grid_whose_experiment_was_deleted_is_refused_with_the_way_out(tmp_pat
     assert "MLflow experiment 'demo' (id 1) is deleted" in done.stderr and "mlflow experiments restore" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_a_trial_that_a_startable_node_type_fits_waits_for_the_autoscaler(ray_local):
+    """On an autoscaling cluster with no GPU node up (min_workers: 0), a GPU trial is
+    not refused: the autoscaler's config, kept in Ray's GCS, has a node type for it."""
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from grid.run import check_fits, trials_that_fit
+    from lamp.errors import LampError
+
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add(name="gpu_worker", max_count=4)
+    group.resources.update({"CPU": 4, "GPU": 1})
+    key, namespace = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    gpu = Resources(gpus_per_worker=1)
+    with pytest.raises(LampError, match="no node type its autoscaler can start"):
+        check_fits(gpu, print)
+    _internal_kv_put(key, config.SerializeToString(), namespace=namespace)
+    try:
+        messages = []
+        check_fits(gpu, messages.append)
+        assert "trials wait for the autoscaler to start a node with 4 CPU, 1 GPU" in messages[0]
+        assert trials_that_fit(gpu) == 4  # one per GPU node the autoscaler may start
+        with pytest.raises(LampError, match="2 GPU"):
+            check_fits(Resources(gpus_per_worker=2), print)
+    finally:
+        _internal_kv_del(key, namespace=namespace)

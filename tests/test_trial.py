@@ -1,0 +1,104 @@
+"""The trial's pieces that decide hardware, batches, decoding and checkpoints, each
+checked on its own; the whole trial runs in test_run.py."""
+
+import json
+
+import pytest
+import torch
+
+from grid.trial import BestWeights, all_reduce, deepspeed_config, generate, micro_batch, native_bf16
+
+SETTINGS = {"batch_size": 6, "lr": 1e-3, "weight_decay": 0.0, "warmup": 0.1}
+
+
+@pytest.mark.parametrize("world, micro", [(1, 6), (2, 3), (3, 2), (6, 1)])
+def test_the_grid_batch_is_the_global_batch_whatever_the_workers(world, micro):
+    config = deepspeed_config(SETTINGS, 2, 100, False, world)
+    assert config["train_batch_size"] == 6
+    assert config["train_micro_batch_size_per_gpu"] == micro
+    assert micro * config["gradient_accumulation_steps"] * world == 6
+
+
+def test_a_batch_that_does_not_split_over_the_workers_is_refused():
+    with pytest.raises(ValueError, match="batch_size 6 cannot be split evenly over 4 workers"):
+        micro_batch(6, 4)
+
+
+def test_no_bf16_on_a_cpu():
+    assert native_bf16(torch.device("cpu")) is False
+
+
+def worker_sees(config):
+    """A Train worker's view: the accelerator DeepSpeed picks, and a sum over the workers."""
+    import json
+    import os
+
+    import ray.train
+
+    from grid.trial import worker_device
+
+    # What a CPU head ships in its job's environment must not decide for the worker.
+    os.environ["DS_ACCELERATOR"] = config["shipped"]
+    device = worker_device()
+    from deepspeed.accelerator import get_accelerator
+
+    rank = ray.train.get_context().get_world_rank()
+    total, most = all_reduce([rank + 1.0, 10.0], device), all_reduce([rank + 1.0], device, op="max")
+    if rank == 0:
+        with open(config["out"], "w") as out:
+            json.dump({"device": device.type, "accelerator": get_accelerator().device_name(), "total": total,
+                       "most": most}, out)
+
+
+def test_a_worker_decides_its_device_and_sums_over_workers_on_it(ray_local, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = tmp_path / "seen.json"
+    trainer = TorchTrainer(worker_sees, train_loop_config={"shipped": "cuda", "out": str(out)},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
+                           run_config=RunConfig(name="worker-sees", storage_path=str(tmp_path)))
+    trainer.fit()
+    metrics = json.loads(out.read_text())
+    assert metrics["device"] == "cpu" and metrics["accelerator"] == "cpu"
+    assert metrics["total"] == [3.0, 20.0] and metrics["most"] == [2.0]
+
+
+def tiny_seq2seq(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from grid.tiny import train_tokenizer
+
+    texts = ["the cat sat on the mat", "a dog ran far away", "news of the day", "stars and tags and titles"] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8,
+                                                num_layers=1, num_heads=2, decoder_start_token_id=0,
+                                                pad_token_id=0, eos_token_id=1))
+    return model, tokenizer
+
+
+def test_decoding_in_batches_sorted_by_length_keeps_the_rows_order(tmp_path):
+    model, tokenizer = tiny_seq2seq(tmp_path)
+    prompts = ["the cat", "a dog ran far away and the cat sat on the mat", "news", "stars and tags",
+               "the day of the dog", "a", "titles and tags and stars and news of the day"]
+    rows = [{"prompt_ids": tokenizer(p)["input_ids"]} for p in prompts]
+    settings = {"task": "LaMP_4", "repetition_penalty": 1.0}
+    one_by_one = generate(model, torch.device("cpu"), tokenizer, rows, {**settings, "eval_batch_size": 1}, 1,
+                          False, False)
+    batched = generate(model, torch.device("cpu"), tokenizer, rows, {**settings, "eval_batch_size": 3}, 1,
+                       False, False)
+    assert batched == one_by_one
+    assert len(set(one_by_one)) > 1  # the rows differ, so a shuffled order would show
+
+
+def test_best_weights_are_kept_per_epoch_and_pruned_to_what_states_point_to(tmp_path):
+    best = BestWeights(str(tmp_path / "best"))
+    for epoch in (0, 2, 3):
+        best.save({"w": torch.full((2,), float(epoch))}, epoch)
+    assert best.load(2)["w"].tolist() == [2.0, 2.0]
+    assert best.load(-1) is None
+    best.keep_only({2, 3})
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["epoch-2.pt", "epoch-3.pt"]
+    uri = BestWeights((tmp_path / "best").as_uri())  # the same through a URI, as s3:// would be
+    assert uri.load(3)["w"].tolist() == [3.0, 3.0]
