@@ -210,7 +210,9 @@ def for_other_nodes(tracking_uri: str, artifacts: str, cache: str, storage: str,
     if artifacts.startswith("file:") or not is_uri(artifacts):  # not proxied by the server: nodes write there
         paths["the experiment's MLflow artifact location"] = urlsplit(artifacts).path or artifacts
     check_nodes_reach({label: path for label, path in paths.items() if not is_uri(path)},
-                      {"the MLflow server": f"{tracking_uri.rstrip('/')}/health"})
+                      # Its API, not /health, which MLflow answers whatever the Host header says.
+                      {"the MLflow server": f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/search"
+                                            "?max_results=1"})
     return tracking_uri
 
 

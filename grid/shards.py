@@ -204,11 +204,13 @@ def write_rankings(task: str, examples: str, wanted: dict, workers: int) -> None
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     # Several blocks per worker, so that every worker gets a share of the split.
-    # Rankers reserve no CPU; their number bounds what they use. Ray Data's own
-    # tasks (listing and reading files) each need a whole free CPU on one node,
-    # and rankers holding a share of every node's CPUs would starve them: a hang.
+    # Rankers reserve a sliver of CPU; their number bounds what they use. Ray
+    # Data's own tasks (listing and reading files) each need a whole free CPU on
+    # one node, and rankers holding a share of every node's CPUs would starve
+    # them: a hang. The sliver keeps them off nodes with no CPU for work (a head
+    # started with --num-cpus=0).
     ds = ray.data.read_parquet(str(examples), override_num_blocks=4 * workers).map_batches(
-        RankExamples, batch_size=64, batch_format="pyarrow", num_cpus=0,
+        RankExamples, batch_size=64, batch_format="pyarrow", num_cpus=0.01,
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs=dict(task=task, examples_path=str(examples), wanted=list(wanted)))
     tmp = {key: Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))

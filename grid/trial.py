@@ -296,7 +296,9 @@ def train_cell(config: dict) -> None:
                 first_step = first_step or step_start
                 timing["train_s"] += last_step - step_start
                 timing["examples"] += len(batch["input_ids"])
-                timing["tokens"] += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+                # A decoder-only model reads its answer as part of its input: count it once.
+                timing["tokens"] += int(batch["attention_mask"].sum()) + (
+                    0 if decoder_only else int((batch["labels"] != -100).sum()))
         loss_sum, steps = all_reduce([sum(losses), len(losses)], engine.device)
         ids, predictions = evaluate_rows(engine.module, engine.device, tokenizer, select_rows, settings, 1,
                                          decoder_only, config["zero_stage"])
@@ -360,11 +362,14 @@ def zero_shot_cell(config: dict) -> None:
     about 110 GB for AdamW's states); bf16 where native; a worker with several GPUs
     spreads the model over them."""
     import ray.train
+    import ray.train.torch
     import torch
 
     from grid.storage import local_model
 
     device = worker_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object gather of the predictions uses the current device
     settings, task = config["settings"], config["settings"]["task"]
     rank = ray.train.get_context().get_world_rank()
     crash_once(config)

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.cli import ROOT, run_cli
 
 # The demo's own code path, on less data and one epoch, to keep the suite short.
@@ -36,6 +38,7 @@ def rest(port: int, endpoint: str, body: dict | None = None) -> dict:
         return json.load(response)
 
 
+@pytest.mark.slow
 def test_the_demo_runs_end_to_end_then_reuses_everything_and_shows_in_the_mlflow_ui(tmp_path):
     # Where DeepSpeed would compile its ops: a trial should compile none (half a minute each).
     extensions = tmp_path / "torch_extensions"

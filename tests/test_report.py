@@ -137,6 +137,7 @@ def report_rows(markdown: str) -> dict:
     return {cells[0].strip(): [c.strip() for c in cells] for cells in rows}
 
 
+@pytest.mark.slow
 def test_the_report_of_a_finished_grid_has_every_cell_and_the_figures(finished_grid):
     root, grid = finished_grid
     out = root / "out"
@@ -167,6 +168,7 @@ def test_the_report_of_a_finished_grid_has_every_cell_and_the_figures(finished_g
     assert sorted(report_rows((root / "out2" / "report.md").read_text())) == sorted(SETTINGS)
 
 
+@pytest.mark.slow
 def test_a_failed_cell_is_reported_missing_not_zero(finished_grid):
     root, grid = finished_grid
     client = MlflowClient(Workdir(root / "work").tracking_uri)

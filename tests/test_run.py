@@ -40,6 +40,7 @@ def cells_of(all_runs):
     return [r for r in all_runs if r.data.tags.get("lamp_grid.role") == "cell"]
 
 
+@pytest.mark.slow
 def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, ray_local):
     spec = grid("three", [{"retriever": ["none", "BM25", "RanBM25"], "k": [2]}])
     rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(zero_stage=2), log=lambda _: None)
@@ -68,6 +69,7 @@ def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, ray_local):
     assert [r.status for r in again] == ["FINISHED"] * 3
 
 
+@pytest.mark.slow
 def test_two_workers_with_zero_2(workdir, ray_local):
     spec = grid("two-workers", [{"retriever": ["BM25"], "k": [2], "order": ["end"]}])
     rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(workers_per_trial=2, zero_stage=2),
@@ -79,6 +81,7 @@ def test_two_workers_with_zero_2(workdir, ray_local):
     assert '"stage": 2' in open(config).read()
 
 
+@pytest.mark.slow
 def test_zero_shot_trains_nothing_and_keeps_no_checkpoint(workdir, ray_local, tmp_path):
     spec = grid("zero-shot", [{"retriever": ["BM25"], "k": [2]}], epochs=0)
     storage = tmp_path / "ray_results"
@@ -110,6 +113,7 @@ def write_grid(path, name, axes):
     return path
 
 
+@pytest.mark.slow
 def test_a_crashed_trial_is_retried_into_its_one_run(workdir, tmp_path):
     spec = write_grid(tmp_path / "crash.yaml", "crash", [{"retriever": ["Random"], "k": [2]}])
     env = {**os.environ, "LAMP_GRID_CRASH_ONCE": str(tmp_path / "crashed")}
@@ -120,6 +124,7 @@ def test_a_crashed_trial_is_retried_into_its_one_run(workdir, tmp_path):
     assert [r.info.status for r in cells_of(all_runs)] == ["FINISHED"]
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume_completes_the_grid(workdir, tmp_path):
     spec = write_grid(tmp_path / "stop.yaml", "stop", [{"retriever": ["BM25"], "k": [1, 2, 3]}])
     args = [sys.executable, str(ROOT / "experiments.py"), "run", str(spec), "--data", str(workdir / "data"),

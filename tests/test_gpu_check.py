@@ -1,0 +1,43 @@
+"""bench/gpu_check.py end to end on CPU (--cpu: tiny shapes): every cell of its three
+grids finishes through run_grid, and the trial's throughput metrics reach MLflow."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.cli import ROOT
+
+TRAINING = ["train_s", "train_examples_per_s", "train_tokens_per_s", "checkpoint_s", "checkpoint_share"]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu",
+                           "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1200, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["mode"] == "cpu" and result["machine"]["gpu"] == "CPU"
+    cells = result["cells"]
+    assert [c["status"] for c in cells] == ["FINISHED"] * 5, [(c["cell"], c["error"]) for c in cells]
+
+    trained = [c for c in cells if c["trains"]]
+    assert sorted(c["model"] for c in trained) == ["gpt2-small", "gpt2-small", "t5-base", "t5-base"]
+    for cell in trained:
+        metrics = cell["metrics"]
+        missing = [m for m in ["n_params", "decode_examples_per_s", *TRAINING] if m not in metrics]
+        assert not missing, f"{cell['cell']}: the trial logged no {', '.join(missing)}"
+        assert metrics["n_params"] == cell["params_built"]
+        assert metrics["train_tokens_per_s"] > 0 and metrics["train_examples_per_s"] > 0
+        assert 0 < metrics["checkpoint_share"] < 1
+        # CPU: no MFU, no GPU memory.
+        assert cell["mfu"] is None and metrics.get("peak_gpu_memory_gb") in (None, 0)
+
+    (zero_shot,) = [c for c in cells if not c["trains"]]
+    assert zero_shot["model"] == "t5-xl-3b"
+    # Decoding only: its dev metrics and model size, and no training metrics expected.
+    assert "dev_f1" in zero_shot["metrics"] and zero_shot["metrics"]["n_params"] == zero_shot["params_built"]
+    assert zero_shot["missing_metrics"] == []
+    assert result["missing_metrics"] == []

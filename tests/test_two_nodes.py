@@ -1,0 +1,64 @@
+"""A grid on a worker node that shares nothing with the head: bench/cluster_check.py,
+which builds the two nodes in Linux namespaces on this machine (root needed; the
+test is skipped, with the script's reason, where the machine refuses them)."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "cluster_check.py"
+REFUSED = 77  # the script's exit status when the machine will not make namespaces
+TIMEOUT = 1800  # the script gives itself 1500 s, then fails and cleans up
+EXPECTED = [
+    "setup: the worker node joined the head across the veth",
+    "setup: the worker cannot see the head's directory",
+    "setup: the worker's 127.0.0.1 is its own (no MLflow there)",
+    "A: prepare exited 0",
+    "A: prepare's rankers ran on the worker node",
+    "A: the job SUCCEEDED",
+    "A: every cell FINISHED",
+    "A: nothing RUNNING or SCHEDULED",
+    "A: the parent run FINISHED",
+    "A: every finished cell's artifacts reached the server",
+    "A: the trials ran on the worker node",
+    "A: no trial errored (nothing was killed)",
+    "B: the worker node was killed in the middle of a trial",
+    "B: the job SUCCEEDED",
+    "B: every cell FINISHED",
+    "B: nothing RUNNING or SCHEDULED",
+    "B: the trial on the killed node errored and was retried",
+]
+
+
+def run_check() -> subprocess.CompletedProcess:
+    """The script, given time to clean up (it does on SIGTERM) if it overruns."""
+    process = subprocess.Popen([sys.executable, str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        pytest.fail(f"bench/cluster_check.py ran past {TIMEOUT} s; its output ends:\n{tail(output)}")
+    return subprocess.CompletedProcess(process.args, process.returncode, output)
+
+
+def tail(output: str, lines: int = 80) -> str:
+    return "\n".join(output.strip().splitlines()[-lines:])
+
+
+@pytest.mark.slow
+def test_a_grid_runs_and_survives_losing_a_worker_node_that_shares_nothing_with_the_head():
+    done = run_check()
+    if done.returncode == REFUSED:
+        pytest.skip(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "namespaces refused")
+    assert done.returncode == 0, f"cluster_check.py exited {done.returncode}; its output ends:\n{tail(done.stdout)}"
+    missing = [line for line in EXPECTED if f"PASS: {line}" not in done.stdout]
+    assert not missing, f"checks that did not pass: {missing}; the output ends:\n{tail(done.stdout)}"
