@@ -264,7 +264,8 @@ def start_worker_namespaces(link: Link, layout: Layout) -> subprocess.Popen:
     /dev/shm under empty ones. Every worker command enters it with nsenter."""
     hide_ro = [layout.head]
     hide_rw = ["/dev/shm"]
-    if not layout.base.is_relative_to("/tmp"):
+    # /tmp too, unless what the worker must see lives there (a clone of the repository, its venv).
+    if not any(Path(p).resolve().is_relative_to("/tmp") for p in (layout.base, ROOT, sys.prefix)):
         hide_rw.append("/tmp")
     script = "set -e\n" + "".join(
         f"mount -t tmpfs -o ro,size=64k lgw-hidden {shlex.quote(str(d))}\n" for d in hide_ro) + "".join(
