@@ -33,8 +33,8 @@ import ray.train
 from ray import tune
 from report import write_result  # bench/report.py: scripts run from bench/
 
-from grid.cluster import ensure_ray
-from grid.run import new_tuner, trainable, trials_that_fit
+from grid.cluster import ensure_ray, trials_that_fit
+from grid.run import new_tuner, trainable
 from grid.spec import Resources
 from grid.trial import cell_trainer
 

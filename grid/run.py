@@ -9,7 +9,6 @@ and Ray Tune runs one trial per cell that is not already FINISHED.
 import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from grid.spec import GridCell, GridSpec, Resources
 from grid.storage import is_uri, local_data
@@ -120,33 +119,6 @@ def resolve_model(model: str, data: Path, spec: GridSpec, workdir: Workdir, log)
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
-def check_fits(resources: Resources, log) -> None:
-    """Refuse a trial that the cluster cannot place, before it waits forever. On an
-    autoscaling cluster a trial fits if a node type the autoscaler can start holds
-    its workers: it then waits for that node."""
-    import ray
-
-    from grid.cluster import autoscaler_node_types
-
-    total = ray.cluster_resources()
-    asks = {name: amount * resources.workers_per_trial for name, amount in resources.per_worker().items()}
-    asks["CPU"] += 0.01  # the trial's driver
-    short = [name for name, amount in asks.items() if amount > total.get(name, 0)]
-    if not short:
-        return
-    worker = resources.per_worker()
-    startable = [types for types, _ in autoscaler_node_types()
-                 if all(types.get(name, 0) >= amount for name, amount in worker.items())]
-    wanted = ", ".join(f"{asks[name]:g} {name}" for name in short)
-    if startable:
-        log(f"the cluster has no room for a trial ({wanted}) yet: trials wait for the autoscaler to start a node "
-            f"with {', '.join(f'{v:g} {k}' for k, v in sorted(startable[0].items()))}")
-        return
-    name = short[0]
-    raise LampError(f"a trial asks for {asks[name]:g} {name} ({resources.workers_per_trial} worker(s)), but the "
-                    f"cluster has {total.get(name, 0):g}, and no node type its autoscaler can start has enough")
-
-
 def check_batches(cells: list, resources: Resources) -> None:
     """A cell's batch is the global batch, split evenly over its trial's workers."""
     for cell in cells:
@@ -154,98 +126,6 @@ def check_batches(cells: list, resources: Resources) -> None:
             raise LampError(f"{cell.key}: batch_size {cell.training.batch_size} cannot be split evenly over "
                             f"{resources.workers_per_trial} workers per trial; the batch is the global one, so "
                             "choose a worker count that divides it")
-
-
-def trials_that_fit(resources: Resources) -> int:
-    """Trials at once: as many as the cluster, at its largest, can give workers to, one
-    CPU kept for Ray Data. (Tune would otherwise start every trial's driver at once,
-    and they would thrash.)"""
-    import ray
-
-    from grid.cluster import autoscaler_node_types
-
-    total = dict(ray.cluster_resources())
-    for types, count in autoscaler_node_types():
-        for name, amount in types.items():  # an unlimited node type counts as 8 nodes
-            total[name] = max(total.get(name, 0), amount * (8 if count < 0 else count))
-    spare = {**total, "CPU": total.get("CPU", 1) - 1}
-    fits = min(spare.get(name, 0) / (amount * resources.workers_per_trial)
-               for name, amount in resources.per_worker().items() if amount)
-    return max(1, int(fits))
-
-
-LOOPBACK = ("127.", "localhost", "::1")
-
-
-def for_other_nodes(tracking_uri: str, artifacts: str, cache: str, storage: str, log) -> str:
-    """Where trials on the cluster's other nodes find the tracking server, the shard
-    cache and Ray's storage; a location they could not reach is mended (a loopback
-    tracking address becomes this node's) or refused, before any trial starts.
-    Returns the tracking URI the trials use."""
-    import ray
-
-    from grid.cluster import check_nodes_reach, spans_other_nodes
-    from grid.tracking import check_server
-
-    if not spans_other_nodes():
-        return tracking_uri
-    here = ray.util.get_node_ip_address()
-    parts = urlsplit(tracking_uri)
-    if parts.scheme not in ("http", "https"):
-        raise LampError(f"the MLflow store {tracking_uri} is a file on this machine, which trials on the "
-                        "cluster's other nodes cannot write: run a tracking server here (`mlflow server --host "
-                        f"0.0.0.0 --port 5000 --backend-store-uri {tracking_uri} --artifacts-destination DIR_OR_URI`)"
-                        f" and pass --tracking-uri http://{here}:5000")
-    if (parts.hostname or "").startswith(LOOPBACK):
-        reachable = urlunsplit(parts._replace(netloc=f"{here}:{parts.port}" if parts.port else here))
-        try:
-            check_server(reachable)
-        except LampError:
-            raise LampError(f"the MLflow server at {tracking_uri} answers on this machine's loopback only, and "
-                            f"trials on other nodes reach this machine at {here}: start it with `mlflow server "
-                            f"--host 0.0.0.0` (or --host {here})") from None
-        log(f"trials on other nodes log to {tracking_uri} as {reachable}")
-        tracking_uri = reachable
-    paths = {"--cache": cache, "--storage": storage}
-    if artifacts.startswith("file:") or not is_uri(artifacts):  # not proxied by the server: nodes write there
-        paths["the experiment's MLflow artifact location"] = urlsplit(artifacts).path or artifacts
-    check_nodes_reach({label: path for label, path in paths.items() if not is_uri(path)},
-                      # Its API, not /health, which MLflow answers whatever the Host header says.
-                      {"the MLflow server": f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/search"
-                                            "?max_results=1"})
-    return tracking_uri
-
-
-def model_for_nodes(model_path: str | None, cache: str, log) -> str | None:
-    """A local model folder (the tiny model, or a user's) as trials on other nodes
-    can load it: published into the shard cache, which every node reaches.
-    A hub id is left as it is: each node downloads it."""
-    from grid.cluster import spans_other_nodes
-
-    if model_path is None or not Path(model_path).is_dir() or not spans_other_nodes():
-        return model_path
-    from pyarrow import fs
-
-    from grid.shards import build_atomically, digest
-    from grid.storage import join, publish
-
-    folder = Path(model_path)
-    listing = sorted((f.relative_to(folder).as_posix(), f.stat().st_size) for f in folder.rglob("*") if f.is_file())
-    name = f"{folder.name}-{digest(listing)}"
-    if is_uri(cache):
-        target = join(cache, "models", name)
-        if publish(folder, target):
-            log(f"published the model {folder} to {target}")
-        return target
-    target = Path(cache) / "models" / name
-
-    def copy(tmp: Path) -> None:
-        fs.copy_files(str(folder), str(tmp), source_filesystem=fs.LocalFileSystem(),
-                      destination_filesystem=fs.LocalFileSystem())
-
-    if build_atomically(target, copy):
-        log(f"copied the model {folder} into the shard cache, {target}")
-    return str(target)
 
 
 def model_config(model: str):
@@ -338,7 +218,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
              retries: int = 2, users: int = SYNTHETIC_USERS, log=print) -> list:
     """Runs the grid; returns a CellResult per cell."""
     from grid import tracking
-    from grid.cluster import ensure_ray
+    from grid.cluster import check_fits, ensure_ray, for_other_nodes, model_for_nodes, trials_that_fit
     from grid.shards import digest, prepare
 
     cells = spec.cells()

@@ -220,7 +220,7 @@ def test_a_trial_that_a_startable_node_type_fits_waits_for_the_autoscaler(ray_lo
     from ray.core.generated import autoscaler_pb2
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
-    from grid.run import check_fits, trials_that_fit
+    from grid.cluster import check_fits, trials_that_fit
     from lamp.errors import LampError
 
     config = autoscaler_pb2.ClusterConfig()
