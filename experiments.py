@@ -22,17 +22,19 @@ from pathlib import Path
 from grid.tiny import TINY_TRAINING
 from lamp.errors import LampError
 from lamp.prompts import MAX_PROMPT_TOKENS
-from lamp.retrieval import MIXED_SIDES
 from lamp.tasks import TASKS, get_task
 
 WORKDIR = "lamp-grid-work"
 
 # The named experiments: each a grid a user runs by name (`run NAME`), in the
 # schema of grid/spec.py (a YAML file with the same keys works too). The
-# study's run on real LaMP (`data`, the download folder) with Flan-T5-base and
-# three seeds; `--data synthetic --model tiny` gives any of them a quick look.
+# study's analyses run on real LaMP (`data`, the download folder) with
+# Flan-T5-base, three seeds and the study's own recipe (SPEC §7a), so that the
+# published values drawn beside ours compare like with like;
+# `--data synthetic --model tiny` gives any of them a quick look.
 RETRIEVERS = ["none", "Full_Random", "RanBM25", "Random", "BM25"]
-STUDY = {"model": "google/flan-t5-base", "data": "LaMP", "seeds": [0, 1, 2]}
+STUDY = {"model": "google/flan-t5-base", "data": "LaMP", "seeds": [0, 1, 2], "recipe": "study"}
+FIG_B_K = [1, 2, 3, 4, 16, 32, 48, 64, 80]
 GRIDS = {
     "demo": {
         "name": "demo",
@@ -42,16 +44,21 @@ GRIDS = {
             {"retriever": RETRIEVERS, "k": [4]},
             {"retriever": ["BM25"], "ablation": ["only_output"], "k": [4]},
         ],
-        # The tiny model's schedule, on prompts of 96 tokens so that a laptop runs it in minutes.
-        "training": {**TINY_TRAINING, "max_prompt_tokens": 96},
+        # The tiny model's schedule, on prompts of at most 160 tokens so that a laptop runs it in
+        # minutes: LaMP_2's task input alone is about 95 of them, and 4 items share the rest.
+        "training": {**TINY_TRAINING, "max_prompt_tokens": 160},
     },
     # (a) Personalization matters more than relevance: LaMP_4, ROUGE-L against no profile.
     "paper-fig-a": {"name": "paper-fig-a", "tasks": ["LaMP_4"], **STUDY,
                     "axes": [{"retriever": RETRIEVERS, "k": [4]}]},
     # (b) Output halves carry it: LaMP_2 F1 against k, full items and output halves only.
     "paper-fig-b": {"name": "paper-fig-b", "tasks": ["LaMP_2"], **STUDY,
-                    "axes": [{"retriever": ["BM25"], "ablation": ["both", "only_output"],
-                              "k": [1, 2, 3, 4, 16, 32, 48, 64, 80]}]},
+                    "axes": [{"retriever": ["BM25"], "ablation": ["both", "only_output"], "k": FIG_B_K}]},
+    # (b) under both recipes: does the fall at large k for full items come from the
+    # study's truncation (its prompts lose items and the task input past 512 tokens)?
+    "paper-fig-b-recipes": {"name": "paper-fig-b-recipes", "tasks": ["LaMP_2"], **STUDY,
+                            "axes": [{"recipe": ["study", "lamp"], "retriever": ["BM25"],
+                                      "ablation": ["both", "only_output"], "k": FIG_B_K}]},
     # (c) Position matters: LaMP_5 ROUGE-L against the share of the profile, by where the best items sit.
     "paper-fig-c": {"name": "paper-fig-c", "tasks": ["LaMP_5"], **STUDY,
                     "axes": [{"retriever": ["BM25"], "order": ["start", "end", "middle"],
@@ -61,25 +68,28 @@ GRIDS = {
                        "axes": [{"retriever": ["none"]},
                                 {"retriever": ["BM25"], "ablation": ["both", "only_output", "only_input",
                                                                      "decouple"], "k": [4]}]},
-    # Real inputs and real outputs, with their pairing broken.
+    # Real inputs and real outputs, with their pairing broken; the study's sides are
+    # BM25 and Random (its Full_Random side cannot run), Random/Random its default.
     "paper-mixed": {"name": "paper-mixed", "tasks": ["LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5"], **STUDY,
                     "axes": [{"retriever": ["none"]}] + [
                         {"retriever": ["Mixed"], "input_retriever": [inputs], "output_retriever": [outputs], "k": [4]}
-                        for inputs in MIXED_SIDES for outputs in MIXED_SIDES if inputs != outputs]},
-    # No fine-tuning: the model as it comes, with and without a profile, on every task.
-    "paper-zero-shot": {"name": "paper-zero-shot", "tasks": ["LaMP_1", "LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5",
-                                                             "LaMP_7"], **STUDY, "seeds": [0],
-                        "axes": [{"retriever": RETRIEVERS, "k": [4]}], "training": {"epochs": 0}},
+                        for inputs, outputs in (("Random", "Random"), ("BM25", "Random"), ("Random", "BM25"))]},
+    # No fine-tuning: the study's bigger models as they come, with and without a profile, on every task.
+    **{f"paper-zero-shot{suffix}": {
+        "name": f"paper-zero-shot{suffix}", "tasks": ["LaMP_1", "LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7"],
+        **STUDY, "model": model, "seeds": [0], "axes": [{"retriever": RETRIEVERS, "k": [4]}],
+        "training": {"epochs": 0}} for suffix, model in (("", "google/flan-t5-xl"), ("-xxl", "google/flan-t5-xxl"))},
 }
 
+FIG_B = {"both": {1: .563, 2: .575, 3: .591, 4: .572, 16: .576, 32: .578, 48: .566, 64: .543, 80: .541},
+         "only_output": {1: .580, 2: .577, 3: .599, 4: .602, 16: .571, 32: .582, 48: .617, 64: .603, 80: .626}}
 # What the study reports (SPEC §9), drawn beside ours in `report`: changes in
 # points and F1/ROUGE-L in percent there, fractions here, as our metrics are.
 PUBLISHED = {
     "paper-fig-a": {"LaMP_4": {"change": {"Full_Random": -0.001, "RanBM25": -0.002, "Random": 0.009,
                                           "BM25": 0.017}}},
-    "paper-fig-b": {"LaMP_2": {"curves": {
-        "both": {1: .563, 2: .575, 3: .591, 4: .572, 16: .576, 32: .578, 48: .566, 64: .543, 80: .541},
-        "only_output": {1: .580, 2: .577, 3: .599, 4: .602, 16: .571, 32: .582, 48: .617, 64: .603, 80: .626}}}},
+    "paper-fig-b": {"LaMP_2": {"curves": FIG_B}},
+    "paper-fig-b-recipes": {"LaMP_2": {"curves": {f"{line} study": values for line, values in FIG_B.items()}}},
     "paper-fig-c": {"LaMP_5": {"curves": {
         "start": {0.1: .410, 0.2: .411, 0.3: .412, 0.4: .410, 0.5: .411},
         "end": {0.1: .406, 0.2: .396, 0.3: .388, 0.4: .384, 0.5: .386},
@@ -149,42 +159,63 @@ def custom_resources(text: str) -> dict:
     return value
 
 
-def load_tokens(model):
-    """Token counting for the budget: the model's tokenizer, or whitespace words."""
+def load_tokens(model) -> tuple:
+    """(token counting for the budget, whether the model is decoder-only): the
+    model's tokenizer, or whitespace words."""
     from lamp.prompts import TokenizerTokens, WhitespaceTokens
 
     if model is None:
-        return WhitespaceTokens()
-    from transformers import AutoTokenizer
+        return WhitespaceTokens(), False
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
-        return TokenizerTokens(AutoTokenizer.from_pretrained(model))
+        tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as error:
         raise LampError(f"cannot load a tokenizer from {model!r}: {str(error).splitlines()[0]}") from None
+    try:
+        decoder_only = not AutoConfig.from_pretrained(model).is_encoder_decoder
+    except (OSError, ValueError):  # a tokenizer folder alone: read as a seq2seq model's
+        decoder_only = False
+    return TokenizerTokens(tokenizer), decoder_only
 
 
 def cmd_render(args) -> int:
-    from lamp.cell import Cell
+    from lamp.cell import Cell, model_inputs, prompt_tokens
     from lamp.data import find_splits, read_examples
     from lamp.retrieval import ItemPool
 
     cell = Cell(args.task, args.retriever, 0 if args.retriever == "none" else args.k, args.ablation,
-                args.order, args.rank_offset, args.seed, args.input_retriever, args.output_retriever)
+                args.order, args.rank_offset, args.seed, args.input_retriever, args.output_retriever, args.recipe)
     cell.check()
-    splits = [s for s in find_splits(args.data, [args.task]) if s.split == args.split]
-    if not splits:
+    splits = {}
+    for split in find_splits(args.data, [args.task]):
+        if split.setting == "user" or split.split not in splits:  # user-based where both are, as `run` reads
+            splits[split.split] = split
+    if args.split not in splits:
         raise LampError(f"{args.data}: no {args.task} {args.split} split")
-    tokens = load_tokens(args.model)
-    examples = list(read_examples(splits[0]))
-    pool = ItemPool(examples) if cell.needs_pool else None
-    for example in examples[: args.limit]:
-        prompt, items = cell.render(example, tokens, pool, args.max_tokens)
-        retrieved = [item["id"] for item in items]
+    tokens, decoder_only = load_tokens(args.model)
+    examples = list(read_examples(splits[args.split]))
+    pool, users = None, {}
+    if cell.needs_pool and cell.recipe == "lamp":
+        pool = ItemPool(examples)
+    elif cell.needs_pool:  # the study drew users from train and dev
+        users = {name: examples if name == args.split else list(read_examples(splits[name]))
+                 for name in ("train", "dev") if name in splits}
+    max_tokens = prompt_tokens(cell.recipe, decoder_only, args.max_tokens)
+    prompts = cell.render_split(examples, tokens, max_tokens, pool, users.get("train", ()), users.get("dev", ()),
+                                args.limit)
+    texts, ids = [p.text for p in prompts], None
+    if args.model:  # what the model reads
+        texts, ids = model_inputs(tokens.tokenizer, cell.task, cell.recipe, texts, max_tokens, decoder_only)
+    for n, (example, prompt) in enumerate(zip(examples, prompts)):
+        retrieved = [item["id"] for item in prompt.items]
         if args.json:
-            print(json.dumps({"id": example.id, "retrieved": retrieved, "prompt": prompt,
-                              "n_tokens": tokens.count(prompt)}))
+            print(json.dumps({"id": example.id, "retrieved": retrieved, "prompt": texts[n],
+                              **({"input_ids": ids[n]} if ids else {}), "input_cut": prompt.input_cut}))
         else:
-            print(f"== {example.id}: {tokens.count(prompt)} tokens, items {retrieved}\n{prompt}\n")
+            length = f"{len(ids[n])} tokens" if ids else f"{tokens.count(texts[n])} words"
+            print(f"== {example.id}: {length}, items {retrieved}" + (", input cut" if prompt.input_cut else "")
+                  + f"\n{texts[n]}\n")
     return 0
 
 
@@ -204,8 +235,8 @@ def cmd_run(args) -> int:
     from grid.run import Workdir, run_grid
     from grid.spec import Resources, load_grid, with_overrides
 
-    spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, epochs=args.epochs,
-                          limit_train=args.limit_train, limit_dev=args.limit_dev)
+    spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, recipe=args.recipe,
+                          epochs=args.epochs, limit_train=args.limit_train, limit_dev=args.limit_dev)
     resources = Resources(workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
                           zero_stage=args.zero_stage, custom_per_worker=args.resources_per_worker)
     results = run_grid(spec, args.data or spec.data, Path(args.workdir), tracking_uri=args.tracking_uri,
@@ -255,7 +286,7 @@ def cmd_report(args) -> int:
     uri = args.tracking_uri or Workdir(Path(args.workdir).resolve()).tracking_uri
     client = tracking.connect(uri)
     if args.grid:
-        spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds)
+        spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, recipe=args.recipe)
         name, cells = spec.name, spec.cells()
     else:
         name, cells = args.experiment, None
@@ -311,10 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", default="both", help="both, only_output, decouple or only_input")
     p.add_argument("--order", default="start", help="start, end, middle or random")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rank-offset", type=int, default=0, help="take ranks [T, T+k)")
+    p.add_argument("--rank-offset", type=parse_k, default=0, help="take ranks [T, T+k) (study: T may be a share)")
     p.add_argument("--input-retriever", help="Mixed: where the input halves come from")
     p.add_argument("--output-retriever", help="Mixed: where the output halves come from")
-    p.add_argument("--model", help="count tokens with this model's tokenizer (default: words)")
+    p.add_argument("--recipe", default="lamp", help="lamp (the default) or study: the study's code, reproduced")
+    p.add_argument("--model", help="count tokens with this model's tokenizer (default: words); the study recipe "
+                   "needs one")
     p.add_argument("--max-tokens", type=int, default=MAX_PROMPT_TOKENS,
                    help=f"the prompt budget, a grid's max_prompt_tokens (default {MAX_PROMPT_TOKENS})")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
@@ -350,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="custom Ray resources each trial worker needs, e.g. '{\"trial_node\": 1}'")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as fit)")
     p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
+    p.add_argument("--recipe", help="run every cell with this recipe: lamp or study (default: the grid's)")
     p.add_argument("--epochs", type=int, help="override the grid's epochs (0: zero-shot)")
     p.add_argument("--limit-train", type=int, help="train on the first N examples only")
     p.add_argument("--limit-dev", type=int, help="evaluate on the first N dev examples only")
@@ -367,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="an MLflow experiment name instead: every cell it has runs of")
     p.add_argument("--model", help="the model the grid was run with, if not its own (e.g. tiny)")
     p.add_argument("--seeds", nargs="+", type=int, help="the seeds it was run with, if not its own")
+    p.add_argument("--recipe", help="the recipe it was run with, if not its own")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--out", required=True, help="directory for report.md, report.html and the figures")

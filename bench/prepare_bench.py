@@ -45,14 +45,13 @@ def study_cell(examples, cell, tokenizer, tokens):
     prompts = []
     for example in examples:
         query = extract_query(TASK, example.input)
-        items = drop_query_items(TASK, example.profile, query)
+        items = drop_query_items(TASK, example.profile, example.input)
         corpus = [document_text(TASK, item, cell.ablation == "decouple").split() for item in items]
         scores = BM25Okapi(corpus).get_scores(query.split())
         order = sorted(range(len(items)), key=lambda i: -scores[i])
         top = [items[i] for i in order[: cell.k]]
-        prompt, _ = render_prompt(spec, example.input, top, cell.ablation, cell.order, cell.seed,
-                                  example.id, tokens)
-        prompts.append(prompt)
+        prompts.append(render_prompt(spec, example.input, top, cell.ablation, cell.order, cell.seed,
+                                     example.id, tokens).text)
     tokenizer(prompts, padding="max_length", max_length=512, truncation=True)
     return prompts
 
@@ -89,7 +88,7 @@ def main():
         for cell in cells:
             for s in shards:
                 cell_prompts = CellPrompts(s, cell, examples=loaded[s.split])
-                ours[cell, s.split] = [cell_prompts.render(row, tokens)[0] for row in range(len(loaded[s.split]))]
+                ours[cell, s.split] = [cell_prompts.render(row, tokens).text for row in range(len(loaded[s.split]))]
         render_s = time.perf_counter() - start
         print(f"ours: prepare {prepare_s:.1f} s + render 48 cells {render_s:.1f} s")
 
@@ -109,13 +108,13 @@ def main():
         start = time.perf_counter()
         for e in flat:
             query = extract_query(TASK, e.input)
-            items = drop_query_items(TASK, e.profile, query)
+            items = drop_query_items(TASK, e.profile, e.input)
             BM25Okapi([document_text(TASK, item).split() for item in items]).get_scores(query.split())
         loop_s = time.perf_counter() - start
         start = time.perf_counter()
         for e in flat:
             query = extract_query(TASK, e.input)
-            bm25_ranking(TASK, query, drop_query_items(TASK, e.profile, query))
+            bm25_ranking(TASK, query, drop_query_items(TASK, e.profile, e.input))
         ours_rank_s = time.perf_counter() - start
 
         result = {

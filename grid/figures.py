@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABEL_AXES = ("retriever", "input_retriever", "output_retriever", "k", "ablation", "order", "rank_offset")
+LABEL_AXES = ("retriever", "input_retriever", "output_retriever", "k", "ablation", "order", "rank_offset", "recipe")
 
 
 def labels(cells: list, ignore=()) -> list:

@@ -57,6 +57,8 @@ class Comparison:
     low: float | None = None  # its 95% paired bootstrap interval
     high: float | None = None
     p_value: float | None = None  # paired permutation test
+    items_shown: float | None = None  # mean profile items the dev prompts showed (over seeds)
+    input_cut: float | None = None  # share of dev examples whose task input lost its tail
 
     @property
     def value(self) -> float | None:
@@ -158,11 +160,17 @@ def compare_cells(client, results: list) -> list:
         cell = group[0].cell
         metric = get_task(cell.cell.task).main_metric
         finished[setting] = {r.cell.cell.seed: r for r in group if r.status == "FINISHED"}
+        prompts = {name: [r.metrics[f"dev_{name}"] for r in finished[setting].values() if f"dev_{name}" in r.metrics]
+                   for name in ("items_shown", "input_cut_share")}
         rows.append(Comparison(setting, cell.cell, cell.cell.task, metric,
                                values={s: r.metrics[f"dev_{metric}"] for s, r in finished[setting].items()},
                                missing={r.cell.cell.seed: r.status for r in group if r.status != "FINISHED"},
-                               baseline=cell.cell.retriever == "none"))
-    model = {setting: group[0].cell.model for setting, group in groups.items()}
+                               baseline=cell.cell.retriever == "none",
+                               items_shown=float(np.mean(prompts["items_shown"])) if prompts["items_shown"] else None,
+                               input_cut=(float(np.mean(prompts["input_cut_share"])) if prompts["input_cut_share"]
+                                          else None)))
+    # A cell is compared with the `none` cell of its task, model and recipe.
+    model = {setting: (group[0].cell.model, group[0].cell.cell.recipe) for setting, group in groups.items()}
     baselines = {(r.task, model[r.setting]): r for r in rows if r.baseline and r.values}
     for row in rows:
         runs = finished[row.setting]
@@ -193,13 +201,20 @@ def missing_text(row: Comparison) -> str:
     return ", ".join(f"seed {s} {status}" for s, status in sorted(row.missing.items()))
 
 
+def prompt_text(row: Comparison) -> str:
+    """What the dev prompts showed: items on average, and the share whose input was cut."""
+    if row.items_shown is None:
+        return ""
+    return f"items {row.items_shown:5.1f}  input cut {row.input_cut:4.0%}"
+
+
 def format_table(rows: list) -> str:
     """The console table: per task, each setting's metric, change against `none`,
     its 95% paired bootstrap CI over dev examples and p-value."""
     lines = []
     for task in dict.fromkeys(r.task for r in rows):
-        lines.append(f"{header(task)}; change against `none`, 95% paired bootstrap CI over dev examples, "
-                     "p (paired permutation test)")
+        lines.append(f"{header(task)}; the dev prompts' mean items shown and share of inputs cut; change "
+                     "against `none`, 95% paired bootstrap CI over dev examples, p (paired permutation test)")
         mine = [r for r in rows if r.task == task]
         width = max(len(r.setting) for r in mine)
         for r in mine:
@@ -213,7 +228,7 @@ def format_table(rows: list) -> str:
                 change = f"{r.delta:+.4f}  [{r.low:+.4f}, {r.high:+.4f}]  p={r.p_value:.4f}{verdict}"
             seeds = f"  ({len(r.values)} seeds)" if len(r.values) > 1 else ""
             missing = f"  missing: {missing_text(r)}" if r.missing else ""
-            lines.append(f"  {r.setting:<{width}}  {r.value:.4f}  {change}{seeds}{missing}")
+            lines.append(f"  {r.setting:<{width}}  {r.value:.4f}  {prompt_text(r)}  {change}{seeds}{missing}")
     return "\n".join(lines)
 
 
@@ -227,10 +242,10 @@ def interval(low, high) -> str:
 def table_rows(rows: list, published: dict) -> list:
     """The report's table of one task: a list of cells per row, the header first."""
     out = [["setting", "seeds", "mean", "95% CI over seeds", "95% CI over dev examples", "change vs none",
-            "95% paired bootstrap CI", "p", "published"]]
+            "95% paired bootstrap CI", "p", "items shown", "inputs cut", "published"]]
     for r in rows:
         if not r.values:
-            out.append([r.setting, "0", f"missing ({missing_text(r)})", "", "", "", "", "", ""])
+            out.append([r.setting, "0", f"missing ({missing_text(r)})", "", "", "", "", "", "", "", ""])
             continue
         seeds = str(len(r.values)) + (f" (missing: {missing_text(r)})" if r.missing else "")
         change = "baseline" if r.baseline else ("" if r.delta is None else f"{r.delta:+.4f}"
@@ -238,7 +253,8 @@ def table_rows(rows: list, published: dict) -> list:
         p = "" if r.p_value is None else f"{r.p_value:.4f}"
         out.append([r.setting, seeds, f"{r.value:.4f}", interval(r.seeds_low, r.seeds_high),
                     interval(r.examples_low, r.examples_high), change, interval(r.low, r.high), p,
-                    published.get(r.setting, "")])
+                    "" if r.items_shown is None else f"{r.items_shown:.1f}",
+                    "" if r.input_cut is None else f"{r.input_cut:.1%}", published.get(r.setting, "")])
     return out
 
 

@@ -244,9 +244,11 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     data_dir = resolve_data(data, spec, work, users, log).resolve()
     model_path = model_for_nodes(resolve_model(spec.model, data_dir, spec, work, log), cache, log)
 
+    # Rankings for the `lamp` cells only: the `study` recipe retrieves as the study did, in the trial.
+    ranked = [c.cell for c in cells if c.cell.recipe == "lamp"]
     shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
-                         retrievers=spec.retrievers() or ["BM25"], seeds=list(spec.seeds), address=address, log=log,
-                         by_input=any("decouple" in block.get("ablation", ()) for block in spec.axes),
+                         retrievers=sorted({c.retriever for c in ranked} - {"none"}), seeds=list(spec.seeds),
+                         address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),
                          stage_dir=work.cache)
     shards = {}
     for s in shard_list:

@@ -33,6 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import lamp.cell
 import lamp.retrieval
 import lamp.seeding
 from grid.storage import is_uri, join, publish
@@ -40,11 +41,13 @@ from lamp.data import Example, SplitFiles, find_splits, read_examples
 from lamp.errors import LampError
 from lamp.prompts import (
     MAX_PROMPT_TOKENS,
+    Prompt,
     TokenizerTokens,
     WhitespaceTokens,
     render_prompt,
 )
-from lamp.retrieval import MIXED_SIDES, ItemPool, rank, ranked_sides, resolve_k, select
+from lamp.retrieval import MIXED_SIDES, ItemPool, rank, ranked_sides, select
+from lamp.study import Replay, study_prompt
 from lamp.tasks import get_task
 
 CACHE_FORMAT = "1"
@@ -346,30 +349,48 @@ def load_ranking(path: Path) -> list:
 
 
 class CellPrompts:
-    """A split's examples and the rankings one cell reads, ready to render it."""
+    """A split's examples and what one cell retrieves for them, ready to render it:
+    `lamp` reads the stored rankings; `study` replays the study's draws over the
+    split (splits: the task's SplitShards by name, whose examples its other-user
+    retrievers draw from)."""
 
-    def __init__(self, shards: SplitShards, cell, examples=None):
+    def __init__(self, shards: SplitShards, cell, examples=None, splits: dict | None = None):
         self.cell = cell
         self.spec = get_task(cell.task)
         self.examples = examples if examples is not None else load_examples(shards.examples)
+        if cell.recipe == "study":
+            users = {}
+            if cell.needs_pool:
+                if splits is None:
+                    raise LampError(f"recipe study's {cell.retriever} draws users of train and dev: "
+                                    "it needs both splits' shards")
+                users = {name: load_examples(split.examples) for name, split in splits.items()}
+            self.study_items = Replay(cell, users.get("train", ()), users.get("dev", ())).split(self.examples)
+            return
         by_input = cell.ablation == "decouple"
         self.sides = ranked_sides(cell.retriever, cell.input_retriever, cell.output_retriever)
         self.rankings = {side: load_ranking(shards.ranking(ranking_name(side, by_input), cell.seed))
                          for side in self.sides}
 
     def retrieved(self, row: int) -> list:
-        """The items the cell shows for the example at `row`, most relevant first."""
+        """The items the cell retrieves for the example at `row`: `lamp` most relevant
+        first, `study` in its prompt order."""
         cell, example = self.cell, self.examples[row]
+        if cell.recipe == "study":
+            return self.study_items[row]
         # Only the ranks the window can reach are looked up: a ranking holds the whole pool.
-        reach = cell.rank_offset + resolve_k(cell.k, len(example.profile))
+        reach = lamp.retrieval.reach(cell.retriever, cell.k, cell.rank_offset, len(example.profile))
         ranked = {side: [self.examples[r].profile[p] for r, p in self.rankings[side][row][:reach]]
                   for side in self.sides}
         return select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
                       cell.input_retriever, cell.output_retriever)
 
-    def render(self, row: int, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> tuple:
-        """(prompt, items in prompt order) for the example at `row`: what Cell.render gives."""
+    def render(self, row: int, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> Prompt:
+        """The prompt for the example at `row`: what Cell.render_split gives."""
         cell, example = self.cell, self.examples[row]
+        if cell.recipe == "study":
+            return study_prompt(cell.task, example.input, self.study_items[row], cell.ablation,
+                                lamp.cell.study_tokenizer(tokens), max_tokens)
         return render_prompt(self.spec, example.input, self.retrieved(row), cell.ablation, cell.order,
                              cell.seed, example.id, tokens, max_tokens)
 
@@ -381,14 +402,16 @@ class RenderCell:
     model reads prompt and output as one sequence and learns only the output.
     """
 
-    def __init__(self, shards: SplitShards, cell, model: str | None, max_tokens: int = MAX_PROMPT_TOKENS):
-        self.prompts, self.max_tokens = CellPrompts(shards, cell), max_tokens
+    def __init__(self, shards: SplitShards, cell, model: str | None, max_tokens: int = MAX_PROMPT_TOKENS,
+                 splits: dict | None = None):
+        self.prompts, self.max_tokens = CellPrompts(shards, cell, splits=splits), max_tokens
         self.tokenizer = self.decoder_only = None
         if model is not None:
             from transformers import AutoConfig, AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(model)
             self.decoder_only = not AutoConfig.from_pretrained(model).is_encoder_decoder
+            self.max_tokens = lamp.cell.prompt_tokens(cell.recipe, self.decoder_only, max_tokens)
         self.tokens = TokenizerTokens(self.tokenizer) if self.tokenizer else WhitespaceTokens()
 
     def __call__(self, batch: pa.Table) -> dict:
@@ -396,15 +419,18 @@ class RenderCell:
         rendered = [self.prompts.render(row, self.tokens, self.max_tokens) for row in rows]
         examples = [self.prompts.examples[row] for row in rows]
         out = {"row": rows, "id": [e.id for e in examples], "user": [e.user for e in examples],
-               "prompt": [prompt for prompt, _ in rendered],
+               "prompt": [prompt.text for prompt in rendered],
                "output": [e.output or "" for e in examples],
-               "retrieved": [[item["id"] for item in items] for _, items in rendered]}
+               "retrieved": [[item["id"] for item in prompt.items] for prompt in rendered],
+               "input_cut": [prompt.input_cut for prompt in rendered]}
         if self.tokenizer is not None:
-            out.update(self.token_ids(out["prompt"], out["output"]))
+            cell = self.prompts.cell
+            out["prompt"], prompt_ids = lamp.cell.model_inputs(self.tokenizer, cell.task, cell.recipe, out["prompt"],
+                                                               self.max_tokens, self.decoder_only)
+            out.update(self.token_ids(prompt_ids, out["output"]))
         return out
 
-    def token_ids(self, prompts: list, outputs: list) -> dict:
-        prompt_ids = self.tokenizer(prompts)["input_ids"]
+    def token_ids(self, prompt_ids: list, outputs: list) -> dict:
         if not self.decoder_only:
             return {"prompt_ids": prompt_ids, "input_ids": prompt_ids,
                     "labels": self.tokenizer(outputs)["input_ids"]}
@@ -415,9 +441,9 @@ class RenderCell:
 
 
 def cell_table(shards: SplitShards, cell, model: str | None = None, limit: int | None = None,
-               max_tokens: int = MAX_PROMPT_TOKENS) -> pa.Table:
+               max_tokens: int = MAX_PROMPT_TOKENS, splits: dict | None = None) -> pa.Table:
     """The cell's rendered examples (and token ids, given a model) as an Arrow table."""
-    render = RenderCell(shards, cell, model, max_tokens)
+    render = RenderCell(shards, cell, model, max_tokens, splits)
     rows = list(range(len(render.prompts.examples)))[:limit]
     return pa.concat_tables([pa.table(render(pa.table({"row": rows[i:i + 1024]})))
                              for i in range(0, len(rows), 1024)] or [pa.table(render(pa.table({"row": []})))])

@@ -6,6 +6,7 @@ schema:
     name: my-grid
     tasks: [LaMP_2, LaMP_4]
     model: google/flan-t5-base      # a hub id, a local folder, `tiny` or `vote`
+    recipe: lamp                     # every block's default recipe: lamp (the default) or study
     data: LaMP                       # a LaMP directory, or `synthetic` (the default)
     seeds: [0, 1, 2]
     axes:                            # blocks; each block is a cross product
@@ -19,10 +20,14 @@ schema:
         input_retriever: [BM25]
         output_retriever: [Random, Full_Random]
         k: [4]
+      - recipe: [study]               # the study's code reproduced (SPEC §7a); default lamp
+        retriever: [BM25]
+        k: [1, 80]
     training: {epochs: 2}            # overrides of the study's defaults (SPEC §8)
 
-Axes left out of a block take their default (k 0, ablation both, order start,
-rank_offset 0). `none` ignores k, ablation and order, so it is one cell.
+Axes left out of a block take their default (recipe lamp, k 0, ablation both,
+order start, rank_offset 0). `none` ignores k, ablation and order, so it is one
+cell per recipe.
 """
 
 import hashlib
@@ -35,9 +40,9 @@ from lamp.cell import Cell
 from lamp.errors import LampError
 from lamp.tasks import get_task
 
-AXES = ("retriever", "k", "ablation", "order", "rank_offset", "input_retriever", "output_retriever")
-AXIS_DEFAULTS = {"retriever": "none", "k": 0, "ablation": "both", "order": "start", "rank_offset": 0,
-                 "input_retriever": None, "output_retriever": None}
+AXES = ("recipe", "retriever", "k", "ablation", "order", "rank_offset", "input_retriever", "output_retriever")
+AXIS_DEFAULTS = {"recipe": "lamp", "retriever": "none", "k": 0, "ablation": "both", "order": "start",
+                 "rank_offset": 0, "input_retriever": None, "output_retriever": None}
 
 
 @dataclass(frozen=True)
@@ -96,11 +101,11 @@ class GridCell:
         c = self.cell
         seed = [f"seed={c.seed}"] if with_seed else []
         if c.retriever == "none":
-            return "/".join([c.task, "none", *seed, self.model])
+            return "/".join([c.task, c.recipe, "none", *seed, self.model])
         retriever = (f"Mixed({c.input_retriever}>{c.output_retriever})" if c.retriever == "Mixed"
                      else c.retriever)
-        return "/".join([c.task, retriever, f"k={c.k}", c.ablation, c.order, f"offset={c.rank_offset}", *seed,
-                         self.model])
+        return "/".join([c.task, c.recipe, retriever, f"k={c.k}", c.ablation, c.order, f"offset={c.rank_offset}",
+                         *seed, self.model])
 
     @property
     def settings_hash(self) -> str:
@@ -119,9 +124,9 @@ class GridCell:
         def value(name, text):
             if text == "None":
                 return None
-            if name == "k":
+            if name in ("k", "rank_offset"):
                 return float(text) if "." in text else int(text)
-            return int(text) if name in ("rank_offset", "seed") else text
+            return int(text) if name == "seed" else text
 
         cell = Cell(**{f.name: value(f.name, params[f.name]) for f in fields(Cell) if f.name in params})
         training = {f.name: training_value(f.name, value(f.name, params[f"train.{f.name}"]), where)
@@ -138,6 +143,7 @@ class GridSpec:
     data: str = "synthetic"  # a LaMP directory, or `synthetic`
     seeds: tuple = (0,)
     training: Training = field(default_factory=Training)
+    recipe: str = "lamp"  # the default of blocks that do not name one
 
     def cells(self) -> list:
         """Every cell, checked, in a stable order; duplicates (e.g. `none` x ablations) once."""
@@ -145,7 +151,7 @@ class GridSpec:
         for task, block, seed in itertools.product(self.tasks, self.axes, self.seeds):
             names = list(block)
             for values in itertools.product(*(block[n] for n in names)):
-                axes = {**AXIS_DEFAULTS, **dict(zip(names, values))}
+                axes = {**AXIS_DEFAULTS, "recipe": self.recipe, **dict(zip(names, values))}
                 if axes["retriever"] == "none":
                     axes.update(k=0, ablation="both", order="start", rank_offset=0)
                 cell = Cell(task=task, seed=seed, **axes)
@@ -157,16 +163,12 @@ class GridSpec:
                 cells.setdefault(grid_cell.key, grid_cell)
         return list(cells.values())
 
-    def retrievers(self) -> list:
-        return sorted({v for block in self.axes for n in ("retriever", "input_retriever", "output_retriever")
-                       for v in block.get(n, ()) if v})
-
 
 def parse_grid(raw: dict, where: str) -> GridSpec:
     """A GridSpec from a dict, or a clear error naming what is wrong."""
     if not isinstance(raw, dict):
         raise LampError(f"{where}: a grid is a mapping with name, tasks and axes")
-    known = {"name", "tasks", "axes", "model", "data", "seeds", "training"}
+    known = {"name", "tasks", "axes", "model", "data", "seeds", "training", "recipe"}
     unknown = set(raw) - known
     if unknown:
         raise LampError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
@@ -192,7 +194,7 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
         raise LampError(f"{where}: training: unknown setting {sorted(bad)[0]!r}; valid: {', '.join(sorted(valid))}")
     seeds = raw.get("seeds", [0])
     return GridSpec(name=str(raw["name"]), tasks=tasks, axes=tuple(blocks), model=str(raw.get("model", "tiny")),
-                    data=str(raw.get("data", "synthetic")),
+                    data=str(raw.get("data", "synthetic")), recipe=str(raw.get("recipe", "lamp")),
                     seeds=tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])),
                     training=Training(**{k: training_value(k, v, where) for k, v in training.items()}))
 
@@ -230,10 +232,13 @@ def load_grid(name_or_path: str, named: dict) -> GridSpec:
     return parse_grid(raw, str(path))
 
 
-def with_overrides(spec: GridSpec, model=None, seeds=None, **training) -> GridSpec:
+def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, **training) -> GridSpec:
     """The grid with command-line overrides applied. A grid made for a real model
     run with `--model tiny` (a quick look) takes the tiny model's schedule: the
-    study's would teach it nothing."""
+    study's would teach it nothing. A recipe given replaces every block's."""
+    if recipe is not None:
+        spec = replace(spec, recipe=recipe, axes=tuple({n: v for n, v in block.items() if n != "recipe"}
+                                                       for block in spec.axes))
     base = spec.training
     if model == "tiny" and spec.model != "tiny":
         from grid.tiny import TINY_TRAINING

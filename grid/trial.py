@@ -29,6 +29,7 @@ from pathlib import Path
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lamp.metrics import aggregate, score_examples
+from lamp.study import CHAT_NEW_TOKENS, chat_answer
 from lamp.tasks import get_task
 
 SAMPLE_PROMPTS = 20
@@ -160,6 +161,11 @@ def generate(model, device, tokenizer, rows: list, settings: dict, beams: int, d
     import torch
 
     spec = get_task(settings["task"])
+    decoding = {"num_beams": beams, "max_new_tokens": spec.max_new_tokens}
+    # The study's Llama-2-7b-chat: sampling beam search, 128 new tokens, its own reading of the answer.
+    chat = decoder_only and settings["recipe"] == "study"
+    if chat:
+        decoding = {"num_beams": 4, "do_sample": True, "max_new_tokens": CHAT_NEW_TOKENS}
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
     predictions = [None] * len(rows)
@@ -169,13 +175,13 @@ def generate(model, device, tokenizer, rows: list, settings: dict, beams: int, d
             ids = [rows[i]["prompt_ids"] for i in picked]
             input_ids = pad(ids, tokenizer.pad_token_id, left=decoder_only).to(device)
             mask = pad([[1] * len(s) for s in ids], 0, left=decoder_only).to(device)
-            out = model.generate(input_ids=input_ids, attention_mask=mask, num_beams=beams,
-                                 max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 repetition_penalty=settings["repetition_penalty"], synced_gpus=synced_gpus)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=tokenizer.pad_token_id,
+                                 repetition_penalty=settings["repetition_penalty"], synced_gpus=synced_gpus,
+                                 **decoding)
             if decoder_only:
                 out = out[:, input_ids.shape[1]:]
             for i, text in zip(picked, tokenizer.batch_decode(out, skip_special_tokens=True)):
-                predictions[i] = text.strip()
+                predictions[i] = chat_answer(text) if chat else text.strip()
     model.train()
     return predictions
 
@@ -530,24 +536,39 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
 
     cell, training = grid_cell.cell, grid_cell.training
     tokenizer = local_model(plan.model_path)  # this trial driver may run on any node
-    dev = ray.data.from_arrow(cell_table(plan.shards[cell.task]["dev"], cell, tokenizer, training.limit_dev,
-                                         training.max_prompt_tokens))
-    settings = {**asdict(training), "task": cell.task, "seed": cell.seed,
+    splits = plan.shards[cell.task]
+    dev_table = cell_table(splits["dev"], cell, tokenizer, training.limit_dev, training.max_prompt_tokens, splits)
+    dev = ray.data.from_arrow(dev_table)
+    settings = {**asdict(training), "task": cell.task, "seed": cell.seed, "recipe": cell.recipe,
                 "epochs": training.epochs_for(cell.task)}
     config = {"settings": settings, "model_path": plan.model_path, "run_id": run_id, "trial_start": trial_start,
               "tracking_uri": plan.tracking_uri, "zero_stage": plan.resources.zero_stage,
               "best_dir": join(plan.storage, trial_id, "best")}
     if settings["epochs"] == 0:
+        MlflowLog(plan.tracking_uri, run_id).metrics(prompt_statistics({"dev": dev_table}))
         cell_trainer(zero_shot_cell, config, {"dev": dev}, plan.resources, trial_id, plan.storage).fit()
         return
-    train = cell_table(plan.shards[cell.task]["train"], cell, tokenizer, training.limit_train,
-                       training.max_prompt_tokens)
+    train = cell_table(splits["train"], cell, tokenizer, training.limit_train, training.max_prompt_tokens, splits)
+    MlflowLog(plan.tracking_uri, run_id).metrics(prompt_statistics({"dev": dev_table, "train": train}))
     held_out = pa.array([selection_user(u, training.selection_share) for u in train.column("user").to_pylist()])
     fit = train.filter(pc.invert(held_out)).select(["input_ids", "labels"])
     select = ray.data.from_arrow(train.filter(held_out))
     datasets = {"train": ray.data.from_arrow(fit), "select": select, "dev": dev}
     cell_trainer(train_cell, {**config, "train_rows": fit.num_rows}, datasets, plan.resources, trial_id,
                  plan.storage).fit()
+
+
+def prompt_statistics(tables: dict) -> dict:
+    """Per split, what the prompts actually showed: the mean number of profile items,
+    and the share of examples whose task input lost its tail to the budget."""
+    import pyarrow.compute as pc
+
+    metrics = {}
+    for split, table in tables.items():
+        if table.num_rows:
+            metrics[f"{split}_items_shown"] = pc.mean(pc.list_value_length(table.column("retrieved"))).as_py()
+            metrics[f"{split}_input_cut_share"] = pc.mean(table.column("input_cut").cast("double")).as_py()
+    return metrics
 
 
 def cell_trainer(train_loop, config: dict, datasets: dict, resources, name: str, storage: str):
@@ -579,7 +600,7 @@ def run_vote(grid_cell, plan, run_id: str) -> dict:
     from lamp.vote import vote
 
     cell = grid_cell.cell
-    prompts = CellPrompts(plan.shards[cell.task]["dev"], cell)
+    prompts = CellPrompts(plan.shards[cell.task]["dev"], cell, splits=plan.shards[cell.task])
     examples = prompts.examples[: grid_cell.training.limit_dev or None]
     predictions = [vote(cell.task, e.input, prompts.retrieved(row)) for row, e in enumerate(examples)]
     golds = [e.output for e in examples]

@@ -19,12 +19,14 @@ import numpy as np
 
 from lamp.errors import LampError
 from lamp.seeding import example_rng
+from lamp.study import check_study_cell
 from lamp.tasks import get_task
 
 RETRIEVERS = ("none", "BM25", "Random", "Full_Random", "RanBM25", "Mixed")
 MIXED_SIDES = ("BM25", "Random", "Full_Random")
 ABLATIONS = ("both", "only_output", "decouple", "only_input")
 ORDERS = ("start", "end", "middle", "random")
+RECIPES = ("lamp", "study")  # SPEC §7a: ours, and the study's code reproduced
 
 # LaMP_1's input quotes the paper title and the two references (SPEC §1). Greedy
 # groups between the fixed phrases keep titles that themselves contain quotes.
@@ -114,10 +116,15 @@ def document_text(task: str, item: dict, by_input: bool = False) -> str:
     return f"{item[spec.input_half]} {item[spec.output_half]}"
 
 
-def drop_query_items(task: str, items: list[dict], query: str) -> list[dict]:
-    """The leakage guard: items whose input half (LaMP_7: text) is the query itself go."""
-    spec = get_task(task)
-    half = spec.input_half or spec.output_half
+def drop_query_items(task: str, items: list[dict], input_text: str) -> list[dict]:
+    """The leakage guard: the profile item the example was made from goes. LaMP_1:
+    the item whose title is the paper's title, as the study and LaMP compare;
+    elsewhere the item whose input half (LaMP_7: text) is the query itself."""
+    if task == "LaMP_1":
+        half, query = "title", lamp_1_titles(input_text)[0].strip()
+    else:
+        spec = get_task(task)
+        half, query = spec.input_half or spec.output_half, extract_query(task, input_text)
     return [item for item in items if str(item[half]).strip() != query]
 
 
@@ -195,9 +202,9 @@ def rank(task: str, example, retriever: str, *, by_input: bool = False, seed: in
     """
     query = extract_query(task, example.input)
     if retriever == "BM25":
-        return bm25_ranking(task, query, drop_query_items(task, example.profile, query), by_input)
+        return bm25_ranking(task, query, drop_query_items(task, example.profile, example.input), by_input)
     if retriever == "Random":
-        own = drop_query_items(task, example.profile, query)
+        own = drop_query_items(task, example.profile, example.input)
         order = example_rng(seed, example.id, "Random").permutation(len(own))
         return Ranking([own[i] for i in order], None)
     if retriever not in ("Full_Random", "RanBM25"):
@@ -207,10 +214,10 @@ def rank(task: str, example, retriever: str, *, by_input: bool = False, seed: in
     if retriever == "Full_Random":
         n = len(example.profile) if size is None else size
         drawn = pool.sample(example.user, n, example_rng(seed, example.id, "Full_Random"))
-        return Ranking(drop_query_items(task, drawn, query), None)
+        return Ranking(drop_query_items(task, drawn, example.input), None)
     # RanBM25: a fake profile of the data set's average size, then BM25 over it.
     fake = pool.sample(example.user, round(pool.mean_profile_size), example_rng(seed, example.id, "RanBM25"))
-    return bm25_ranking(task, query, drop_query_items(task, fake, query), by_input)
+    return bm25_ranking(task, query, drop_query_items(task, fake, example.input), by_input)
 
 
 # ----------------------------------------------------------------------------- selecting
@@ -245,9 +252,20 @@ def select(task: str, retriever: str, ranked: dict, k: int | float, rank_offset:
         return []
     n = resolve_k(k, profile_size)
     window = slice(rank_offset, rank_offset + n)
-    if retriever == "Mixed":
-        return pair_mixed(task, ranked[input_retriever][window], ranked[output_retriever][window])
-    return ranked[retriever][window]
+    if retriever != "Mixed":
+        return ranked[retriever][window]
+    output_window = window
+    if input_retriever == output_retriever != "BM25":
+        # Two draws of one random retriever: the output halves come from the next
+        # n ranks of its permutation, a draw of their own that never repeats an item.
+        output_window = slice(rank_offset + n, rank_offset + 2 * n)
+    return pair_mixed(task, ranked[input_retriever][window], ranked[output_retriever][output_window])
+
+
+def reach(retriever: str, k: int | float, rank_offset: int, profile_size: int) -> int:
+    """How far down its rankings a cell's window can read."""
+    n = resolve_k(k, profile_size)
+    return rank_offset + (2 * n if retriever == "Mixed" else n)
 
 
 def retrieve(task: str, example, retriever: str, k: int | float, *, ablation: str = "both",
@@ -268,12 +286,12 @@ def retrieve(task: str, example, retriever: str, k: int | float, *, ablation: st
 
 
 def check_cell(task: str, retriever: str, k: int | float, ablation: str = "both", order: str = "start",
-               rank_offset: int = 0, input_retriever: str | None = None,
-               output_retriever: str | None = None) -> None:
+               rank_offset: int | float = 0, input_retriever: str | None = None,
+               output_retriever: str | None = None, recipe: str = "lamp") -> None:
     """Refuse, in one line, a grid cell that cannot run, before any work starts."""
     spec = get_task(task)
-    for what, value, valid in (("retriever", retriever, RETRIEVERS), ("ablation", ablation, ABLATIONS),
-                               ("order", order, ORDERS)):
+    for what, value, valid in (("recipe", recipe, RECIPES), ("retriever", retriever, RETRIEVERS),
+                               ("ablation", ablation, ABLATIONS), ("order", order, ORDERS)):
         if value not in valid:
             raise LampError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
     if isinstance(k, bool) or not isinstance(k, numbers.Real):
@@ -282,20 +300,22 @@ def check_cell(task: str, retriever: str, k: int | float, ablation: str = "both"
         raise LampError(f"k must be >= 0, got {k}")
     if not isinstance(k, numbers.Integral) and not 0 < k < 1:
         raise LampError(f"a fractional k must lie in (0, 1) of the profile, got {k}; give whole k as an integer")
-    if isinstance(rank_offset, bool) or not isinstance(rank_offset, numbers.Integral) or rank_offset < 0:
-        raise LampError(f"rank_offset must be a whole number >= 0, got {rank_offset!r}")
+    # The study's offset may also be a share of the profile.
+    share = recipe == "study" and isinstance(rank_offset, float) and 0 < rank_offset < 1
+    if isinstance(rank_offset, bool) or not (isinstance(rank_offset, numbers.Integral) or share) or rank_offset < 0:
+        raise LampError(f"rank_offset must be a whole number >= 0{' or a share in (0, 1)' if recipe == 'study' else ''}"
+                        f", got {rank_offset!r}")
     if spec.input_half is None and ablation != "both":
         raise LampError(f"{task} items have only an output half: ablation must be 'both', got {ablation!r}")
     if retriever != "Mixed":
         if input_retriever is not None or output_retriever is not None:
             raise LampError(f"input_retriever / output_retriever are for Mixed only, not {retriever}")
-        return
-    if spec.input_half is None or task == "LaMP_1":
-        raise LampError(f"Mixed swaps output halves between items; {task} has no "
-                        + ("input half to keep" if spec.input_half is None else "label-like output half to swap"))
-    for side, name in (("input_retriever", input_retriever), ("output_retriever", output_retriever)):
-        if name not in MIXED_SIDES:
-            raise LampError(f"Mixed needs {side} in {', '.join(MIXED_SIDES)}, got {name!r}")
-    if input_retriever == output_retriever:
-        raise LampError(f"Mixed with {input_retriever} on both sides pairs every item with itself; "
-                        "give two different sub-retrievers")
+    else:
+        if spec.input_half is None or task == "LaMP_1":
+            raise LampError(f"Mixed swaps output halves between items; {task} has no "
+                            + ("input half to keep" if spec.input_half is None else "label-like output half to swap"))
+        for side, name in (("input_retriever", input_retriever), ("output_retriever", output_retriever)):
+            if name not in MIXED_SIDES:
+                raise LampError(f"Mixed needs {side} in {', '.join(MIXED_SIDES)}, got {name!r}")
+    if recipe == "study":
+        check_study_cell(task, retriever, k, ablation, order, rank_offset, input_retriever, output_retriever)

@@ -3,7 +3,7 @@
 from collections import deque
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lamp.prompts import TokenizerTokens, WhitespaceTokens, order_layout, render_prompt
@@ -49,7 +49,8 @@ def items_lamp_2(n, words=3):
 
 
 def test_lamp_2_full_items_precede_the_input():
-    prompt, ordered = render_prompt(TASKS["LaMP_2"], "INPUT", items_lamp_2(2), "both", "start", 0, "q", WORDS)
+    prompt, ordered, cut = render_prompt(TASKS["LaMP_2"], "INPUT", items_lamp_2(2), "both", "start", 0, "q", WORDS)
+    assert not cut
     assert prompt == ('the tag for the movie: "d0w0 d0w1 d0w2" is "tag0", and '
                       'the tag for the movie: "d1w0 d1w1 d1w2" is "tag1". INPUT')
     assert [item["id"] for item in ordered] == ["0", "1"]
@@ -57,9 +58,9 @@ def test_lamp_2_full_items_precede_the_input():
 
 def test_one_half_ablations_list_halves_after_a_lead():
     spec = TASKS["LaMP_2"]
-    prompt, _ = render_prompt(spec, "INPUT", items_lamp_2(2), "only_output", "end", 0, "q", WORDS)
+    prompt = render_prompt(spec, "INPUT", items_lamp_2(2), "only_output", "end", 0, "q", WORDS).text
     assert prompt == 'the tag for the previous movies are "tag1" "tag0". INPUT'
-    prompt, _ = render_prompt(spec, "INPUT", items_lamp_2(2, 1), "only_input", "start", 0, "q", WORDS)
+    prompt = render_prompt(spec, "INPUT", items_lamp_2(2, 1), "only_input", "start", 0, "q", WORDS).text
     assert prompt == 'The previous movies are "d0w0" "d1w0". INPUT'
 
 
@@ -82,14 +83,14 @@ def test_lamp_1_inserts_titles_after_the_quoted_paper_title():
     spec = TASKS["LaMP_1"]
     task_input = spec.input_template.format(title="Deep Nets", ref1="R one", ref2="R two")
     items = [{"id": "1", "title": "Old Paper", "abstract": "a b c"}, {"id": "2", "title": "Other", "abstract": "d"}]
-    prompt, _ = render_prompt(spec, task_input, items, "both", "start", 0, "q", WORDS)
+    prompt = render_prompt(spec, task_input, items, "both", "start", 0, "q", WORDS).text
     assert prompt.startswith('For an author who has written the paper with the title "Deep Nets", and '
                              '"Old Paper", and "Other", which reference is related?')
     assert prompt.endswith('[1]: "R one" [2]: "R two"')
 
 
 def test_no_items_gives_the_bare_input():
-    assert render_prompt(TASKS["LaMP_2"], "INPUT", [], "both", "start", 0, "q", WORDS) == ("INPUT", [])
+    assert render_prompt(TASKS["LaMP_2"], "INPUT", [], "both", "start", 0, "q", WORDS) == ("INPUT", [], False)
 
 
 def test_budget_trims_input_halves_never_outputs_or_the_task_input():
@@ -97,33 +98,62 @@ def test_budget_trims_input_halves_never_outputs_or_the_task_input():
     items = [{"id": str(i), "text": " ".join(["body"] * 400), "title": f"title {i} words stay whole"}
              for i in range(8)]
     task_input = " ".join(f"w{j}" for j in range(100))
-    prompt, _ = render_prompt(spec, task_input, items, "both", "start", 0, "q", WORDS)
-    assert prompt.endswith(". " + task_input)
-    assert WORDS.count(prompt) <= 512
+    prompt = render_prompt(spec, task_input, items, "both", "start", 0, "q", WORDS)
+    assert prompt.text.endswith(". " + task_input)
+    assert WORDS.count(prompt.text) <= 512
     for i in range(8):
-        assert f'"title {i} words stay whole" is the title for "body' in prompt
+        assert f'"title {i} words stay whole" is the title for "body' in prompt.text
 
 
-def test_a_long_task_input_is_never_cut():
+def test_items_that_do_not_fit_are_dropped_least_relevant_first():
+    spec = TASKS["LaMP_2"]
+    items = items_lamp_2(200, words=5)
+    task_input = " ".join(f"w{j}" for j in range(300))
+    for order in ("start", "end", "middle", "random"):
+        prompt = render_prompt(spec, task_input, items, "both", order, 0, "q", WORDS)
+        shown = sorted(int(item["id"]) for item in prompt.items)
+        assert 0 < len(shown) < 200 and shown == list(range(len(shown)))  # the top of the ranking
+        assert WORDS.count(prompt.text) <= 512 and prompt.text.endswith(". " + task_input)
+        assert prompt.text.count('" is "tag') == len(shown)
+
+
+def test_only_a_task_input_over_the_budget_is_cut_and_then_alone():
     spec = TASKS["LaMP_4"]
     task_input = " ".join(f"w{j}" for j in range(700))
     items = [{"id": "1", "text": "x " * 50, "title": "kept"}]
-    prompt, _ = render_prompt(spec, task_input, items, "both", "start", 0, "q", WORDS)
-    assert prompt.endswith(task_input)
-    assert '"kept"' in prompt
+    assert render_prompt(spec, task_input, items, "both", "start", 0, "q", WORDS) == (
+        " ".join(f"w{j}" for j in range(512)), [], True)
+    short = " ".join(f"w{j}" for j in range(500))
+    prompt = render_prompt(spec, short, items, "both", "start", 0, "q", WORDS)
+    assert not prompt.input_cut and prompt.text.endswith(short)
 
 
-def test_budget_with_a_hugging_face_tokenizer():
+def word_tokenizer(max_length=512):
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.train_from_iterator(["body title kept input words " * 20], trainers.WordPieceTrainer(
-        vocab_size=200, special_tokens=["[UNK]", "[PAD]"]))
-    tokens = TokenizerTokens(PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]"))
+        vocab_size=200, special_tokens=["[UNK]", "[PAD]", "</s>"]))
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                   eos_token="</s>", model_max_length=max_length)
+
+
+def test_budget_with_a_hugging_face_tokenizer_counts_everything():
+    tokenizer = word_tokenizer()
+    tokens = TokenizerTokens(tokenizer)
     spec = TASKS["LaMP_4"]
     items = [{"id": str(i), "text": "body " * 300, "title": "kept title"} for i in range(4)]
     task_input = "input words " * 60
-    prompt, _ = render_prompt(spec, task_input, items, "both", "start", 0, "q", tokens)
-    assert prompt.endswith(task_input)
-    assert prompt.count('"kept title"') == 4
-    # quotes and separators are counted per part, so allow a few tokens of slack
-    assert tokens.count(prompt) <= 512 + 8
+    prompt = render_prompt(spec, task_input, items, "both", "start", 0, "q", tokens)
+    assert prompt.text.endswith(task_input)
+    assert prompt.text.count('"kept title"') == 4
+    # Templates, separators and </s> included: exactly within the cap.
+    assert len(tokenizer(prompt.text)["input_ids"]) <= 512
+
+
+def test_the_budget_never_passes_the_models_longest_input():
+    tokenizer = word_tokenizer(max_length=64)
+    prompt = render_prompt(TASKS["LaMP_4"], "input words " * 10, [{"id": "1", "text": "body " * 300,
+                                                                     "title": "kept"}],
+                           "both", "start", 0, "q", TokenizerTokens(tokenizer), max_tokens=512)
+    assert len(tokenizer(prompt.text)["input_ids"]) <= 64 and prompt.items

@@ -16,6 +16,7 @@ from grid.report import (
     format_table,
     paired_statistics,
     seeds_interval,
+    table_rows,
 )
 from grid.run import Workdir
 from lamp.cell import Cell
@@ -90,18 +91,21 @@ def test_lower_is_better_metrics_read_a_drop_as_a_gain_in_the_header():
         return Comparison(setting, Cell("LaMP_3", retriever, 4), "LaMP_3", "MAE", {0: value},
                           baseline=retriever == "none", **change)
 
-    rows = [row("LaMP_3/none/tiny", "none", 0.9),
-            row("LaMP_3/BM25/k=4/tiny", "BM25", 0.5, delta=-0.4, low=-0.5, high=-0.3, p_value=0.0005),
-            row("LaMP_3/Random/k=4/tiny", "Random", 0.85, delta=-0.05, low=-0.2, high=0.1, p_value=0.5),
+    rows = [row("LaMP_3/lamp/none/tiny", "none", 0.9),
+            row("LaMP_3/lamp/BM25/k=4/tiny", "BM25", 0.5, delta=-0.4, low=-0.5, high=-0.3, p_value=0.0005,
+                items_shown=3.5, input_cut=0.25),
+            row("LaMP_3/lamp/Random/k=4/tiny", "Random", 0.85, delta=-0.05, low=-0.2, high=0.1, p_value=0.5),
             # An interval that just misses 0 while the permutation test finds nothing.
-            row("LaMP_3/Full_Random/k=4/tiny", "Full_Random", 0.89, delta=-0.01, low=-0.02, high=-0.0001,
+            row("LaMP_3/lamp/Full_Random/k=4/tiny", "Full_Random", 0.89, delta=-0.01, low=-0.02, high=-0.0001,
                 p_value=1.0),
-            Comparison("LaMP_3/RanBM25/k=4/tiny", Cell("LaMP_3", "RanBM25", 4), "LaMP_3", "MAE", {},
+            Comparison("LaMP_3/lamp/RanBM25/k=4/tiny", Cell("LaMP_3", "RanBM25", 4), "LaMP_3", "MAE", {},
                        missing={0: "FAILED"})]
     table = format_table(rows).splitlines()
     assert "MAE (lower is better)" in table[0]
     assert "(baseline)" in table[1]
     assert "-0.4000  [-0.5000, -0.3000]  p=0.0005" in table[2] and "not significant" not in table[2]
+    assert "items   3.5  input cut  25%" in table[2]
+    assert table_rows(rows[1:2], {})[1][8:10] == ["3.5", "25.0%"]
     assert table[3].endswith("not significant")
     assert table[4].endswith("p=1.0000  not significant")
     assert table[5].endswith("missing (seed 0 FAILED)")
@@ -113,11 +117,11 @@ GRID = {"name": "report-grid", "tasks": ["LaMP_2"], "model": "vote", "seeds": [0
         "axes": [{"retriever": ["none"]},
                  {"retriever": ["Random", "BM25"], "k": [1, 4]},
                  {"retriever": ["BM25"], "order": ["start", "end"], "k": [0.1, 0.3]}]}
-SETTINGS = ["LaMP_2/none/vote", "LaMP_2/Random/k=1/both/start/offset=0/vote",
-            "LaMP_2/Random/k=4/both/start/offset=0/vote", "LaMP_2/BM25/k=1/both/start/offset=0/vote",
-            "LaMP_2/BM25/k=4/both/start/offset=0/vote", "LaMP_2/BM25/k=0.1/both/start/offset=0/vote",
-            "LaMP_2/BM25/k=0.3/both/start/offset=0/vote", "LaMP_2/BM25/k=0.1/both/end/offset=0/vote",
-            "LaMP_2/BM25/k=0.3/both/end/offset=0/vote"]
+SETTINGS = ["LaMP_2/lamp/none/vote", "LaMP_2/lamp/Random/k=1/both/start/offset=0/vote",
+            "LaMP_2/lamp/Random/k=4/both/start/offset=0/vote", "LaMP_2/lamp/BM25/k=1/both/start/offset=0/vote",
+            "LaMP_2/lamp/BM25/k=4/both/start/offset=0/vote", "LaMP_2/lamp/BM25/k=0.1/both/start/offset=0/vote",
+            "LaMP_2/lamp/BM25/k=0.3/both/start/offset=0/vote", "LaMP_2/lamp/BM25/k=0.1/both/end/offset=0/vote",
+            "LaMP_2/lamp/BM25/k=0.3/both/end/offset=0/vote"]
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +153,9 @@ def test_the_report_of_a_finished_grid_has_every_cell_and_the_figures(finished_g
         assert cells[1] == "2"  # both seeds finished
         low, high = map(float, cells[4].strip("[]").split(", "))  # the CI over dev examples holds the mean
         assert low <= float(cells[2]) <= high
-        if setting != "LaMP_2/none/vote":
+        if setting != "LaMP_2/lamp/none/vote":
             assert cells[6].startswith("[") and 0 <= float(cells[7]) <= 1  # paired CI and p-value
-    assert rows["LaMP_2/BM25/k=4/both/start/offset=0/vote"][5].startswith("+")  # vote on BM25 beats `none`
+    assert rows["LaMP_2/lamp/BM25/k=4/both/start/offset=0/vote"][5].startswith("+")  # vote on BM25 beats `none`
     for name in ("LaMP_2-change.png", "LaMP_2-vs-k.png", "LaMP_2-vs-fraction.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
         assert f"]({name})" in (out / "report.md").read_text() and f'src="{name}"' in (out / "report.html").read_text()
@@ -176,8 +180,9 @@ def test_a_failed_cell_is_reported_missing_not_zero(finished_grid):
     runs = {r.data.tags["cell_key"]: r for r in client.search_runs([experiment], "tags.cell_key != ''")}
     # What a trial that crashed past its retries leaves: its run FAILED (here with
     # the metrics it had, which must not count).
-    failed = ["LaMP_2/BM25/k=4/both/start/offset=0/seed=1/vote", "LaMP_2/Random/k=1/both/start/offset=0/seed=0/vote",
-              "LaMP_2/Random/k=1/both/start/offset=0/seed=1/vote"]
+    failed = ["LaMP_2/lamp/BM25/k=4/both/start/offset=0/seed=1/vote",
+              "LaMP_2/lamp/Random/k=1/both/start/offset=0/seed=0/vote",
+              "LaMP_2/lamp/Random/k=1/both/start/offset=0/seed=1/vote"]
     for key in failed:
         client.set_terminated(runs[key].info.run_id, "FAILED")
     out = root / "failed"
@@ -185,11 +190,11 @@ def test_a_failed_cell_is_reported_missing_not_zero(finished_grid):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = report_rows((out / "report.md").read_text())
     assert sorted(rows) == sorted(SETTINGS)
-    bm25 = rows["LaMP_2/BM25/k=4/both/start/offset=0/vote"]
+    bm25 = rows["LaMP_2/lamp/BM25/k=4/both/start/offset=0/vote"]
     assert bm25[1] == "1 (missing: seed 1 FAILED)"
     assert float(bm25[2]) == pytest.approx(runs[failed[0].replace("seed=1", "seed=0")].data.metrics["dev_f1"],
                                            abs=1e-4)
-    assert rows["LaMP_2/Random/k=1/both/start/offset=0/vote"][2] == "missing (seed 0 FAILED, seed 1 FAILED)"
+    assert rows["LaMP_2/lamp/Random/k=1/both/start/offset=0/vote"][2] == "missing (seed 0 FAILED, seed 1 FAILED)"
     assert "missing (seed 0 FAILED, seed 1 FAILED)" in done.stdout
 
 

@@ -64,32 +64,65 @@ def test_shards_reproduce_render(data, shards, cell):
     assert len(rows) == 12
 
 
-def test_cell_dataset_carries_token_ids_given_a_model(data, shards, tmp_path):
+@pytest.fixture(scope="module")
+def tiny(data, tmp_path_factory):
     from grid.tiny import build_tiny_model
 
+    return build_tiny_model(data, ["LaMP_2"], tmp_path_factory.mktemp("model") / "tiny")
+
+
+def test_cell_dataset_carries_token_ids_given_a_model(shards, tiny):
     _, shard_list = shards
-    model = build_tiny_model(data, ["LaMP_2"], tmp_path / "tiny")
-    rows = cell_dataset(dev(shard_list), CELLS[0], model=str(model)).take(3)
+    rows = cell_dataset(dev(shard_list), CELLS[0], model=str(tiny)).take(3)
     for row in rows:
         assert len(row["input_ids"]) > len(row["prompt"].split()) / 2
         assert row["input_ids"][-1] == 1 and row["labels"][-1] == 1  # T5's </s>
 
 
-def test_the_prompt_budget_trims_the_profile_block_not_the_input(data, shards):
+STUDY_CELLS = [
+    Cell("LaMP_2", "Random", 2, "both", "random", seed=1, recipe="study"),
+    Cell("LaMP_2", "Full_Random", 3, "only_output", recipe="study"),
+    Cell("LaMP_2", "RanBM25", 2, "decouple", rank_offset=1, recipe="study"),
+    Cell("LaMP_2", "BM25", 0.5, "only_input", rank_offset=0.25, recipe="study"),
+    Cell("LaMP_2", "Mixed", 2, "both", "end", input_retriever="Random", output_retriever="BM25", recipe="study"),
+]
+
+
+@pytest.mark.parametrize("cell", STUDY_CELLS, ids=lambda c: f"{c.retriever}-{c.ablation}-{c.order}")
+def test_study_cells_render_from_the_cache_as_render_does(data, shards, tiny, cell):
     _, shard_list = shards
-    small = cell_table(dev(shard_list), CELLS[0], max_tokens=60).to_pylist()
+    args = ["render", "--data", data, "--task", cell.task, "--retriever", cell.retriever, "--k", cell.k,
+            "--ablation", cell.ablation, "--order", cell.order, "--seed", cell.seed, "--rank-offset",
+            cell.rank_offset, "--recipe", "study", "--model", tiny, "--max-tokens", 128, "--json"]
+    if cell.retriever == "Mixed":
+        args += ["--input-retriever", cell.input_retriever, "--output-retriever", cell.output_retriever]
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    expected = [json.loads(line) for line in done.stdout.splitlines()]
+    splits = {s.split: s for s in shard_list}
+    rows = cell_table(splits["dev"], cell, str(tiny), max_tokens=128, splits=splits).to_pylist()
+    assert [(r["id"], r["prompt"], r["retrieved"], r["input_ids"], r["input_cut"]) for r in rows] == \
+        [(e["id"], e["prompt"], e["retrieved"], e["input_ids"], e["input_cut"]) for e in expected]
+    assert all(len(r["input_ids"]) <= 128 for r in rows) and any(r["retrieved"] for r in rows)
+
+
+def test_the_prompt_budget_caps_the_prompt_and_keeps_the_input_whole(data, shards):
+    _, shard_list = shards
+    small = cell_table(dev(shard_list), CELLS[0], max_tokens=100).to_pylist()
     done = run_cli("render", "--data", data, "--task", "LaMP_2", "--retriever", "BM25", "--k", 3, "--order", "middle",
-                   "--max-tokens", 60, "--json")
+                   "--max-tokens", 100, "--json")
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["prompt"] for line in done.stdout.splitlines()] == [row["prompt"] for row in small]
     full = cell_table(dev(shard_list), CELLS[0]).to_pylist()
     inputs = {e.id: e.input for e in load_examples(dev(shard_list).examples)}
     for short, long in zip(small, full):
         task_input = inputs[short["id"]]
-        assert short["prompt"].endswith(task_input) and short["retrieved"] == long["retrieved"]
-        # The input keeps up to half of the 60 words; the items share the rest, tags always kept.
-        block = len(short["prompt"].split()) - len(task_input.split())
-        assert block <= 60 - 30 + 3 * 3 < len(long["prompt"].split()) - len(task_input.split())
+        assert len(short["prompt"].split()) <= 100
+        if short["input_cut"]:  # only an input over the budget alone is cut, and then shown alone
+            assert short["prompt"] == " ".join(task_input.split()[:100]) and not short["retrieved"]
+        else:
+            assert short["prompt"].endswith(task_input) and set(short["retrieved"]) <= set(long["retrieved"])
+    assert any(row["retrieved"] for row in small)
 
 
 def test_second_prepare_is_a_no_op_and_a_new_seed_only_adds_its_rankings(data, shards):

@@ -23,13 +23,32 @@ def test_cells_cross_the_axes_and_none_is_one_cell_per_task_and_seed():
     assert len(keys) == len(set(keys))
     # per task and seed: none once, BM25 x 2 ablations, Mixed once
     assert len(cells) == 2 * 2 * (1 + 2 + 1)
-    assert "LaMP_2/Mixed(BM25>Random)/k=0.5/both/start/offset=0/seed=1/tiny" in keys
+    assert "LaMP_2/lamp/Mixed(BM25>Random)/k=0.5/both/start/offset=0/seed=1/tiny" in keys
     assert sum(1 for c in cells if c.cell.retriever == "none") == 4
+
+
+def test_the_recipe_is_an_axis_with_a_grid_default_and_a_command_line_override():
+    from grid.spec import GridCell
+
+    grid = spec(recipe="study", axes=[{"retriever": ["none", "BM25"], "k": [4]},
+                                      {"recipe": ["lamp"], "retriever": ["BM25"], "k": [4], "rank_offset": [1]}])
+    keys = {c.key for c in grid.cells() if c.cell.task == "LaMP_2" and c.cell.seed == 0}
+    assert keys == {"LaMP_2/study/none/seed=0/tiny", "LaMP_2/study/BM25/k=4/both/start/offset=0/seed=0/tiny",
+                    "LaMP_2/lamp/BM25/k=4/both/start/offset=1/seed=0/tiny"}
+    everything_lamp = with_overrides(grid, recipe="lamp").cells()
+    assert {c.cell.recipe for c in everything_lamp} == {"lamp"} and len(everything_lamp) == len(grid.cells())
+    # A study offset may be a share of the profile; the params an MLflow run keeps give the cell back.
+    share = spec(recipe="study", axes=[{"retriever": ["BM25"], "k": [0.5], "rank_offset": [0.25]}]).cells()[0]
+    assert share.params()["recipe"] == "study"
+    params = {name: str(value) for name, value in share.params().items()}
+    assert GridCell.from_params(params, "run") == share
+    with pytest.raises(LampError, match="unknown recipe 'paper'; valid: lamp, study"):
+        spec(recipe="paper").cells()
 
 
 def test_invalid_cells_are_refused_with_the_cell_named():
     bad = spec(tasks=["LaMP_1"])  # Mixed on LaMP_1
-    with pytest.raises(LampError, match=r"grid 'g': cell LaMP_1/Mixed\(BM25>Random\).*LaMP_1"):
+    with pytest.raises(LampError, match=r"grid 'g': cell LaMP_1/lamp/Mixed\(BM25>Random\).*LaMP_1"):
         bad.cells()
 
 
@@ -49,8 +68,8 @@ def test_yaml_files_and_overrides(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("name: y\ntasks: [LaMP_4]\naxes:\n  - retriever: [BM25]\n    k: [1, 2]\n")
     loaded = with_overrides(load_grid(str(path), {}), model="vote", seeds=[3], epochs=0)
-    assert [c.key for c in loaded.cells()] == ["LaMP_4/BM25/k=1/both/start/offset=0/seed=3/vote",
-                                              "LaMP_4/BM25/k=2/both/start/offset=0/seed=3/vote"]
+    assert [c.key for c in loaded.cells()] == ["LaMP_4/lamp/BM25/k=1/both/start/offset=0/seed=3/vote",
+                                              "LaMP_4/lamp/BM25/k=2/both/start/offset=0/seed=3/vote"]
     assert loaded.training.epochs_for("LaMP_4") == 0
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(LampError, match="malformed YAML"):
@@ -87,7 +106,7 @@ def test_a_setting_is_its_cells_across_seeds():
     cells = spec().cells()
     settings = {c.setting for c in cells}
     assert len(settings) == len(cells) // 2  # two seeds
-    assert "LaMP_3/BM25/k=2/only_output/start/offset=0/tiny" in settings
+    assert "LaMP_3/lamp/BM25/k=2/only_output/start/offset=0/tiny" in settings
 
 
 def test_a_quick_look_with_the_tiny_model_takes_its_schedule():
@@ -109,9 +128,11 @@ def test_the_named_experiments_are_listed_with_their_cell_counts():
     assert done.returncode == 0, done.stderr
     counts = {line.split()[0]: int(line.split()[1]) for line in done.stdout.splitlines()}
     # fig-b: 2 ablations x 9 k x 3 seeds; fig-c: 3 orders x 5 fractions x 3 seeds;
-    # mixed: 4 tasks x (none + 6 ordered pairs of different retrievers) x 3 seeds.
-    assert counts == {"demo": 12, "paper-fig-a": 15, "paper-fig-b": 54, "paper-fig-c": 45, "paper-ablation": 60,
-                      "paper-mixed": 84, "paper-zero-shot": 30}
+    # fig-b-recipes: fig-b x 2 recipes; mixed: 4 tasks x (none + Random/Random, BM25/Random, Random/BM25)
+    # x 3 seeds; zero-shot: 6 tasks x 5 retrievers, one seed, per model (XL, XXL).
+    assert counts == {"demo": 12, "paper-fig-a": 15, "paper-fig-b": 54, "paper-fig-b-recipes": 108,
+                      "paper-fig-c": 45, "paper-ablation": 60, "paper-mixed": 48, "paper-zero-shot": 30,
+                      "paper-zero-shot-xxl": 30}
 
 
 def test_a_reader_that_goes_away_ends_the_listing_quietly():

@@ -83,13 +83,30 @@ def test_decoding_in_batches_sorted_by_length_keeps_the_rows_order(tmp_path):
     prompts = ["the cat", "a dog ran far away and the cat sat on the mat", "news", "stars and tags",
                "the day of the dog", "a", "titles and tags and stars and news of the day"]
     rows = [{"prompt_ids": tokenizer(p)["input_ids"]} for p in prompts]
-    settings = {"task": "LaMP_4", "repetition_penalty": 1.0}
+    settings = {"task": "LaMP_4", "repetition_penalty": 1.0, "recipe": "lamp"}
     one_by_one = generate(model, torch.device("cpu"), tokenizer, rows, {**settings, "eval_batch_size": 1}, 1,
                           False, False)
     batched = generate(model, torch.device("cpu"), tokenizer, rows, {**settings, "eval_batch_size": 3}, 1,
                        False, False)
     assert batched == one_by_one
     assert len(set(one_by_one)) > 1  # the rows differ, so a shuffled order would show
+
+
+def test_a_decoder_only_model_under_the_study_recipe_decodes_as_its_llama_2_did(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from grid.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["Answer: the cat sat\n on the \"mat\"", "a dog ran far away"] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
+                                       pad_token_id=0, eos_token_id=1))
+    rows = [{"prompt_ids": tokenizer(p + "\nAnswer:")["input_ids"]} for p in ("the cat", "a dog ran")]
+    settings = {"task": "LaMP_4", "repetition_penalty": 1.0, "recipe": "study", "eval_batch_size": 2}
+    predictions = generate(model, torch.device("cpu"), tokenizer, rows, settings, 1, True, False)
+    # 128 sampled tokens of an untrained model, read as the study read them: one line, no quotes.
+    assert len(predictions) == 2
+    assert all("\n" not in p and not p.startswith('"') and "Answer:" not in p for p in predictions)
 
 
 def test_best_weights_are_kept_per_epoch_and_pruned_to_what_states_point_to(tmp_path):
