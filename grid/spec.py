@@ -41,8 +41,9 @@ from lamp.errors import LampError
 from lamp.tasks import get_task
 
 AXES = ("recipe", "retriever", "k", "ablation", "order", "rank_offset", "input_retriever", "output_retriever")
-AXIS_DEFAULTS = {"recipe": "lamp", "retriever": "none", "k": 0, "ablation": "both", "order": "start",
-                 "rank_offset": 0, "input_retriever": None, "output_retriever": None}
+# The recipe's default is the grid's own (GridSpec.recipe).
+AXIS_DEFAULTS = {"retriever": "none", "k": 0, "ablation": "both", "order": "start", "rank_offset": 0,
+                 "input_retriever": None, "output_retriever": None}
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from collections import Counter
 import numpy as np
 
 from lamp.errors import LampError
-from lamp.prompts import Prompt
+from lamp.prompts import Prompt, order_layout
 
 PROCESSES = 24  # process_num
 BATCH = 1000  # process_batch_size
@@ -232,18 +232,13 @@ class Replay:
         order = self.cell.order if self.cell.ablation == "both" else "start"
         if not items and self.cell.task != "LaMP_1":  # returned before ordering (LaMP_1 has no such test)
             return items
-        if order == "end":
-            return items[::-1]
-        if order == "middle":
-            n = len(items)
-            if n % 2:
-                return [items[-2 - 2 * i] for i in range(n // 2)] + [items[2 * i] for i in range(n // 2 + 1)]
-            return [items[-1 - 2 * i] for i in range(n // 2)] + [items[2 * i] for i in range(n // 2)]
-        if order == "random":
+        if order == "random":  # one seeded shuffle, which also resets the stream later draws come from
             items = list(items)
             rng.seed(self.cell.seed)
             rng.shuffle(items)
-        return items
+            return items
+        # reorder_list_middle lays items out as `lamp` does; `end` reverses them.
+        return [items[rank] for rank in order_layout(order, len(items), self.cell.seed, "")]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -307,9 +302,11 @@ def study_prompt(task: str, task_input: str, items: list, ablation: str, tokeniz
     """The study's prompt, and what of it the model receives after the tokenizer's cut:
     the items whose whole text is in it, and whether the task input lost its tail."""
     text, pieces = render_study(task, task_input, items, ablation, tokenizer, max_input)
-    encoded = tokenizer(text, max_length=max_input, truncation=True, return_offsets_mapping=True)
-    cut_input = len(tokenizer(text)["input_ids"]) > max_input
-    kept = text[:max((end for _, end in encoded["offset_mapping"]), default=0)] if cut_input else text
+    # The cut keeps the first max_input tokens, special tokens included: one encoding says where it falls.
+    ends = [end for _, end in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    room = max_input - tokenizer.num_special_tokens_to_add()
+    cut_input = len(ends) > room
+    kept = text[:ends[room - 1] if room > 0 else 0] if cut_input else text
     shown, at = 0, 0
     for piece in pieces:
         at = kept.find(piece, at)
