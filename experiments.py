@@ -98,9 +98,21 @@ PUBLISHED = {
 
 
 def cmd_synth(args) -> int:
-    from lamp.synth import write_synthetic
+    from lamp.synth import write_like_lamp, write_synthetic
 
-    write_synthetic(args.out, tasks=args.tasks, users=args.users, seed=args.seed,
+    if args.like_lamp:
+        given = [name for name, value in (("--users", args.users), ("--profile-size", args.profile_size))
+                 if value is not None]
+        if given:
+            raise LampError(f"--like-lamp sets the sizes itself; drop {' and '.join(given)}")
+        scale = 1.0 if args.scale is None else args.scale
+        counts = write_like_lamp(args.out, tasks=args.tasks, scale=scale, seed=args.seed)
+        sizes = ", ".join(f"{task} {train}/{dev}" for task, (train, dev) in counts.items())
+        print(f"wrote LaMP-sized synthetic data (train/dev questions: {sizes}) under {args.out}")
+        return 0
+    if args.scale is not None:
+        raise LampError("--scale works with --like-lamp only")
+    write_synthetic(args.out, tasks=args.tasks, users=400 if args.users is None else args.users, seed=args.seed,
                     profile_size=args.profile_size)
     print(f"wrote synthetic LaMP data for {', '.join(args.tasks)} under {args.out}")
     return 0
@@ -220,23 +232,32 @@ def cmd_render(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from grid.run import Workdir
+    from grid.run import Workdir, prepare_grid, render_cells
     from grid.shards import prepare
     from grid.storage import local_data
 
     work = Workdir(Path(args.workdir).resolve())
-    prepare(local_data(args.data, work.mirror), args.cache or work.cache, tasks=args.tasks,
-            retrievers=args.retrievers, seeds=args.seeds, workers=args.workers, address=args.address,
-            stage_dir=work.cache)
+    if args.grid is None:
+        if args.data is None:
+            raise LampError("prepare: give --data, or --grid to prepare a grid's cells")
+        prepare(local_data(args.data, work.mirror), args.cache or work.cache, tasks=args.tasks,
+                retrievers=args.retrievers, seeds=args.seeds or [0], workers=args.workers, address=args.address,
+                stage_dir=work.cache)
+        return 0
+    spec = grid_spec(args)
+    cells, cache = spec.cells(), args.cache or str(work.cache)
+    work.root.mkdir(parents=True, exist_ok=True)
+    _, local_model, model_path, shards = prepare_grid(spec, cells, args.data or spec.data, work, cache,
+                                                      args.address, args.users)
+    render_cells(cells, shards, local_model, model_path, work, cache, args.address, args.workers)
     return 0
 
 
 def cmd_run(args) -> int:
     from grid.run import Workdir, run_grid
-    from grid.spec import Resources, load_grid, with_overrides
+    from grid.spec import Resources
 
-    spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, recipe=args.recipe,
-                          epochs=args.epochs, limit_train=args.limit_train, limit_dev=args.limit_dev)
+    spec = grid_spec(args)
     resources = Resources(workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
                           zero_stage=args.zero_stage, custom_per_worker=args.resources_per_worker)
     results = run_grid(spec, args.data or spec.data, Path(args.workdir), tracking_uri=args.tracking_uri,
@@ -305,6 +326,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def add_grid_overrides(p) -> None:
+    """What `run` and `prepare --grid` may override in a grid, so both render the same cells."""
+    p.add_argument("--model", help="a hub id, a local model folder, `tiny` or `vote` (default: the grid's)")
+    p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds (prepare without a grid: 0)")
+    p.add_argument("--recipe", help="run every cell with this recipe: lamp or study (default: the grid's)")
+    p.add_argument("--epochs", type=int, help="override the grid's epochs (0: zero-shot)")
+    p.add_argument("--limit-train", type=int, help="train on the first N examples only")
+    p.add_argument("--limit-dev", type=int, help="evaluate on the first N dev examples only")
+
+
+def grid_spec(args):
+    """The grid named on the command line, with the overrides given."""
+    from grid.spec import load_grid, with_overrides
+
+    return with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, recipe=args.recipe,
+                          epochs=args.epochs, limit_train=args.limit_train, limit_dev=args.limit_dev)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from grid.run import SYNTHETIC_USERS
 
@@ -315,10 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("synth", help="write synthetic LaMP data in the official layout")
     p.add_argument("--out", required=True, help="directory to write LaMP_k/<split>/ files into")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="LaMP_k")
-    p.add_argument("--users", type=int, default=400, help="users per task (train + dev)")
+    p.add_argument("--users", type=int, default=None, help="users per task (train + dev; default 400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile-size", type=int, default=None,
                    help="mean profile items per user (default: per task)")
+    p.add_argument("--like-lamp", action="store_true",
+                   help="LaMP's own sizes: its user-based train/dev question counts, profile sizes, text lengths")
+    p.add_argument("--scale", type=float, default=None,
+                   help="with --like-lamp: this fraction (0 < F <= 1) of LaMP's question counts (default 1)")
     p.set_defaults(run=cmd_synth)
 
     p = verbs.add_parser("validate", help="check LaMP files and print their shape")
@@ -354,11 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=cmd_render)
 
-    p = verbs.add_parser("prepare", help="convert LaMP files to Parquet and rank every example once")
-    p.add_argument("--data", required=True, help="a directory (or s3://, gs:// URI) holding LaMP_k task folders")
-    p.add_argument("--tasks", nargs="+", default=None, metavar="LaMP_k")
-    p.add_argument("--retrievers", nargs="+", default=["BM25", "Random", "Full_Random", "RanBM25"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p = verbs.add_parser("prepare", help="convert LaMP files to Parquet and rank every example once; with "
+                         "--grid, also render every cell of the grid (what `run` does before its trials)")
+    p.add_argument("--grid", help=f"a named grid ({', '.join(GRIDS)}) or a YAML file: prepare and render its cells")
+    p.add_argument("--data", help="a directory (or s3://, gs:// URI) holding LaMP_k task folders, or `synthetic` "
+                   "(required without --grid; default: the grid's)")
+    p.add_argument("--users", type=int, default=SYNTHETIC_USERS,
+                   help="with --data synthetic: users per task, written once into the work directory")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="LaMP_k", help="without --grid: the tasks")
+    p.add_argument("--retrievers", nargs="+", default=["BM25", "Random", "Full_Random", "RanBM25"],
+                   help="without --grid: the rankings to compute")
+    add_grid_overrides(p)
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--cache", help="the shard cache, a directory or URI (default: WORKDIR/cache, shared by every "
                    "command)")
@@ -371,7 +420,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a LaMP directory or URI (s3://...), or `synthetic` (default: the grid's)")
     p.add_argument("--users", type=int, default=SYNTHETIC_USERS,
                    help="with --data synthetic: users per task, written once into the work directory")
-    p.add_argument("--model", help="a hub id, a local model folder, `tiny` or `vote` (default: the grid's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
     p.add_argument("--storage", help="Ray's storage path, a directory or URI (default: WORKDIR/ray_results)")
     p.add_argument("--cache", help="the shard cache, a directory or URI such as s3://... (default: WORKDIR/cache)")
@@ -382,11 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resources-per-worker", type=custom_resources, default={}, metavar="JSON",
                    help="custom Ray resources each trial worker needs, e.g. '{\"trial_node\": 1}'")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as fit)")
-    p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds")
-    p.add_argument("--recipe", help="run every cell with this recipe: lamp or study (default: the grid's)")
-    p.add_argument("--epochs", type=int, help="override the grid's epochs (0: zero-shot)")
-    p.add_argument("--limit-train", type=int, help="train on the first N examples only")
-    p.add_argument("--limit-dev", type=int, help="evaluate on the first N dev examples only")
+    add_grid_overrides(p)
     p.add_argument("--retries", type=int, default=2, help="retries of a crashed trial")
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--resume", action="store_true", help="restore this grid's interrupted run")

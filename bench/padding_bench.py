@@ -21,7 +21,8 @@ import torch
 from report import write_result  # bench/report.py: scripts run from bench/
 from transformers import AutoModelForSeq2SeqLM
 
-from grid.shards import cell_table, prepare
+from grid.render import cell_table
+from grid.shards import prepare
 from grid.tiny import build_tiny_model
 from grid.trial import CHUNK_BATCHES, LengthBatches, pad
 from lamp.cell import Cell

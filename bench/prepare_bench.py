@@ -24,7 +24,8 @@ from rank_bm25 import BM25Okapi
 from report import write_result  # bench/report.py: scripts run from bench/
 from transformers import AutoTokenizer
 
-from grid.shards import CellPrompts, prepare
+from grid.render import CellPrompts
+from grid.shards import prepare
 from grid.tiny import build_tiny_model
 from lamp.cell import Cell
 from lamp.data import find_splits, read_examples

@@ -15,7 +15,9 @@ from lamp.errors import LampError
 # every 2 s by default: at the start and end of every trial, that is waiting.
 # Tune's reporter shows a trial's progress, so Ray Data's bars inside trials only
 # flood the console.
-WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+# Renderers run one per CPU: the tokenizer's own thread pool would only compete with them.
+WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+              "TOKENIZERS_PARALLELISM": "false"}
 # On a local cluster, two more actors per trial do nothing but cost CPU: the
 # preemption watcher (for cloud spot nodes) and the Train metrics exporter.
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}

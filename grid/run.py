@@ -24,6 +24,7 @@ class RunPlan:
     cells: list
     run_ids: list
     shards: dict  # task -> {"train": SplitShards, "dev": SplitShards}
+    renders: dict  # cell key -> {"dev": Rendered, "train": Rendered}: what the trials read
     model_path: str | None
     tracking_uri: str
     storage: str
@@ -211,6 +212,43 @@ def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
     return "\n".join(lines)
 
 
+def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: str, address: str | None = None,
+                 users: int = SYNTHETIC_USERS, log=print) -> tuple:
+    """The data, the model and the rankings of a grid's cells, computed once. Returns
+    (data directory, model as this process loads it, model as every node reaches
+    it, task -> {split: SplitShards})."""
+    from grid.cluster import model_for_nodes
+    from grid.shards import prepare
+
+    data_dir = resolve_data(data, spec, work, users, log).resolve()
+    local_model = resolve_model(spec.model, data_dir, spec, work, log)
+    model_path = model_for_nodes(local_model, cache, log)
+    # Rankings for the `lamp` cells only: the `study` recipe retrieves as the study did, when it renders.
+    ranked = [c.cell for c in cells if c.cell.recipe == "lamp"]
+    shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
+                         retrievers=sorted({c.retriever for c in ranked} - {"none"}), seeds=list(spec.seeds),
+                         address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),
+                         stage_dir=work.cache)
+    shards = {}
+    for s in shard_list:
+        if s.setting == "user" or s.split not in shards.get(s.task, {}):
+            shards.setdefault(s.task, {})[s.split] = s
+    return data_dir, local_model, model_path, shards
+
+
+def render_cells(cells: list, shards: dict, local_model: str | None, model_path: str | None, work: Workdir,
+                 cache: str, address: str | None = None, workers: int | None = None, log=print) -> dict:
+    """Every cell's rendered splits (cell key -> {split: Rendered}), rendered where the
+    cache lacks them: what the trials read. `vote` cells render nothing."""
+    from grid.render import render_grid
+
+    if local_model is None:
+        return {}
+    remote = cache if is_uri(cache) else None
+    return render_grid(cells, shards, local_model, model_path, work.cache if remote else Path(cache).resolve(),
+                       remote, address, workers, log)
+
+
 def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None = None,
              storage: str | None = None, cache: str | None = None, address: str | None = None,
              resources: Resources = Resources(),
@@ -218,8 +256,8 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
              retries: int = 2, users: int = SYNTHETIC_USERS, log=print) -> list:
     """Runs the grid; returns a CellResult per cell."""
     from grid import tracking
-    from grid.cluster import check_fits, ensure_ray, for_other_nodes, model_for_nodes, trials_that_fit
-    from grid.shards import digest, prepare
+    from grid.cluster import check_fits, ensure_ray, for_other_nodes, trials_that_fit
+    from grid.shards import digest
 
     cells = spec.cells()
     check_batches(cells, resources)
@@ -241,19 +279,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     storage = storage or work.storage
     trial_tracking_uri = for_other_nodes(tracking_uri, client.get_experiment(experiment).artifact_location,
                                          cache, storage, log)
-    data_dir = resolve_data(data, spec, work, users, log).resolve()
-    model_path = model_for_nodes(resolve_model(spec.model, data_dir, spec, work, log), cache, log)
-
-    # Rankings for the `lamp` cells only: the `study` recipe retrieves as the study did, in the trial.
-    ranked = [c.cell for c in cells if c.cell.recipe == "lamp"]
-    shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
-                         retrievers=sorted({c.retriever for c in ranked} - {"none"}), seeds=list(spec.seeds),
-                         address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),
-                         stage_dir=work.cache)
-    shards = {}
-    for s in shard_list:
-        if s.setting == "user" or s.split not in shards.get(s.task, {}):
-            shards.setdefault(s.task, {})[s.split] = s
+    data_dir, local_model, model_path, shards = prepare_grid(spec, cells, data, work, cache, address, users, log)
     fingerprints = {task: digest(parts["train"].examples, parts["dev"].examples) for task, parts in shards.items()}
 
     plan_file = work.plan_file(spec.name)
@@ -268,10 +294,11 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
             f"running {len(pending)}")
         if not pending:
             return summarize(by_key, cells, fingerprints)
+        renders = render_cells(pending, shards, local_model, model_path, work, cache, address, log=log)
         parent = tracking.start_parent(client, experiment, spec.name, {"data": str(data_dir)})
         run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name)
                    for c in pending]
-        plan = RunPlan(pending, run_ids, shards, model_path, trial_tracking_uri, storage, resources)
+        plan = RunPlan(pending, run_ids, shards, renders, model_path, trial_tracking_uri, storage, resources)
         name = f"{spec.name}-{parent[:8]}"
         path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
         from grid.trial import run_trial

@@ -13,7 +13,7 @@ so a sweep over ablation x order x k redid the same ranking dozens of times.
 A ranking shard holds, per example row, references (row, position) to the
 candidate items in rank order, and their scores. Everything a cell varies after
 that (k, fractions, rank_offset, ablation, order, Mixed pairing) is derived by
-rendering alone: `cell_dataset` hands a cell its prompts as a Ray Dataset.
+rendering alone, once per grid, before its trials (grid/render.py).
 
 The cache is content-addressed: a directory's name is a hash of what it was
 computed from (the input files' bytes, the parameters, the source of the
@@ -22,7 +22,6 @@ so a killed `prepare` leaves nothing that looks complete, and a second
 `prepare` finds everything and does nothing.
 """
 
-import functools
 import hashlib
 import os
 import shutil
@@ -30,24 +29,18 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import lamp.cell
 import lamp.retrieval
 import lamp.seeding
-from grid.storage import is_uri, join, publish
+from grid.storage import is_uri, join, open_input, publish
 from lamp.data import Example, SplitFiles, find_splits, read_examples
 from lamp.errors import LampError
-from lamp.prompts import (
-    MAX_PROMPT_TOKENS,
-    Prompt,
-    TokenizerTokens,
-    WhitespaceTokens,
-    render_prompt,
-)
-from lamp.retrieval import MIXED_SIDES, ItemPool, rank, ranked_sides, select
-from lamp.study import Replay, study_prompt
+from lamp.retrieval import MIXED_SIDES, ItemPool, pool_draw, rank, ranked_sides
 from lamp.tasks import get_task
 
 CACHE_FORMAT = "1"
@@ -57,6 +50,10 @@ RANKING_SCHEMA = pa.schema([("row", pa.int64()), ("cand_row", pa.list_(pa.int64(
 # Rankings that draw random numbers, and so are stored once per seed.
 SEEDED = {"Random", "Full_Random", "RanBM25", "RanBM25_input"}
 POOLED = {"Full_Random", "RanBM25"}
+REMEMBERED_ROW_GROUPS = 2  # row groups a ranker keeps decoded while reading other users' items
+CHUNK = 64  # examples a ranker turns into Python objects at a time
+RANKER_BASE = 512 << 20  # a ranker's Python, numpy, pyarrow and Ray (a Ray worker is ~250 MB), and slack
+PREFETCH_BYTES = 256 << 20  # other users' items (as Arrow) a ranker reads for one batch
 
 
 def ranking_name(retriever: str, by_input: bool) -> str:
@@ -165,47 +162,258 @@ def load_examples(path) -> list:
 # --- 2. Rankings, as a Ray Data pipeline ------------------------------------------
 
 
+class ProfileItems:
+    """Profile items of examples.parquet by (row, position), read a row group at a
+    time (its `profile` column only); the last few row groups are remembered. Row
+    numbers are positions in the file: it is written in row order."""
+
+    def __init__(self, path, remembered: int = REMEMBERED_ROW_GROUPS):
+        self.file = pq.ParquetFile(open_input(path))
+        meta = self.file.metadata
+        self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self.remembered, self.groups = remembered, {}  # row group -> its profile ListArray, newest last
+
+    def profiles(self, group: int) -> pa.ListArray:
+        if group in self.groups:
+            self.groups[group] = self.groups.pop(group)
+        else:
+            if len(self.groups) >= self.remembered:
+                del self.groups[next(iter(self.groups))]
+            # One thread: a ranker runs per CPU.
+            table = self.file.read_row_group(group, columns=["profile"], use_threads=False)
+            self.groups[group] = table.column(0).combine_chunks()
+        return self.groups[group]
+
+    def take(self, rows, positions) -> pa.ChunkedArray:
+        """The items at (rows[i], positions[i]), rows in file order, as Arrow: a chunk
+        for each row group they lie in, read once."""
+        rows, positions = np.asarray(rows, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+        if (rows[1:] < rows[:-1]).any():
+            raise ValueError("ProfileItems.take reads rows in file order")
+        groups = np.searchsorted(self.starts, rows, side="right") - 1
+        parts = []
+        for group in np.unique(groups).tolist():
+            wanted = groups == group
+            profiles = self.profiles(group)
+            at = profiles.offsets.to_numpy()[rows[wanted] - self.starts[group]] + positions[wanted]
+            parts.append(profiles.values.take(pa.array(at)))
+        return pa.chunked_array(parts, self.file.schema_arrow.field("profile").type.value_type)
+
+    def __call__(self, rows, positions) -> list[dict]:
+        """The items at (rows[i], positions[i]), in that order, as `load_examples` gives them."""
+        rows, positions = np.asarray(rows, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        items = [None] * len(rows)
+        for i, item in zip(order.tolist(), as_items(self.take(rows[order], positions[order]))):
+            items[i] = item
+        return items
+
+
+def as_items(items) -> list[dict]:
+    """Arrow profile items as Python, as `to_example` gives them."""
+    return [{k: v for k, v in item.items() if v is not None} for item in items.to_pylist()]
+
+
+def take_items(items: pa.ChunkedArray, starts: np.ndarray, at: np.ndarray) -> list[dict]:
+    """items[at] as Python, chunk by chunk (starts: where each chunk starts). Arrow's
+    own take on a chunked array first joins its chunks: a copy of them all."""
+    chunks = np.searchsorted(starts, at, side="right") - 1
+    taken = [None] * len(at)
+    for chunk in np.unique(chunks).tolist():
+        wanted = np.flatnonzero(chunks == chunk)
+        for i, item in zip(wanted.tolist(), as_items(items.chunk(chunk).take(pa.array(at[wanted] - starts[chunk])))):
+            taken[i] = item
+    return taken
+
+
+def profile_id_column(file: pq.ParquetFile) -> str:
+    """The Parquet column path of profile item ids (profile.list.element.id)."""
+    schema = file.schema
+    paths = [schema.column(i).path for i in range(len(schema))]
+    (path,) = [p for p in paths if p.startswith("profile.") and p.endswith(".id")]
+    return path
+
+
+def parquet_pool(path, items=None) -> ItemPool:
+    """The ItemPool of an examples file, read from its users and item ids alone, a
+    row group at a time: what `ItemPool(load_examples(path))` lays out and draws,
+    at a few bytes per item. items(rows, positions) fetches drawn items (by
+    default from the file, as ProfileItems reads them)."""
+    file = pq.ParquetFile(open_input(path))
+    column = profile_id_column(file)
+    users, sizes, ids = [], [], []
+    for group in range(file.num_row_groups):
+        table = file.read_row_group(group, columns=["user", column])
+        profiles = table.column("profile").combine_chunks()
+        users += table.column("user").to_pylist()
+        sizes.append(pc.list_value_length(profiles).fill_null(0).to_numpy())
+        ids.append(profiles.flatten().field("id"))
+    pool = ItemPool.from_ids(users, np.concatenate(sizes) if sizes else [], pa.chunked_array(ids, pa.string()),
+                             items or ProfileItems(path))
+    pa.default_memory_pool().release_unused()  # laying it out took ~15x what it keeps
+    return pool
+
+
+def place_keys(rows, positions) -> np.ndarray:
+    """(row, pos) pairs as sortable integers."""
+    return (np.asarray(rows, dtype=np.int64) << 32) | np.asarray(positions, dtype=np.int64)
+
+
+def pooled_draws(wanted) -> list:
+    """The distinct draws of other users' items among wanted rankings: (retriever, seed);
+    a RanBM25 ranking over input halves draws what RanBM25 draws."""
+    return sorted({(name.removesuffix("_input"), seed or 0) for name, seed in wanted
+                   if name.removesuffix("_input") in POOLED})
+
+
 class RankExamples:
-    """map_batches callable: every wanted (ranking, seed) of each example in a batch."""
+    """map_batches callable: every wanted (ranking, seed) of each example in a batch.
+
+    It holds no split: a batch's own examples come with it, and other users'
+    items (Full_Random, RanBM25) are drawn from a pool of slots, (row, pos) in
+    examples.parquet, and read from the file. Draws spread over the whole split,
+    so a batch's draws are made first and its items read together, each row
+    group once, into an Arrow store; `rank` then draws them again, the same, and
+    the pool fetches them from there. Batches are turned into Python objects
+    CHUNK examples at a time.
+    """
 
     def __init__(self, task: str, examples_path: str, wanted: list):
         self.task, self.wanted = task, wanted
-        self.examples = self.pool = None
-        if any(name.removesuffix("_input") in POOLED for name, _ in wanted):
-            # Other users' items: the whole split is needed.
-            self.examples = load_examples(examples_path)  # a path or a URI
-            self.pool = ItemPool(self.examples)
-            # Items are referenced by identity: the pool hands out the very dicts.
-            self.pool_refs = {id(item): (row, pos) for row, example in enumerate(self.examples)
-                              for pos, item in enumerate(example.profile)}
+        self.pool = self.file = None
+        self.draws = pooled_draws(wanted)
+        self.clear()
+        if self.draws:
+            self.file = ProfileItems(examples_path)
+            self.pool = parquet_pool(examples_path, self.items)
+
+    def clear(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)  # the batch's drawn places, sorted, and their items in `store`
+        self.store, self.starts = None, None
+        self.places = {}  # id(item) -> (row, pos) of the pooled items handed out
+
+    def prefetch(self, batch: pa.Table) -> None:
+        """Reads the items every pooled ranking of the batch draws."""
+        sizes = pc.list_value_length(batch.column("profile")).fill_null(0).to_pylist()
+        drawers = [Example(id=i, user=u, input="", profile=[None] * n, output=None)
+                   for i, u, n in zip(batch.column("id").to_pylist(), batch.column("user").to_pylist(), sizes)]
+        slots = np.unique(np.concatenate([pool_draw(example, retriever, self.pool, seed) for example in drawers
+                                          for retriever, seed in self.draws] or [np.zeros(0, dtype=np.int64)]))
+        rows, positions = self.pool.row[slots], self.pool.pos[slots]
+        self.keys = place_keys(rows, positions)
+        order = np.argsort(self.keys)
+        self.keys = self.keys[order]
+        self.store = self.file.take(rows[order], positions[order])
+        self.starts = np.cumsum([0] + [len(chunk) for chunk in self.store.chunks])
+
+    def items(self, rows, positions) -> list[dict]:
+        """Pooled items by (row, pos): from the batch's store, else from the file."""
+        keys = place_keys(rows, positions)
+        at = np.searchsorted(self.keys, keys)
+        found = at < len(self.keys)
+        found[found] = self.keys[at[found]] == keys[found]
+        if found.all():
+            items = take_items(self.store, self.starts, at)
+        else:  # a draw `prefetch` did not foresee: correct, only slower
+            items = self.file(rows, positions)
+        self.places.update(zip(map(id, items), zip(rows, positions)))
+        return items
 
     def __call__(self, batch: pa.Table) -> dict:
-        records = batch.to_pylist()
-        out = {"row": [record["row"] for record in records]}
-        for name, seed in self.wanted:
-            ranked = [self.rank(record, name, seed or 0) for record in records]
-            for column in ("cand_row", "cand_pos", "score"):
-                out[f"{name}/{seed}/{column}"] = [r[column] for r in ranked]
-        return out
+        out = {"row": batch.column("row").to_pylist()}
+        columns = {f"{name}/{seed}/{c}": [] for name, seed in self.wanted for c in ("cand_row", "cand_pos", "score")}
+        try:
+            if self.pool is not None:
+                self.prefetch(batch)
+            for start in range(0, batch.num_rows, CHUNK):
+                records = batch.slice(start, CHUNK).to_pylist()
+                examples = [to_example(record) for record in records]
+                for name, seed in self.wanted:
+                    for record, example in zip(records, examples):
+                        for column, value in self.rank(record["row"], example, name, seed or 0).items():
+                            columns[f"{name}/{seed}/{column}"].append(value)
+                        self.places.clear()  # the items it handed out are gone
+        finally:
+            self.clear()
+        return {**out, **columns}
 
-    def rank(self, record: dict, name: str, seed: int) -> dict:
-        row = record["row"]
-        example = self.examples[row] if self.examples else to_example(record)
+    def rank(self, row: int, example: Example, name: str, seed: int) -> dict:
         ranking = rank(self.task, example, name.removesuffix("_input"), by_input=name.endswith("_input"),
                        seed=seed, pool=self.pool)
+        # Items are known by identity: the example's own, or pooled ones by their slot's place.
         own = {id(item): (row, pos) for pos, item in enumerate(example.profile)}
-        refs = [own.get(id(item)) or self.pool_refs[id(item)] for item in ranking.items]
+        refs = [own.get(id(item)) or self.places[id(item)] for item in ranking.items]
         return {"cand_row": [r for r, _ in refs], "cand_pos": [p for _, p in refs],
                 "score": None if ranking.scores is None else ranking.scores.tolist()}
 
 
-def write_rankings(task: str, examples: str, wanted: dict, workers: int) -> None:
+def ranker_plan(examples, wanted, workers: int) -> tuple[int, int]:
+    """(examples per batch, bytes of memory a ranker asks Ray for), from the
+    examples file's Parquet metadata, which gives each row group's decoded
+    (uncompressed) bytes, per column, and its count of profile items.
+
+    A ranker holds, over a base for Python, numpy, pyarrow and Ray: its batch as
+    Arrow, CHUNK examples of it as Python objects (about 4x Arrow's bytes), and
+    its results as Python lists and Arrow (~140 bytes a candidate). With other users' items
+    it also holds the pool (12 bytes an item; laying it out peaks near 200 bytes
+    an item, before any batch), the REMEMBERED_ROW_GROUPS decoded profile columns
+    and the batch's drawn items as Arrow: a batch is as many examples as draw
+    PREFETCH_BYTES of items (one read of the split per batch), or CHUNK if more,
+    but at most a worker's share of the split.
+    """
+    meta = pq.read_metadata(open_input(examples))
+    groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    rows = sum(g.num_rows for g in groups)
+    if not rows:
+        return CHUNK, RANKER_BASE
+    profile = [[c for c in range(g.num_columns) if g.column(c).path_in_schema.startswith("profile.")]
+               for g in groups]
+    profile_bytes = [sum(g.column(c).total_uncompressed_size for c in cs) for g, cs in zip(groups, profile)]
+    items = sum(g.column(c).num_values for g, cs in zip(groups, profile)
+                for c in cs if g.column(c).path_in_schema.endswith(".id"))
+    row_bytes = max(g.total_byte_size / g.num_rows for g in groups if g.num_rows)
+    item_bytes = sum(profile_bytes) / max(items, 1)
+    mean_profile = items / rows
+    draws = len(pooled_draws(wanted)) * mean_profile  # items a pooled example draws
+    batch, held, build = CHUNK, 0, 0
+    if draws:
+        share = -(-rows // max(workers, 1))
+        batch = max(1, min(share, max(CHUNK, int(PREFETCH_BYTES // max(draws * item_bytes, 1)))))
+        held = 12 * items + 150 * rows + REMEMBERED_ROW_GROUPS * max(profile_bytes) + batch * draws * item_bytes
+        build = 200 * items + 150 * rows
+    steady = batch * row_bytes + 4 * CHUNK * row_bytes + 140 * batch * len(wanted) * max(mean_profile, 1)
+    return batch, int(RANKER_BASE + max(build, held + steady))
+
+
+def fit_rankers(workers: int, memory: int, log) -> tuple[int, int]:
+    """(rankers, memory each) that the cluster's nodes with CPUs can hold: an actor
+    pool asking for more than fits would wait for memory forever."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes()
+             if node.get("Alive") and node["Resources"].get("CPU", 0) > 0]
+    largest = max((node.get("memory", 0) for node in nodes), default=0)
+    if largest and memory > largest:
+        log(f"a ranker wants {memory / 2**30:.1f} GiB; the largest node has {largest / 2**30:.1f} GiB for Ray:"
+            " asking for that")
+        memory = int(largest)
+    fits = sum(int(node.get("memory", 0) // memory) for node in nodes) if largest else workers
+    if fits < workers:
+        log(f"{workers} rankers of {memory / 2**30:.1f} GiB do not fit the cluster's memory: running {fits}")
+    return max(1, min(workers, fits)), memory
+
+
+def write_rankings(task: str, examples: str, wanted: dict, workers: int, log=print) -> None:
     """Computes the wanted rankings ((name, seed) -> final directory) in one Ray Data
     pass over the split, streaming each into its own Parquet file, then publishes
     each directory atomically."""
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # Rankers ask Ray for the memory they use (ranker_plan: estimated from the
+    # file's metadata), so a node runs no more of them than it can hold.
+    batch_size, memory = ranker_plan(examples, wanted, workers)
+    workers, memory = fit_rankers(workers, memory, log)
     # Several blocks per worker, so that every worker gets a share of the split.
     # Rankers reserve a sliver of CPU; their number bounds what they use. Ray
     # Data's own tasks (listing and reading files) each need a whole free CPU on
@@ -213,7 +421,7 @@ def write_rankings(task: str, examples: str, wanted: dict, workers: int) -> None
     # them: a hang. The sliver keeps them off nodes with no CPU for work (a head
     # started with --num-cpus=0).
     ds = ray.data.read_parquet(str(examples), override_num_blocks=4 * workers).map_batches(
-        RankExamples, batch_size=64, batch_format="pyarrow", num_cpus=0.01,
+        RankExamples, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.01, memory=memory,
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs=dict(task=task, examples_path=str(examples), wanted=list(wanted)))
     tmp = {key: Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
@@ -306,7 +514,7 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
             ensure_ray(address, log)
             if not remote:
                 check_nodes_reach({"--cache": cache_dir}, {})
-            write_rankings(split.task, source, missing, workers or default_workers())
+            write_rankings(split.task, source, missing, workers or default_workers(), log)
             computed += len(missing)
             log(f"ranked {label}: " + ", ".join(f"{n}" + ("" if s is None else f" seed {s}")
                                                  for n, s in missing))
@@ -332,131 +540,3 @@ def publish_split(shards: SplitShards, local_root: Path, uri: str, log) -> Split
                                          shards.examples.name),
                    rankings={key: published(directory, local_root, uri, log)
                              for key, directory in shards.rankings.items()})
-
-
-# --- 3. Rendering a cell from the shards -------------------------------------------
-
-
-@functools.lru_cache(maxsize=16)
-def load_ranking(path: Path) -> list:
-    """Per example row, its candidates as (row, position) pairs in rank order.
-
-    Remembered: a ranking directory never changes (its name is its content's
-    hash), and the cells of a grid read the same few rankings over and over."""
-    table = pq.read_table(path, columns=["row", "cand_row", "cand_pos"]).sort_by("row")
-    return [list(zip(rows, positions)) for rows, positions in
-            zip(table.column("cand_row").to_pylist(), table.column("cand_pos").to_pylist())]
-
-
-class CellPrompts:
-    """A split's examples and what one cell retrieves for them, ready to render it:
-    `lamp` reads the stored rankings; `study` replays the study's draws over the
-    split (splits: the task's SplitShards by name, whose examples its other-user
-    retrievers draw from)."""
-
-    def __init__(self, shards: SplitShards, cell, examples=None, splits: dict | None = None):
-        self.cell = cell
-        self.spec = get_task(cell.task)
-        self.examples = examples if examples is not None else load_examples(shards.examples)
-        if cell.recipe == "study":
-            users = {}
-            if cell.needs_pool:
-                if splits is None:
-                    raise LampError(f"recipe study's {cell.retriever} draws users of train and dev: "
-                                    "it needs both splits' shards")
-                users = {name: load_examples(split.examples) for name, split in splits.items()}
-            self.study_items = Replay(cell, users.get("train", ()), users.get("dev", ())).split(self.examples)
-            return
-        by_input = cell.ablation == "decouple"
-        self.sides = ranked_sides(cell.retriever, cell.input_retriever, cell.output_retriever)
-        self.rankings = {side: load_ranking(shards.ranking(ranking_name(side, by_input), cell.seed))
-                         for side in self.sides}
-
-    def retrieved(self, row: int) -> list:
-        """The items the cell retrieves for the example at `row`: `lamp` most relevant
-        first, `study` in its prompt order."""
-        cell, example = self.cell, self.examples[row]
-        if cell.recipe == "study":
-            return self.study_items[row]
-        # Only the ranks the window can reach are looked up: a ranking holds the whole pool.
-        reach = lamp.retrieval.reach(cell.retriever, cell.k, cell.rank_offset, len(example.profile))
-        ranked = {side: [self.examples[r].profile[p] for r, p in self.rankings[side][row][:reach]]
-                  for side in self.sides}
-        return select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
-                      cell.input_retriever, cell.output_retriever)
-
-    def render(self, row: int, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> Prompt:
-        """The prompt for the example at `row`: what Cell.render_split gives."""
-        cell, example = self.cell, self.examples[row]
-        if cell.recipe == "study":
-            return study_prompt(cell.task, example.input, self.study_items[row], cell.ablation,
-                                lamp.cell.study_tokenizer(tokens), max_tokens)
-        return render_prompt(self.spec, example.input, self.retrieved(row), cell.ablation, cell.order,
-                             cell.seed, example.id, tokens, max_tokens)
-
-
-class RenderCell:
-    """map_batches callable: rendered prompts of a cell and, given a model, token ids.
-
-    prompt_ids feed generation; input_ids and labels feed training. A decoder-only
-    model reads prompt and output as one sequence and learns only the output.
-    """
-
-    def __init__(self, shards: SplitShards, cell, model: str | None, max_tokens: int = MAX_PROMPT_TOKENS,
-                 splits: dict | None = None):
-        self.prompts, self.max_tokens = CellPrompts(shards, cell, splits=splits), max_tokens
-        self.tokenizer = self.decoder_only = None
-        if model is not None:
-            from transformers import AutoConfig, AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.decoder_only = not AutoConfig.from_pretrained(model).is_encoder_decoder
-            self.max_tokens = lamp.cell.prompt_tokens(cell.recipe, self.decoder_only, max_tokens)
-        self.tokens = TokenizerTokens(self.tokenizer) if self.tokenizer else WhitespaceTokens()
-
-    def __call__(self, batch: pa.Table) -> dict:
-        rows = batch.column("row").to_pylist()
-        rendered = [self.prompts.render(row, self.tokens, self.max_tokens) for row in rows]
-        examples = [self.prompts.examples[row] for row in rows]
-        out = {"row": rows, "id": [e.id for e in examples], "user": [e.user for e in examples],
-               "prompt": [prompt.text for prompt in rendered],
-               "output": [e.output or "" for e in examples],
-               "retrieved": [[item["id"] for item in prompt.items] for prompt in rendered],
-               "input_cut": [prompt.input_cut for prompt in rendered]}
-        if self.tokenizer is not None:
-            cell = self.prompts.cell
-            out["prompt"], prompt_ids = lamp.cell.model_inputs(self.tokenizer, cell.task, cell.recipe, out["prompt"],
-                                                               self.max_tokens, self.decoder_only)
-            out.update(self.token_ids(prompt_ids, out["output"]))
-        return out
-
-    def token_ids(self, prompt_ids: list, outputs: list) -> dict:
-        if not self.decoder_only:
-            return {"prompt_ids": prompt_ids, "input_ids": prompt_ids,
-                    "labels": self.tokenizer(outputs)["input_ids"]}
-        eos = [self.tokenizer.eos_token_id]
-        answers = self.tokenizer([" " + o for o in outputs], add_special_tokens=False)["input_ids"]
-        return {"prompt_ids": prompt_ids, "input_ids": [p + a + eos for p, a in zip(prompt_ids, answers)],
-                "labels": [[-100] * len(p) + a + eos for p, a in zip(prompt_ids, answers)]}
-
-
-def cell_table(shards: SplitShards, cell, model: str | None = None, limit: int | None = None,
-               max_tokens: int = MAX_PROMPT_TOKENS, splits: dict | None = None) -> pa.Table:
-    """The cell's rendered examples (and token ids, given a model) as an Arrow table."""
-    render = RenderCell(shards, cell, model, max_tokens, splits)
-    rows = list(range(len(render.prompts.examples)))[:limit]
-    return pa.concat_tables([pa.table(render(pa.table({"row": rows[i:i + 1024]})))
-                             for i in range(0, len(rows), 1024)] or [pa.table(render(pa.table({"row": []})))])
-
-
-def cell_dataset(shards: SplitShards, cell, model: str | None = None, limit: int | None = None):
-    """The cell's examples as a Ray Dataset of rendered prompts, and token ids given a model.
-
-    Rendering is cheap next to training, so it happens here, in the caller's
-    process, from the shards; Ray Data then only hands rows to the workers. (A
-    rendering pipeline of its own inside a Tune trial competes with the trial's
-    workers for CPUs and can stall on a small machine.)
-    """
-    import ray
-
-    return ray.data.from_arrow(cell_table(shards, cell, model, limit))

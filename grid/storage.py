@@ -34,6 +34,16 @@ def filesystem(uri: str) -> tuple:
         raise LampError(f"{uri}: cannot open this location: {error}") from None
 
 
+def open_input(path):
+    """A file to read, at a local path or a URI: what pyarrow's readers take."""
+    from pyarrow import fs
+
+    if not is_uri(path):
+        return fs.LocalFileSystem().open_input_file(str(Path(path).resolve()))
+    source, where = filesystem(str(path))
+    return source.open_input_file(where)
+
+
 def local_data(path, into: Path, log=print) -> Path:
     """A data directory as a local path: one at a URI is copied into `into` once per version of it."""
     from pyarrow import fs

@@ -268,8 +268,8 @@ def train_cell(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=device.index or 0), model=model,
                                            model_parameters=model.parameters(), config=ds_config)
 
-    select_rows = list(ray.train.get_dataset_shard("select").iter_rows())
-    dev_rows = list(ray.train.get_dataset_shard("dev").iter_rows())
+    # Selection and dev rows are read when first needed: training starts at once, whatever the data's size.
+    select_rows = None
     sign = 1 if spec.higher_is_better else -1
     start_epoch, best = 0, {"metric": None, "epoch": -1}
     best_state = None
@@ -306,6 +306,8 @@ def train_cell(config: dict) -> None:
                 timing["tokens"] += int(batch["attention_mask"].sum()) + (
                     0 if decoder_only else int((batch["labels"] != -100).sum()))
         loss_sum, steps = all_reduce([sum(losses), len(losses)], engine.device)
+        if select_rows is None:
+            select_rows = list(ray.train.get_dataset_shard("select").iter_rows())
         ids, predictions = evaluate_rows(engine.module, engine.device, tokenizer, select_rows, settings, 1,
                                          decoder_only, config["zero_stage"])
         metric = main_metric(task, [r["output"] for r in select_rows], predictions) if select_rows else 0.0
@@ -337,6 +339,7 @@ def train_cell(config: dict) -> None:
 
     if best_state is not None:
         load_state(engine, best_state, config["zero_stage"])
+    dev_rows = list(ray.train.get_dataset_shard("dev").iter_rows())
     decode_start = time.time()
     ids, predictions = evaluate_rows(engine.module, engine.device, tokenizer, dev_rows, settings,
                                      settings["beams"], decoder_only, config["zero_stage"])
@@ -517,58 +520,38 @@ def run_trial(config: dict, plan) -> None:
     client.set_terminated(run_id, "FINISHED")
 
 
-def selection_user(user: str, share: float) -> bool:
-    """Whether a train user is held out for model selection: a hash of the user alone."""
-    import hashlib
-
-    digest = hashlib.blake2b(user.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2 ** 64 < share
+EVAL_COLUMNS = ["id", "prompt", "retrieved", "output", "prompt_ids"]
 
 
 def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
+    """Reads the cell's rendered splits (rendered before the grid started) and fits its Train run."""
     trial_start = time.time()
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import ray.data
-
-    from grid.shards import cell_table
-    from grid.storage import join, local_model
+    from grid.storage import join
 
     cell, training = grid_cell.cell, grid_cell.training
-    tokenizer = local_model(plan.model_path)  # this trial driver may run on any node
-    splits = plan.shards[cell.task]
-    dev_table = cell_table(splits["dev"], cell, tokenizer, training.limit_dev, training.max_prompt_tokens, splits)
-    dev = ray.data.from_arrow(dev_table)
+    rendered = plan.renders[grid_cell.key]
     settings = {**asdict(training), "task": cell.task, "seed": cell.seed, "recipe": cell.recipe,
                 "epochs": training.epochs_for(cell.task)}
     config = {"settings": settings, "model_path": plan.model_path, "run_id": run_id, "trial_start": trial_start,
               "tracking_uri": plan.tracking_uri, "zero_stage": plan.resources.zero_stage,
               "best_dir": join(plan.storage, trial_id, "best")}
+    MlflowLog(plan.tracking_uri, run_id).metrics(prompt_statistics(rendered))
+    datasets = {"dev": rendered["dev"].dataset(EVAL_COLUMNS)}
     if settings["epochs"] == 0:
-        MlflowLog(plan.tracking_uri, run_id).metrics(prompt_statistics({"dev": dev_table}))
-        cell_trainer(zero_shot_cell, config, {"dev": dev}, plan.resources, trial_id, plan.storage).fit()
+        cell_trainer(zero_shot_cell, config, datasets, plan.resources, trial_id, plan.storage).fit()
         return
-    train = cell_table(splits["train"], cell, tokenizer, training.limit_train, training.max_prompt_tokens, splits)
-    MlflowLog(plan.tracking_uri, run_id).metrics(prompt_statistics({"dev": dev_table, "train": train}))
-    held_out = pa.array([selection_user(u, training.selection_share) for u in train.column("user").to_pylist()])
-    fit = train.filter(pc.invert(held_out)).select(["input_ids", "labels"])
-    select = ray.data.from_arrow(train.filter(held_out))
-    datasets = {"train": ray.data.from_arrow(fit), "select": select, "dev": dev}
-    cell_trainer(train_cell, {**config, "train_rows": fit.num_rows}, datasets, plan.resources, trial_id,
-                 plan.storage).fit()
+    train, share = rendered["train"], training.selection_share
+    datasets.update(train=train.dataset(["input_ids", "labels"], held_out=False, share=share),
+                    select=train.dataset(EVAL_COLUMNS, held_out=True, share=share))
+    cell_trainer(train_cell, {**config, "train_rows": train.count(held_out=False, share=share)}, datasets,
+                 plan.resources, trial_id, plan.storage).fit()
 
 
-def prompt_statistics(tables: dict) -> dict:
+def prompt_statistics(rendered: dict) -> dict:
     """Per split, what the prompts actually showed: the mean number of profile items,
     and the share of examples whose task input lost its tail to the budget."""
-    import pyarrow.compute as pc
-
-    metrics = {}
-    for split, table in tables.items():
-        if table.num_rows:
-            metrics[f"{split}_items_shown"] = pc.mean(pc.list_value_length(table.column("retrieved"))).as_py()
-            metrics[f"{split}_input_cut_share"] = pc.mean(table.column("input_cut").cast("double")).as_py()
-    return metrics
+    return {f"{split}_{name}": r.stats[name] for split, r in rendered.items() for name in ("items_shown",
+                                                                                           "input_cut_share")}
 
 
 def cell_trainer(train_loop, config: dict, datasets: dict, resources, name: str, storage: str):
@@ -596,18 +579,20 @@ def cell_trainer(train_loop, config: dict, datasets: dict, resources, name: str,
 
 def run_vote(grid_cell, plan, run_id: str) -> dict:
     """The `vote` model: no training, a prediction from the retrieved items alone."""
-    from grid.shards import CellPrompts
+    from grid.render import CellPrompts
+    from grid.shards import load_examples
     from lamp.vote import vote
 
-    cell = grid_cell.cell
-    prompts = CellPrompts(plan.shards[cell.task]["dev"], cell, splits=plan.shards[cell.task])
-    examples = prompts.examples[: grid_cell.training.limit_dev or None]
-    predictions = [vote(cell.task, e.input, prompts.retrieved(row)) for row, e in enumerate(examples)]
+    cell, splits = grid_cell.cell, plan.shards[grid_cell.cell.task]
+    prompts = CellPrompts(splits["dev"], cell, splits=splits)
+    examples = load_examples(splits["dev"].examples)[: grid_cell.training.limit_dev or None]
+    retrieved = [prompts.retrieved(row, e) for row, e in enumerate(examples)]
+    predictions = [vote(cell.task, e.input, items) for e, items in zip(examples, retrieved)]
     golds = [e.output for e in examples]
     metrics = {f"dev_{k}": v for k, v in aggregate(cell.task, golds, predictions).items()}
     log = MlflowLog(plan.tracking_uri, run_id)
     log.metrics(metrics)
-    rows = [{"id": e.id, "prompt": e.input, "retrieved": [i["id"] for i in prompts.retrieved(r)], "output": e.output}
-            for r, e in enumerate(examples)]
+    rows = [{"id": e.id, "prompt": e.input, "retrieved": [i["id"] for i in items], "output": e.output}
+            for e, items in zip(examples, retrieved)]
     log.results(cell.task, [e.id for e in examples], golds, predictions, rows, {})
     return metrics

@@ -9,8 +9,8 @@ that still do not fit are dropped, least relevant first. Only a task input that
 alone exceeds the budget is cut, at its tail, and the prompt says so.
 """
 
-import functools
 import itertools
+from collections import OrderedDict
 from typing import NamedTuple
 
 from lamp.seeding import example_rng
@@ -48,6 +48,10 @@ class WhitespaceTokens:
     special = 0  # tokens a model adds around a prompt
     limit = None  # the model's longest input
 
+    def prefetch(self, texts) -> None:
+        """Nothing to do: splitting on whitespace is cheap (render_prompts passes lazy
+        iterables, so their texts are not even built)."""
+
     def count(self, text: str) -> int:
         return len(text.split())
 
@@ -58,9 +62,11 @@ class WhitespaceTokens:
 class TokenizerTokens:
     """Counts the tokens of a Hugging Face tokenizer, without special tokens.
 
-    Each text is tokenized once and remembered: a grid renders the same profile
-    items in many cells. Trimming cuts the original text at a token boundary
-    (from the offset mapping), so what is kept is the data's own text.
+    Each text is tokenized once and remembered (the `remember` most recently
+    used): a grid renders the same profile items in many cells. `prefetch`
+    tokenizes many texts in one call, far cheaper than one call per text.
+    Trimming cuts the original text at a token boundary (from the offset
+    mapping), so what is kept is the data's own text.
     """
 
     def __init__(self, tokenizer, remember: int = 1 << 16):
@@ -68,11 +74,28 @@ class TokenizerTokens:
         self.special = tokenizer.num_special_tokens_to_add()
         # Tokenizers without a known maximum report a huge sentinel.
         self.limit = tokenizer.model_max_length if tokenizer.model_max_length < 1 << 20 else None
-        self.token_ends = functools.lru_cache(maxsize=remember)(self._token_ends)
+        self.remember = remember
+        self.ends = OrderedDict()  # text -> the end offset of each of its tokens, least recently used first
 
-    def _token_ends(self, text: str) -> tuple:
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        return tuple(end for _, end in offsets)
+    def prefetch(self, texts) -> None:
+        """Tokenizes, in one call, every text of `texts` not yet remembered."""
+        new = [text for text in dict.fromkeys(texts) if text not in self.ends]
+        if new:
+            self._tokenize(new)
+
+    def token_ends(self, text: str) -> tuple:
+        if text in self.ends:
+            self.ends.move_to_end(text)
+            return self.ends[text]
+        return self._tokenize([text])[0]
+
+    def _tokenize(self, texts: list) -> list:
+        offsets = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        ends = [tuple(end for _, end in pairs) for pairs in offsets]
+        self.ends.update(zip(texts, ends))
+        while len(self.ends) > self.remember:
+            self.ends.popitem(last=False)
+        return ends
 
     def count(self, text: str) -> int:
         return len(self.token_ends(text))
@@ -105,6 +128,15 @@ def render_item(spec: TaskSpec, item: dict, ablation: str, room: int, tokens) ->
     return spec.item_template.format(input=half, output=output)
 
 
+def item_pieces(spec: TaskSpec, item: dict, ablation: str) -> list:
+    """The texts render_item counts for `item`, whatever its room: to tokenize ahead."""
+    if ablation in ("only_output", "decouple") or spec.input_half is None:
+        return []
+    if ablation == "only_input":
+        return ['""', item[spec.input_half]]
+    return [spec.item_template.format(input="", output=str(item[spec.output_half])), item[spec.input_half]]
+
+
 def insert_after_title(task_input: str, block: str) -> str:
     """LaMP_1: the profile goes right after the paper's quoted title, as LaMP does."""
     title = task_input.find("title")
@@ -114,43 +146,72 @@ def insert_after_title(task_input: str, block: str) -> str:
     return task_input[: close + 1] + ITEM_SEPARATOR + block + task_input[close + 1 :]
 
 
-def lead_of(spec: TaskSpec, ablation: str) -> str:
-    return {"only_output": spec.output_lead, "decouple": spec.output_lead,
+def block_words(spec: TaskSpec, ablation: str) -> tuple:
+    """The profile block's own words: lead, joiner to the input, separator between items."""
+    lead = {"only_output": spec.output_lead, "decouple": spec.output_lead,
             "only_input": spec.input_lead}.get(ablation, "")
+    return lead, spec.profile_joiner or ITEM_SEPARATOR, ITEM_SEPARATOR
 
 
 def block_cost(spec: TaskSpec, ablation: str, n: int, tokens) -> int:
-    """Tokens the profile block's own words take around n items: lead, joiner, separators."""
-    return (tokens.count(lead_of(spec, ablation)) + tokens.count(spec.profile_joiner or ITEM_SEPARATOR)
-            + tokens.count(ITEM_SEPARATOR) * (n - 1))
+    """Tokens the profile block's own words take around n items."""
+    lead, joiner, separator = block_words(spec, ablation)
+    return tokens.count(lead) + tokens.count(joiner) + tokens.count(separator) * (n - 1)
 
 
 def assemble(spec: TaskSpec, task_input: str, ordered: list, ablation: str, room: int, tokens) -> str:
     """The prompt: the items, each within `room` tokens if it can, joined and set around the input."""
     pieces = [render_item(spec, item, ablation, room, tokens) for item in ordered]
-    lead = lead_of(spec, ablation)
+    lead = block_words(spec, ablation)[0]
     block = f"{lead} {' '.join(pieces)}" if lead else ITEM_SEPARATOR.join(pieces)
     if spec.profile_joiner is None:
         return insert_after_title(task_input, block)
     return block + spec.profile_joiner + task_input
 
 
+def candidates(spec: TaskSpec, task_input: str, items: list, ablation: str, order: str,
+               seed: int, example_id: str, tokens, budget: int):
+    """The prompts (text, items in prompt order) to try, most items first (none when
+    the task input alone does not fit); lazily, as the first one usually fits."""
+    left = budget - tokens.count(task_input)
+    # The most items whose shortest forms (input halves emptied) fit what the input leaves.
+    shortest = itertools.accumulate(tokens.count(render_item(spec, item, ablation, 0, tokens)) for item in items)
+    n = sum(1 for i, cost in enumerate(shortest, 1) if block_cost(spec, ablation, i, tokens) + cost <= left)
+    for shown in range(n, 0, -1):
+        ordered = [items[rank] for rank in order_layout(order, shown, seed, example_id)]
+        room = (left - block_cost(spec, ablation, shown, tokens)) // shown
+        yield assemble(spec, task_input, ordered, ablation, room, tokens), ordered
+
+
 def render_prompt(spec: TaskSpec, task_input: str, items: list, ablation: str, order: str,
                   seed: int, example_id: str, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> Prompt:
     """The prompt for retrieved `items` (most relevant first), within the budget."""
     budget = prompt_budget(tokens, max_tokens)
-    left = budget - tokens.count(task_input)
-    if left < 0:
+    if tokens.count(task_input) > budget:
         return Prompt(tokens.trim(task_input, budget), [], True)
-    # The most items whose shortest forms (input halves emptied) fit what the input leaves.
-    shortest = itertools.accumulate(tokens.count(render_item(spec, item, ablation, 0, tokens)) for item in items)
-    n = sum(1 for i, cost in enumerate(shortest, 1) if block_cost(spec, ablation, i, tokens) + cost <= left)
     # Tokens do not add up exactly across joins, so the whole prompt is counted,
     # and the least relevant item dropped until it fits.
-    for shown in range(n, 0, -1):
-        ordered = [items[rank] for rank in order_layout(order, shown, seed, example_id)]
-        room = (left - block_cost(spec, ablation, shown, tokens)) // shown
-        text = assemble(spec, task_input, ordered, ablation, room, tokens)
+    for text, ordered in candidates(spec, task_input, items, ablation, order, seed, example_id, tokens, budget):
         if tokens.count(text) <= budget:
             return Prompt(text, ordered, False)
     return Prompt(task_input, [], False)
+
+
+def render_prompts(spec: TaskSpec, cases: list, ablation: str, order: str, seed: int, tokens,
+                   max_tokens: int = MAX_PROMPT_TOKENS) -> list:
+    """render_prompt for each (example_id, task_input, items) of `cases`, with the
+    texts it counts tokenized ahead in three batched calls (each needs the counts of
+    the one before), so that most examples then need no tokenizer call of their own.
+    The texts go to `prefetch` unbuilt: WhitespaceTokens, which needs none, never builds them.
+    """
+    budget = prompt_budget(tokens, max_tokens)
+    every_item = [item for _, _, items in cases for item in items]
+    tokens.prefetch(itertools.chain(
+        (task_input for _, task_input, _ in cases), block_words(spec, ablation),
+        (piece for item in every_item for piece in item_pieces(spec, item, ablation))))
+    tokens.prefetch(render_item(spec, item, ablation, 0, tokens) for item in every_item)
+    tokens.prefetch(text for example_id, task_input, items in cases
+                    for text, _ in itertools.islice(candidates(spec, task_input, items, ablation, order, seed,
+                                                               example_id, tokens, budget), 1))
+    return [render_prompt(spec, task_input, items, ablation, order, seed, example_id, tokens, max_tokens)
+            for example_id, task_input, items in cases]

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from lamp.errors import LampError
 from lamp.seeding import example_rng
@@ -149,33 +151,89 @@ class ItemPool:
     """Every profile item of a split, grouped by user, for drawing other users' items.
 
     Users are sorted, and each user's items (deduplicated by id: time-based
-    splits repeat a user's items across examples) sorted by id, so the layout,
-    and so every draw, is the same whatever order the examples came in.
+    splits repeat a user's items across examples; the first seen is kept)
+    sorted by id, so the layout, and so every draw, is the same whatever order
+    the examples came in.
+
+    The pool holds no items: a slot is an item's place, (row, pos): the example
+    at `row` (in the order the pool was built from) and the position in its
+    profile, and `fetch` turns slots into items. ItemPool(examples) fetches from
+    the examples in memory; ItemPool.from_ids lays a pool out from the users
+    and item ids alone and fetches through a function (a Parquet file read on
+    demand, say), so a pool over millions of items takes a few bytes each.
     """
 
     def __init__(self, examples):
-        by_user, sizes = {}, []
-        for example in examples:
-            sizes.append(len(example.profile))
-            items = by_user.setdefault(example.user, {})
-            for item in example.profile:
-                items.setdefault(str(item["id"]), item)
-        self.items, self.span = [], {}  # span: user -> (start, stop) in items
-        for user in sorted(by_user):
-            start = len(self.items)
-            self.items += [by_user[user][i] for i in sorted(by_user[user])]
-            self.span[user] = (start, len(self.items))
-        self.mean_profile_size = sum(sizes) / len(sizes) if sizes else 0.0
+        examples = list(examples)
+        ids = pa.array([str(item["id"]) for example in examples for item in example.profile], pa.string())
+        self._lay_out([example.user for example in examples], [len(example.profile) for example in examples], ids)
+        self._items = lambda rows, positions: [examples[r].profile[p] for r, p in zip(rows, positions)]
 
-    def sample(self, user: str, n: int, rng: np.random.Generator) -> list[dict]:
-        """n items of users other than `user`, uniform over items, without replacement.
+    @classmethod
+    def from_ids(cls, users, sizes, ids, items) -> "ItemPool":
+        """A pool laid out from, per example row, its user and profile size, and
+        every profile item's id, row after row (a pyarrow string array). items(rows,
+        positions) fetches the items at those places, in that order."""
+        pool = cls.__new__(cls)
+        pool._lay_out(list(users), sizes, ids)
+        pool._items = items
+        return pool
+
+    def _lay_out(self, users: list, sizes, ids) -> None:
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if len(ids) != int(sizes.sum()):
+            raise LampError(f"an item pool needs every profile item's id: {len(ids)} ids for {int(sizes.sum())} items")
+        names = sorted(set(users))
+        code = dict(zip(names, range(len(names))))
+        owner = np.repeat(np.fromiter(map(code.__getitem__, users), dtype=np.int64, count=len(users)), sizes)
+        # A stable sort by (user, id) keeps each item's first occurrence first among its
+        # duplicates. Arrow compares strings by their UTF-8 bytes: Python's order of str.
+        order = pc.sort_indices(pa.table({"owner": owner, "id": ids}),
+                                sort_keys=[("owner", "ascending"), ("id", "ascending")]).to_numpy()
+        owner, ids = owner[order], pc.take(ids, order)
+        first = np.ones(len(order), dtype=bool)  # the first of its (user, id) in that order
+        if len(order) > 1:
+            same_id = pc.equal(ids.slice(1), ids.slice(0, len(order) - 1)).to_numpy(zero_copy_only=False)
+            first[1:] = (owner[1:] != owner[:-1]) | ~same_id.astype(bool)
+        del ids
+        bounds = np.searchsorted(owner[first], np.arange(len(names) + 1)).tolist()
+        del owner
+        flat = order[first]  # per slot: its item's index among all items, example after example
+        del order, first
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.row = np.searchsorted(starts, flat, side="right") - 1  # the example...
+        self.pos = (flat - starts[self.row]).astype(np.int32)  # ...and the position in its profile
+        self.span = {user: (bounds[i], bounds[i + 1]) for i, user in enumerate(names)}  # user -> its slots
+        self.mean_profile_size = int(sizes.sum()) / len(sizes) if len(sizes) else 0.0
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    @property
+    def nbytes(self) -> int:
+        """What the pool's slot arrays take; the items themselves stay where they are."""
+        return self.row.nbytes + self.pos.nbytes
+
+    def fetch(self, slots) -> list[dict]:
+        """The items in these slots, in their order."""
+        slots = np.asarray(slots, dtype=np.int64)
+        return self._items(self.row[slots].tolist(), self.pos[slots].tolist())
+
+    @property
+    def items(self) -> list[dict]:
+        """Every item, slot by slot (all of them fetched)."""
+        return self.fetch(np.arange(len(self)))
+
+    def draw(self, user: str, n: int, rng: np.random.Generator) -> np.ndarray:
+        """The slots of n items of users other than `user`, uniform over items,
+        without replacement.
 
         Uniform over items is the same as drawing users in proportion to their
         profile size. Draws come in fixed-size batches, so the first m of n
         items are exactly the items drawn for m: a stored long draw can be cut.
         """
         start, stop = self.span.get(user, (0, 0))
-        others = len(self.items) - (stop - start)
+        others = len(self) - (stop - start)
         n = min(n, others)
         picked = {}  # an ordered set of indices into the items of other users
         while len(picked) < n:
@@ -185,10 +243,25 @@ class ItemPool:
                     break
         index = np.fromiter(picked, dtype=np.int64, count=len(picked))
         index[index >= start] += stop - start  # skip over the user's own items
-        return [self.items[i] for i in index]
+        return index
+
+    def sample(self, user: str, n: int, rng: np.random.Generator) -> list[dict]:
+        """The items of draw(user, n, rng)."""
+        return self.fetch(self.draw(user, n, rng))
 
 
 # ----------------------------------------------------------------------------- rankings
+
+
+def pool_draw(example, retriever: str, pool: ItemPool, seed: int = 0, size: int | None = None) -> np.ndarray:
+    """The pool slots an other-user retriever draws for an example, as `rank` draws
+    them: Full_Random `size` items (by default as many as the user's own profile
+    holds), RanBM25 a fake profile of the data set's average size."""
+    if retriever == "RanBM25":
+        n = round(pool.mean_profile_size)
+    else:
+        n = len(example.profile) if size is None else size
+    return pool.draw(example.user, n, example_rng(seed, example.id, retriever))
 
 
 def rank(task: str, example, retriever: str, *, by_input: bool = False, seed: int = 0,
@@ -211,13 +284,11 @@ def rank(task: str, example, retriever: str, *, by_input: bool = False, seed: in
         raise LampError(f"no ranking for retriever {retriever!r}; ranked ones: BM25, Random, Full_Random, RanBM25")
     if pool is None:
         raise LampError(f"{retriever} draws other users' items: it needs an ItemPool of the split")
+    drawn = pool.fetch(pool_draw(example, retriever, pool, seed, size))
     if retriever == "Full_Random":
-        n = len(example.profile) if size is None else size
-        drawn = pool.sample(example.user, n, example_rng(seed, example.id, "Full_Random"))
         return Ranking(drop_query_items(task, drawn, example.input), None)
     # RanBM25: a fake profile of the data set's average size, then BM25 over it.
-    fake = pool.sample(example.user, round(pool.mean_profile_size), example_rng(seed, example.id, "RanBM25"))
-    return bm25_ranking(task, query, drop_query_items(task, fake, example.input), by_input)
+    return bm25_ranking(task, query, drop_query_items(task, drawn, example.input), by_input)
 
 
 # ----------------------------------------------------------------------------- selecting

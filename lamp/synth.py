@@ -36,10 +36,18 @@ arrays exactly as the official download. One question per user, as in LaMP's
 user-based split; users are split 4:1 between train and dev (user-disjoint).
 Files are streamed to disk user by user, so `--users 100000` needs little
 memory, and written atomically.
+
+`write_like_lamp` (`synth --like-lamp [--scale F]`) writes each task at LaMP's
+own sizes instead: its user-based train and dev question counts (times F), its
+mean profile size, with sizes skewed like real profiles, and texts of about its
+mean input and output lengths. The planted signal is the same.
 """
 
 import json
+import math
 import os
+import string
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +55,7 @@ from tqdm import tqdm
 
 from lamp.errors import LampError
 from lamp.seeding import example_rng
+from lamp.study import AVERAGE_USERS
 from lamp.tasks import LAMP_2_TAGS, get_task
 
 TOPIC_WORDS = {
@@ -124,6 +133,109 @@ HASHTAGS = "blessed mood goals fail win vibes tbt facts winning nofilter justsay
 MEAN_PROFILE_SIZE = {"LaMP_1": 30, "LaMP_2": 40, "LaMP_3": 40, "LaMP_4": 60, "LaMP_5": 40, "LaMP_7": 30}
 TASK_NUMBER = {"LaMP_1": 1, "LaMP_2": 2, "LaMP_3": 3, "LaMP_4": 4, "LaMP_5": 5, "LaMP_7": 7}
 
+# ---- LaMP's own sizes, for `write_like_lamp` (`synth --like-lamp`) ----
+# Questions per split (train, dev) in LaMP's user-based setting, one per user.
+# Meant to be the LaMP paper's data table (Salemi et al. 2023, "LaMP: When Large
+# Language Models Meet Personalization", arXiv 2304.11406, dataset statistics).
+# The table itself could not be read here; each line says what backs it.
+LAMP_QUESTIONS = {
+    # UNCONFIRMED: recalled from the paper's table, no source found to check it.
+    "LaMP_1": (6542, 1500),
+    # Movie tagging (the current LaMP_2, not the first version's news
+    # categorization). UNCONFIRMED: recalled, no source found to check it.
+    "LaMP_2": (3820, 696),
+    # UNCONFIRMED: recalled from the paper's table, no source found to check it.
+    "LaMP_3": (20000, 2500),
+    # huggingface.co/datasets/MemoryAsModality/LaMP-4 (README dataset_info:
+    # train 12527, validation 1925), a copy of LaMP_4 (user-based, as recalled).
+    "LaMP_4": (12527, 1925),
+    # UNCONFIRMED: recalled from the paper's table, no source found to check it.
+    "LaMP_5": (9682, 2500),
+    # huggingface.co/datasets/MemoryAsModality/LaMP-7 (train 10437, validation
+    # 1500) and github.com/darugareo/persona-steering-cmaes
+    # docs/LAMP_PHASE1_COMPLETION_SUMMARY.md (train 10,437, dev 1,500, test 1,496).
+    "LaMP_7": (10437, 1500),
+}
+# Mean profile items per user: the study's AVERAGE_NUM (Bingo-W/Personalisation-in-LLM,
+# data_process/datasets.py at d498d21), LaMP's mean profile sizes rounded, which
+# lamp.study keeps as AVERAGE_USERS (it samples that many users per example).
+LAMP_PROFILE_SIZE = AVERAGE_USERS
+# Mean words of the task input (instruction and content, as the data set writes
+# it) and of the output (generation tasks), from the same table of the paper.
+# UNCONFIRMED, all of them: recalled and rounded to whole words; no source
+# reachable here quotes the table's length columns. Check before relying on them.
+LAMP_INPUT_WORDS = {"LaMP_1": 51, "LaMP_2": 92, "LaMP_3": 145, "LaMP_4": 30, "LaMP_5": 153, "LaMP_7": 30}
+LAMP_OUTPUT_WORDS = {"LaMP_4": 10, "LaMP_5": 9, "LaMP_7": 17}
+# Real profile sizes are right-skewed (a few users have very many items): sizes
+# are log-normal around the mean with this sigma (coefficient of variation ~0.8).
+PROFILE_SIGMA = 0.7
+MIN_SPLIT_USERS = 5  # --scale never leaves a split with fewer questions
+TEXT_SIGMA = 0.6  # text_about's log-normal spread of lengths
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How big one task's users are: profile size and text lengths (in words).
+
+    `text` is the median length text_about gets for the task's long texts
+    (LaMP_1 abstracts, LaMP_2 descriptions, LaMP_3 reviews, LaMP_4 articles,
+    LaMP_5 abstracts) and, for LaMP_7, the exact length of the neutral tweet;
+    `title` the median for LaMP_1 titles (after their leading word); `title_pad`
+    filler words that lengthen LaMP_4/5 titles. The defaults are the demo's."""
+
+    profile_size: int
+    skewed: bool = False  # log-normal profile sizes; else uniform on [size/2, 3 size/2]
+    text: float = 30
+    title: float = 4
+    title_pad: int = 0
+
+
+DEMO_TEXT_WORDS = {"LaMP_1": 30, "LaMP_2": 24, "LaMP_3": 30, "LaMP_4": 36, "LaMP_5": 40, "LaMP_7": 12}
+# Words text_about gets on top of its own: the LaMP_2 cue, LaMP_3's two mood
+# words, the two key words twice in LaMP_4/5.
+EXTRA_WORDS = {"LaMP_2": 1, "LaMP_3": 2, "LaMP_4": 4, "LaMP_5": 4}
+
+
+def demo_shape(task: str, profile_size: int | None = None) -> Shape:
+    return Shape(profile_size or MEAN_PROFILE_SIZE[task], text=DEMO_TEXT_WORDS[task])
+
+
+def median_for(mean_words: float, extra: int = 0) -> float:
+    """The median to give text_about for texts of `mean_words` words on average,
+    `extra` words included (its lengths are log-normal, then floored)."""
+    return max(1.0, (mean_words - extra + 0.5) / math.exp(TEXT_SIGMA ** 2 / 2))
+
+
+def content_words(task: str) -> float:
+    """Mean words of each content slot for the task input to have LaMP's length."""
+    template = get_task(task).input_template
+    slots = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    one_word = template.format(*["x"] * slots.count(""), **{name: "x" for name in slots if name})
+    return (LAMP_INPUT_WORDS[task] - len(one_word.split())) / len(slots) + 1
+
+
+def lamp_shape(task: str) -> Shape:
+    """LaMP's mean profile size and text lengths for one task."""
+    shape = Shape(LAMP_PROFILE_SIZE[task], skewed=True)
+    if task == "LaMP_1":
+        # A title is a leading word and text_about's; the abstracts get LaMP_5's
+        # abstract length (both tasks come from the same citation network data)
+        # and, unlike LaMP_5's, have no key words added.
+        return replace(shape, title=median_for(content_words(task) - 1), text=median_for(content_words("LaMP_5")))
+    if task == "LaMP_7":
+        # The input's length; the user's tweet adds an interjection and a hashtag
+        # to it, so outputs come out at about 21 words against LaMP's 17.
+        return replace(shape, text=round(content_words(task)))
+    shape = replace(shape, text=median_for(content_words(task), EXTRA_WORDS[task]))
+    if task in ("LaMP_4", "LaMP_5"):
+        return replace(shape, title_pad=max(0, LAMP_OUTPUT_WORDS[task] - 5))  # 5: titled_text's own
+    return shape
+
+
+def like_lamp_counts(task: str, scale: float) -> tuple:
+    """(train, dev) questions of a task at `scale` times LaMP's."""
+    return tuple(max(MIN_SPLIT_USERS, round(n * scale)) for n in LAMP_QUESTIONS[task])
+
 
 def pick(rng, words):
     return words[rng.integers(len(words))]
@@ -166,50 +278,53 @@ def draw_topic(rng, traits) -> int:
     return int(traits["topics"][rng.choice(3, p=traits["weights"])])
 
 
-def paper(rng, topic: int) -> dict:
+def paper(rng, topic: int, shape: Shape) -> dict:
     """A LaMP_1 paper: an academic-style title and abstract on a topic."""
-    title = f"{pick(rng, ACADEMIC_WORDS)} {text_about(rng, topic, 4)}"
-    return {"title": title, "abstract": text_about(rng, topic, 30)}
+    title = f"{pick(rng, ACADEMIC_WORDS)} {text_about(rng, topic, shape.title)}"
+    return {"title": title, "abstract": text_about(rng, topic, shape.text)}
 
 
-def titled_text(rng, traits, topic: int, n_words: int) -> tuple:
+def titled_text(rng, traits, topic: int, shape: Shape) -> tuple:
     """LaMP_4/5: a text around two key words, and the user's title for it."""
     key = rng.choice(TOPIC_VOCAB[topic], size=2, replace=False)
-    text = text_about(rng, topic, n_words, extra=[*key, *key])
+    text = text_about(rng, topic, shape.text, extra=[*key, *key])
     first, second = traits["signature"][topic]
-    return text, f"{traits['habit']} {first} {key[0]} {key[1]} {second}"
+    title = f"{traits['habit']} {first} {key[0]} {key[1]} {second}"
+    if shape.title_pad:
+        title += " " + " ".join(rng.choice(FILLER, shape.title_pad).tolist())
+    return text, title
 
 
-def make_item(rng, task: str, traits, topic: int) -> tuple:
+def make_item(rng, task: str, traits, topic: int, shape: Shape) -> tuple:
     """One profile item (without id) and the task-input text it would give."""
     if task == "LaMP_1":
-        item = paper(rng, topic)
+        item = paper(rng, topic, shape)
         return item, item["title"]
     if task == "LaMP_2":
         cue = pick(rng, LAMP_2_TAGS)
         tag = cue if rng.random() < 0.3 else LAMP_2_TAGS[traits["tag_for_topic"][topic]]
-        description = text_about(rng, topic, 24, extra=[TAG_CUES[cue]])
+        description = text_about(rng, topic, shape.text, extra=[TAG_CUES[cue]])
         return {"description": description, "tag": tag}, description
     if task == "LaMP_3":
         sentiment = int(rng.choice([-1, 0, 1], p=[0.2, 0.6, 0.2]))
         score = int(np.clip(traits["base"] + traits["shift"][topic] + sentiment, 1, 5))
         mood = rng.choice(SENTIMENT_WORDS[sentiment], size=2, replace=False)
-        text = text_about(rng, topic, 30, extra=mood)
+        text = text_about(rng, topic, shape.text, extra=mood)
         return {"text": text, "score": str(score)}, text
     if task == "LaMP_4":
-        text, title = titled_text(rng, traits, topic, 36)
+        text, title = titled_text(rng, traits, topic, shape)
         return {"text": text, "title": title}, text
     if task == "LaMP_5":
-        abstract, title = titled_text(rng, traits, topic, 40)
+        abstract, title = titled_text(rng, traits, topic, shape)
         return {"abstract": abstract, "title": title}, abstract
     neutral = [pick(rng, TWEET_FILLER) if rng.random() < 0.6 else pick(rng, TOPIC_VOCAB[topic])
-               for _ in range(12)]
+               for _ in range(int(shape.text))]
     tweet = [SUBSTITUTIONS[w] if w in traits["substitutes"] else w for w in neutral]
     text = f"{traits['interjection']} {' '.join(tweet)} #{traits['hashtag'][topic]}"
     return {"text": text}, " ".join(neutral)
 
 
-def make_question(rng, task: str, traits) -> tuple:
+def make_question(rng, task: str, traits, shape: Shape) -> tuple:
     """The user's question: (task input, gold output)."""
     spec = get_task(task)
     topic = draw_topic(rng, traits)
@@ -220,26 +335,33 @@ def make_question(rng, task: str, traits) -> tuple:
         else:
             cited_topic = pick(rng, [t for t in own if t != topic] or own)
         other = pick(rng, [t for t in range(len(TOPICS)) if t not in own])
-        cited, distractor = paper(rng, cited_topic)["title"], paper(rng, other)["title"]
+        cited, distractor = paper(rng, cited_topic, shape)["title"], paper(rng, other, shape)["title"]
         correct_first = rng.random() < 0.5
         refs = (cited, distractor) if correct_first else (distractor, cited)
-        text = spec.input_template.format(title=paper(rng, topic)["title"], ref1=refs[0], ref2=refs[1])
+        text = spec.input_template.format(title=paper(rng, topic, shape)["title"], ref1=refs[0], ref2=refs[1])
         return text, "[1]" if correct_first else "[2]"
-    item, content = make_item(rng, task, traits, topic)
+    item, content = make_item(rng, task, traits, topic, shape)
     return spec.input_template.format(content), item[spec.output_half]
 
 
-def make_user(task: str, user: int, seed: int, profile_size: int) -> tuple:
+def draw_profile_size(rng, shape: Shape) -> int:
+    mean = shape.profile_size
+    if shape.skewed:  # log-normal with this mean
+        return max(1, round(rng.lognormal(math.log(mean) - PROFILE_SIGMA ** 2 / 2, PROFILE_SIGMA)))
+    return int(rng.integers(mean // 2, mean * 3 // 2 + 1))
+
+
+def make_user(task: str, user: int, seed: int, shape: Shape) -> tuple:
     """One user's question (id, input, profile) and gold output."""
     rng = example_rng(seed, f"{task}/user/{user}", "synth")
     traits = draw_traits(rng, task)
-    n_items = int(rng.integers(profile_size // 2, profile_size * 3 // 2 + 1))
+    n_items = draw_profile_size(rng, shape)
     question_id = f"{TASK_NUMBER[task]}{user:07d}"
     profile = []
     for j in range(n_items):
-        item, _ = make_item(rng, task, traits, draw_topic(rng, traits))
+        item, _ = make_item(rng, task, traits, draw_topic(rng, traits), shape)
         profile.append({"id": f"{question_id}{j:04d}", **item})
-    text, gold = make_question(rng, task, traits)
+    text, gold = make_question(rng, task, traits, shape)
     return {"id": question_id, "input": text, "profile": profile}, gold
 
 
@@ -266,7 +388,8 @@ def is_dev_user(user: int) -> bool:
     return user % 5 == 4
 
 
-def write_task(out_dir: Path, task: str, users: int, seed: int, profile_size: int) -> None:
+def write_task(out_dir: Path, task: str, seed: int, shape: Shape, users: int, is_dev=is_dev_user) -> None:
+    """Users 0 .. users-1 of a task, each into the split `is_dev` says."""
     writers = {}
     for split in ("train", "dev"):
         folder = out_dir / task / split
@@ -277,8 +400,8 @@ def write_task(out_dir: Path, task: str, users: int, seed: int, profile_size: in
                             head=f'{{"task": "{task}", "golds": [', tail="]}"),
         )
     for user in tqdm(range(users), desc=f"synth {task}", unit="user", leave=False):
-        question, gold = make_user(task, user, seed, profile_size)
-        questions, outputs = writers["dev" if is_dev_user(user) else "train"]
+        question, gold = make_user(task, user, seed, shape)
+        questions, outputs = writers["dev" if is_dev(user) else "train"]
         questions.write(question)
         outputs.write({"id": question["id"], "output": gold})
     # The outputs files are renamed last: a split whose outputs file exists is complete.
@@ -295,4 +418,20 @@ def write_synthetic(out_dir, tasks, users: int, seed: int, profile_size: int | N
     if profile_size is not None and profile_size < 1:
         raise LampError(f"--profile-size must be at least 1, got {profile_size}")
     for spec in specs:
-        write_task(Path(out_dir), spec.name, users, seed, profile_size or MEAN_PROFILE_SIZE[spec.name])
+        write_task(Path(out_dir), spec.name, seed, demo_shape(spec.name, profile_size), users)
+
+
+def write_like_lamp(out_dir, tasks, scale: float = 1.0, seed: int = 0) -> dict:
+    """Writes each task at LaMP's sizes: its user-based train and dev question
+    counts times `scale` (0 < scale <= 1; at least MIN_SPLIT_USERS a split), its
+    mean profile size and text lengths. Returns {task: (train, dev)}."""
+    specs = [get_task(task) for task in tasks]
+    if not 0 < scale <= 1:
+        raise LampError(f"--scale must be in (0, 1], got {scale}")
+    counts = {}
+    for spec in specs:
+        train, dev = counts[spec.name] = like_lamp_counts(spec.name, scale)
+        # Users 0 .. train-1 are train, the next `dev` dev: user-disjoint.
+        write_task(Path(out_dir), spec.name, seed, lamp_shape(spec.name), train + dev,
+                   is_dev=lambda user, train=train: user >= train)
+    return counts

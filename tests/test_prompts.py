@@ -6,7 +6,11 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lamp.prompts import TokenizerTokens, WhitespaceTokens, order_layout, render_prompt
+from grid.tiny import train_tokenizer, training_texts
+from lamp.data import find_splits, read_examples
+from lamp.prompts import TokenizerTokens, WhitespaceTokens, order_layout, render_prompt, render_prompts
+from lamp.retrieval import ABLATIONS, ORDERS, RETRIEVERS, ItemPool, retrieve
+from lamp.synth import write_synthetic
 from lamp.tasks import TASKS
 
 WORDS = WhitespaceTokens()
@@ -157,3 +161,93 @@ def test_the_budget_never_passes_the_models_longest_input():
                                                                      "title": "kept"}],
                            "both", "start", 0, "q", TokenizerTokens(tokenizer), max_tokens=512)
     assert len(tokenizer(prompt.text)["input_ids"]) <= 64 and prompt.items
+
+
+# ----------------------------------------------------------------------------- batched rendering
+
+SYNTH_TASKS = ("LaMP_2", "LaMP_4", "LaMP_7")  # short and long input halves, and none
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """Per task, the train examples (32) of a small synthetic data set, and the
+    tiny model's tokenizer (byte-level BPE) trained on it."""
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(out, tasks=SYNTH_TASKS, users=40, seed=5)
+    examples = {s.task: list(read_examples(s)) for s in find_splits(out, SYNTH_TASKS) if s.split == "train"}
+    return examples, train_tokenizer(training_texts(out, SYNTH_TASKS))
+
+
+def cases_of(task, examples, retrievers, ablation, k=6):
+    """(example_id, task_input, items) of each example with what each retriever gives it."""
+    pool = ItemPool(examples)
+    mixed = {"input_retriever": "BM25", "output_retriever": "Random"}
+    return [(e.id, e.input, retrieve(task, e, retriever, k, ablation=ablation, pool=pool,
+                                     **(mixed if retriever == "Mixed" else {})))
+            for retriever in retrievers for e in examples]
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the calls that tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+
+@pytest.mark.parametrize("tokenizer", ["words", "bpe"])
+def test_prefetched_counts_and_trims_are_those_of_single_calls(synthetic, tokenizer):
+    tokenizer = word_tokenizer() if tokenizer == "words" else synthetic[1]
+    texts = ["", " ", '""', "body title kept", "input  words\n body", "café naïve 😀 words", '"quoted", and']
+    single, batched = TokenizerTokens(tokenizer), TokenizerTokens(CountingTokenizer(tokenizer), remember=4)
+    batched.prefetch(texts[-4:] * 2)
+    assert batched.tokenizer.calls == 1 and list(batched.ends) == texts[-4:]
+    for text in texts[::-1]:  # the prefetched ones first, while still remembered
+        assert batched.count(text) == single.count(text)
+        assert [batched.trim(text, n) for n in range(5)] == [single.trim(text, n) for n in range(5)]
+    assert batched.tokenizer.calls == 4 and len(batched.ends) == 4  # one per text not prefetched; bounded
+
+
+@pytest.mark.parametrize("task, ablation", [(task, ablation) for task in SYNTH_TASKS
+                                            for ablation in (ABLATIONS if task != "LaMP_7" else ["both"])])
+def test_batched_rendering_gives_the_prompts_of_one_by_one_rendering(synthetic, task, ablation):
+    examples, tokenizer = synthetic
+    spec = TASKS[task]
+    cases = cases_of(task, examples[task][:8], RETRIEVERS, ablation)  # every retriever's items in one batch
+    one_by_one = TokenizerTokens(tokenizer)  # never prefetches: one tokenizer call per text
+    cut = dropped = shown = 0
+    for max_tokens in (512, 96, 24):  # 24 cuts every task input; 96 some, and drops items
+        batched = TokenizerTokens(tokenizer)
+        for order in ORDERS:
+            expected = [render_prompt(spec, task_input, items, ablation, order, 1, example_id, one_by_one, max_tokens)
+                        for example_id, task_input, items in cases]
+            assert render_prompts(spec, cases, ablation, order, 1, batched, max_tokens) == expected
+            cut += sum(prompt.input_cut for prompt in expected)
+            dropped += sum(len(prompt.items) < len(items) for prompt, (_, _, items) in zip(expected, cases))
+            shown += sum(len(prompt.items) for prompt in expected)
+    assert cut and dropped and shown
+
+
+def test_batched_rendering_with_words_gives_the_prompts_of_one_by_one_rendering(synthetic):
+    cases = cases_of("LaMP_2", synthetic[0]["LaMP_2"][:8], RETRIEVERS, "both")
+    for max_tokens in (512, 64):
+        assert render_prompts(TASKS["LaMP_2"], cases, "both", "random", 0, WORDS, max_tokens) == \
+            [render_prompt(TASKS["LaMP_2"], task_input, items, "both", "random", 0, example_id, WORDS, max_tokens)
+             for example_id, task_input, items in cases]
+
+
+@pytest.mark.parametrize("ablation", ["both", "only_output", "only_input"])
+def test_batched_rendering_calls_the_tokenizer_once_per_stage_not_per_text(synthetic, ablation):
+    examples, tokenizer = synthetic
+    spec, cases = TASKS["LaMP_4"], cases_of("LaMP_4", examples["LaMP_4"], ["BM25"], ablation)
+    one_by_one, batched = CountingTokenizer(tokenizer), CountingTokenizer(tokenizer)
+    expected = [render_prompt(spec, task_input, items, ablation, "middle", 0, example_id,
+                              TokenizerTokens(one_by_one)) for example_id, task_input, items in cases]
+    assert render_prompts(spec, cases, ablation, "middle", 0, TokenizerTokens(batched)) == expected
+    assert len(cases) == 32 and one_by_one.calls > 32 and batched.calls <= 3

@@ -2,6 +2,7 @@ import random
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from rank_bm25 import BM25Okapi
 
@@ -222,6 +223,57 @@ def test_full_random_draws_without_replacement_and_prefix_stable():
     whole = rank("LaMP_2", example, "Full_Random", pool=pool).items
     assert len(whole) == 20  # the user's own profile size by default
     assert retrieve("LaMP_2", example, "Full_Random", 3, rank_offset=2, pool=pool) == whole[2:5]
+
+
+def reference_layout(examples):
+    """ItemPool's layout as it was first written, over item dicts: users sorted,
+    each user's items deduplicated by id (the first seen kept) and sorted by id."""
+    by_user = {}
+    for example in examples:
+        items = by_user.setdefault(example.user, {})
+        for item in example.profile:
+            items.setdefault(str(item["id"]), item)
+    return [by_user[user][i] for user in sorted(by_user) for i in sorted(by_user[user])]
+
+
+def test_the_pool_layout_sorts_as_python_does_and_keeps_first_occurrences():
+    rng = random.Random(5)
+    ids = ["9", "10", "1", "a", "B", "é", "e", "z", "ü-1", "\U0001f600", "日本", 7, 12]
+    examples = []
+    for i in range(40):  # users repeat, out of order; profiles repeat ids, within and across examples
+        profile = [{"id": rng.choice(ids), "description": f"d{i}-{j}", "tag": "t"} for j in range(rng.randint(0, 9))]
+        examples.append(make_example("LaMP_2", "a b", profile, id=f"q{i}", user=rng.choice(["u2", "u10", "u1", "é"])))
+    pool = ItemPool(examples)
+    assert [id(item) for item in pool.items] == [id(item) for item in reference_layout(examples)]
+    for slot, item in enumerate(pool.items):
+        assert examples[pool.row[slot]].profile[pool.pos[slot]] is item
+
+
+def test_a_pool_laid_out_from_ids_alone_draws_what_the_examples_draw():
+    examples = make_split([random.Random(i).randint(0, 20) for i in range(30)])
+    for u in (0, 1, 2):  # time-based: a user's later example repeats items, plus a new one
+        later = examples[u].profile[::-1] + [lamp_2_item(f"u{u}-new", "a b c", "x")]
+        examples.append(make_example("LaMP_2", "b c d", later, id=f"q{u}-later", user=f"u{u}"))
+    random.Random(1).shuffle(examples)
+    in_memory = ItemPool(examples)
+    fetched = []
+
+    def items(rows, positions):
+        fetched.append(len(rows))
+        return [examples[r].profile[p] for r, p in zip(rows, positions)]
+
+    ids = pa.array([str(item["id"]) for example in examples for item in example.profile])
+    light = ItemPool.from_ids([e.user for e in examples], [len(e.profile) for e in examples], ids, items)
+    assert light.span == in_memory.span and light.mean_profile_size == in_memory.mean_profile_size
+    assert light.row.tolist() == in_memory.row.tolist() and light.pos.tolist() == in_memory.pos.tolist()
+    assert not fetched  # laid out from the ids alone
+    for example in examples:
+        for retriever in ("Full_Random", "RanBM25"):
+            for seed in (0, 3):
+                a, b = (rank("LaMP_2", example, retriever, seed=seed, pool=pool) for pool in (in_memory, light))
+                assert [id(item) for item in a.items] == [id(item) for item in b.items]
+    assert fetched
+    assert light.nbytes == 12 * len(light) == 12 * len(reference_layout(examples))
 
 
 def test_other_user_retrievers_need_a_pool():

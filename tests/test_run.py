@@ -43,8 +43,10 @@ def cells_of(all_runs):
 @pytest.mark.slow
 def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, ray_local):
     spec = grid("three", [{"retriever": ["none", "BM25", "RanBM25"], "k": [2]}])
-    rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(zero_stage=2), log=lambda _: None)
+    first = []
+    rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(zero_stage=2), log=first.append)
     assert [r.status for r in rows] == ["FINISHED"] * 3
+    assert "render: 3 cell(s) rendered, 0 cached" in first
     client, all_runs = runs(workdir, "three")
     children = cells_of(all_runs)
     assert sorted(r.data.tags["cell_key"] for r in children) == sorted(r.cell.key for r in rows)
@@ -117,11 +119,18 @@ def write_grid(path, name, axes):
 def test_a_crashed_trial_is_retried_into_its_one_run(workdir, tmp_path):
     spec = write_grid(tmp_path / "crash.yaml", "crash", [{"retriever": ["Random"], "k": [2]}])
     env = {**os.environ, "LAMP_GRID_CRASH_ONCE": str(tmp_path / "crashed")}
+    before = set((workdir / "cache").rglob("render-*"))
     done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert len(list((tmp_path / "crashed").iterdir())) == 1  # the first attempt did crash
     _, all_runs = runs(workdir, "crash")
-    assert [r.info.status for r in cells_of(all_runs)] == ["FINISHED"]
+    (run,) = cells_of(all_runs)
+    assert run.info.status == "FINISHED"
+    # Rendered once, before any trial: the retry read the same train and dev renders.
+    assert [line for line in done.stdout.splitlines() if line.startswith("render:")] == \
+        ["render: 1 cell(s) rendered, 0 cached"]
+    renders = set((workdir / "cache").rglob("render-*")) - before
+    assert len(renders) == 2 and all(p.stat().st_mtime * 1000 < run.info.start_time for p in renders)
 
 
 @pytest.mark.slow

@@ -4,18 +4,37 @@ worker count does not change a shard."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grid.shards import cell_dataset, cell_table, load_examples, prepare
+from grid.render import cell_table
+from grid.shards import (
+    RANKER_BASE,
+    RankExamples,
+    example_record,
+    examples_schema,
+    fit_rankers,
+    load_examples,
+    parquet_pool,
+    prepare,
+    ranker_plan,
+    write_examples,
+)
 from lamp.cell import Cell
+from lamp.data import Example, find_splits
+from lamp.retrieval import ItemPool, rank
 from lamp.synth import write_synthetic
+from lamp.tasks import get_task
 from tests.cli import ROOT, run_cli
 
 RETRIEVERS = ["BM25", "Random", "Full_Random", "RanBM25"]
@@ -59,7 +78,7 @@ def test_shards_reproduce_render(data, shards, cell):
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     expected = {row["id"]: (row["prompt"], row["retrieved"]) for row in map(json.loads, done.stdout.splitlines())}
-    rows = cell_dataset(dev(shard_list), cell).take_all()
+    rows = cell_table(dev(shard_list), cell).to_pylist()
     assert {row["id"]: (row["prompt"], list(row["retrieved"])) for row in rows} == expected
     assert len(rows) == 12
 
@@ -71,9 +90,9 @@ def tiny(data, tmp_path_factory):
     return build_tiny_model(data, ["LaMP_2"], tmp_path_factory.mktemp("model") / "tiny")
 
 
-def test_cell_dataset_carries_token_ids_given_a_model(shards, tiny):
+def test_a_rendered_cell_carries_token_ids_given_a_model(shards, tiny):
     _, shard_list = shards
-    rows = cell_dataset(dev(shard_list), CELLS[0], model=str(tiny)).take(3)
+    rows = cell_table(dev(shard_list), CELLS[0], model=str(tiny)).to_pylist()[:3]
     for row in rows:
         assert len(row["input_ids"]) > len(row["prompt"].split()) / 2
         assert row["input_ids"][-1] == 1 and row["labels"][-1] == 1  # T5's </s>
@@ -123,6 +142,98 @@ def test_the_prompt_budget_caps_the_prompt_and_keeps_the_input_whole(data, shard
         else:
             assert short["prompt"].endswith(task_input) and set(short["retrieved"]) <= set(long["retrieved"])
     assert any(row["retrieved"] for row in small)
+
+
+def test_other_user_rankings_are_those_ranked_in_memory(shards):
+    # The rankers draw from a pool read from examples.parquet; `render` and cells
+    # draw from ItemPool(examples): the same items, in the same places.
+    _, shard_list = shards
+    for split in shard_list:
+        examples = load_examples(split.examples)
+        pool = ItemPool(examples)
+        places = {id(item): (row, pos) for row, example in enumerate(examples)
+                  for pos, item in enumerate(example.profile)}
+        for name in ("Full_Random", "RanBM25", "RanBM25_input"):
+            for seed in (0, 1):
+                stored = pq.read_table(split.ranking(name, seed)).sort_by("row").to_pylist()
+                assert [r["row"] for r in stored] == list(range(len(examples)))
+                for example, r in zip(examples, stored):
+                    ranking = rank("LaMP_2", example, name.removesuffix("_input"), seed=seed, pool=pool,
+                                   by_input=name.endswith("_input"))
+                    assert list(zip(r["cand_row"], r["cand_pos"])) == [places[id(i)] for i in ranking.items]
+                    assert r["score"] == (None if ranking.scores is None else ranking.scores.tolist())
+                    assert ranking.items
+
+
+def write_examples_file(path, examples, task="LaMP_2", rows_per_group=3):
+    fields = list(get_task(task).item_fields)
+    with pq.ParquetWriter(path, examples_schema(task)) as writer:
+        for start in range(0, len(examples), rows_per_group):
+            writer.write_table(pa.Table.from_pylist([example_record(row, example, fields) for row, example in
+                                                     enumerate(examples) if start <= row < start + rows_per_group],
+                                                    examples_schema(task)))
+
+
+def test_a_pool_read_from_parquet_draws_what_the_examples_in_memory_draw(tmp_path):
+    rng = random.Random(3)
+    examples = []
+    for i in range(40):  # time-based: users with several examples, repeating items, out of order
+        user = rng.choice(["u3", "u1", "u20", "u2", "ü"])
+        profile = [{"id": str(rng.randint(0, 60)), "description": f"{user} {rng.randint(0, 9)} words", "tag": "t",
+                    **({"date": "2020"} if rng.random() < 0.5 else {})} for _ in range(rng.randint(0, 12))]
+        examples.append(Example(id=f"q{i}", user=user, input="Which tag does this movie relate to among the "
+                                "following tags? description: a b", profile=profile, output="t"))
+    path = tmp_path / "examples.parquet"
+    write_examples_file(path, examples)
+    assert pq.ParquetFile(path).metadata.num_row_groups > 5
+    loaded = load_examples(path)
+    in_memory, light = ItemPool(loaded), parquet_pool(path)
+    assert light.span == in_memory.span and light.mean_profile_size == in_memory.mean_profile_size
+    assert light.row.tolist() == in_memory.row.tolist() and light.pos.tolist() == in_memory.pos.tolist()
+    for user in ["u3", "u1", "ü", "nobody"]:
+        for n in (1, 9, 1000):
+            for seed in (0, 1):
+                drawn = light.sample(user, n, np.random.default_rng(seed))
+                assert drawn == in_memory.sample(user, n, np.random.default_rng(seed)) and drawn
+
+
+def test_a_ranker_holds_no_split_and_its_pool_is_small(tmp_path):
+    write_synthetic(tmp_path / "data", tasks=["LaMP_2"], users=300, seed=1)
+    path = tmp_path / "examples.parquet"
+    (train,) = [s for s in find_splits(tmp_path / "data", ["LaMP_2"]) if s.split == "train"]
+    write_examples(train, path)
+    tracemalloc.start()
+    try:
+        examples = load_examples(path)
+        split_bytes = tracemalloc.get_traced_memory()[0]
+        del examples
+        before = tracemalloc.get_traced_memory()[0]
+        ranker = RankExamples("LaMP_2", str(path), [("Full_Random", 0), ("RanBM25", 0), ("BM25", None)])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # What the split takes in Python against what a ranker keeps of it: ids and places.
+    assert held < split_bytes / 10, (held, split_bytes)
+    assert ranker.pool.nbytes == 12 * len(ranker.pool) < split_bytes / 20
+    assert not [name for name, value in vars(ranker).items() if isinstance(value, list) and value
+                and isinstance(value[0], Example)]
+    batch = pq.read_table(path).slice(100, 70)
+    out = ranker(batch)
+    assert out["row"] == list(range(100, 170)) and all(out["RanBM25/0/cand_row"])
+    assert not ranker.places and ranker.store is None  # nothing of the batch stays
+
+
+def test_rankers_ask_for_the_memory_they_hold_and_only_as_many_as_fit(shards, ray_local):
+    _, shard_list = shards
+    (train,) = [s for s in shard_list if s.split == "train"]
+    plain_batch, plain = ranker_plan(train.examples, [("BM25", None)], workers=2)
+    pooled_batch, pooled = ranker_plan(train.examples, [("BM25", None), ("RanBM25", 0)], workers=2)
+    assert plain_batch == 64 and RANKER_BASE < plain < pooled < RANKER_BASE + (64 << 20)
+    assert pooled_batch == 24  # a worker's share of the 48 examples: drawing them all is a few MB
+    memory = ray_local.cluster_resources()["memory"]
+    assert fit_rankers(2, 1 << 20, print) == (2, 1 << 20)
+    assert fit_rankers(3, int(memory * 0.6), print) == (1, int(memory * 0.6))
+    assert fit_rankers(2, int(memory * 5), print) == (1, int(memory))
 
 
 def test_second_prepare_is_a_no_op_and_a_new_seed_only_adds_its_rankings(data, shards):

@@ -1,4 +1,4 @@
-"""Synthetic LaMP data: official layout, determinism, user-disjoint splits."""
+"""Synthetic LaMP data: official layout, determinism, user-disjoint splits, LaMP-sized data."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 
 from lamp.errors import LampError
-from lamp.synth import write_synthetic
+from lamp.synth import (
+    LAMP_INPUT_WORDS,
+    LAMP_OUTPUT_WORDS,
+    LAMP_PROFILE_SIZE,
+    LAMP_QUESTIONS,
+    MIN_SPLIT_USERS,
+    content_words,
+    like_lamp_counts,
+    write_like_lamp,
+    write_synthetic,
+)
 from lamp.tasks import LAMP_2_TAGS, TASKS
 from tests.cli import run_cli
 
@@ -96,3 +106,81 @@ def test_synth_validate_evaluate_round_trip(tmp_path):
         done = run_cli("evaluate", "--task", task, "--golds", golds, "--preds", golds)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == perfect
+
+
+# ---- synth --like-lamp: LaMP's own sizes ----
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def like_lamp(tmp_path_factory):
+    """LaMP_7 at 2 % of LaMP's size, through the command line."""
+    out = tmp_path_factory.mktemp("like_lamp")
+    done = run_cli("synth", "--out", out, "--like-lamp", "--scale", "0.02", "--tasks", "LaMP_7", "--seed", "1")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_like_lamp_writes_the_scaled_question_counts_user_disjoint(like_lamp):
+    train, train_golds = load(like_lamp, "LaMP_7", "train")
+    dev, dev_golds = load(like_lamp, "LaMP_7", "dev")
+    expected = [round(n * 0.02) for n in LAMP_QUESTIONS["LaMP_7"]]
+    assert [len(train), len(dev)] == [len(train_golds["golds"]), len(dev_golds["golds"])] == expected
+    assert max(int(q["id"]) for q in train) < min(int(q["id"]) for q in dev)  # one user, one question, one split
+
+
+def test_like_lamp_profiles_and_inputs_have_lamps_mean_sizes(like_lamp):
+    questions = [q for split in ("train", "dev") for q in load(like_lamp, "LaMP_7", split)[0]]
+    sizes = [len(q["profile"]) for q in questions]
+    assert mean(sizes) == pytest.approx(LAMP_PROFILE_SIZE["LaMP_7"], rel=0.2)
+    assert max(sizes) > 2 * LAMP_PROFILE_SIZE["LaMP_7"]  # skewed like real profiles, not capped at 1.5 x
+    assert mean(len(q["input"].split()) for q in questions) == pytest.approx(LAMP_INPUT_WORDS["LaMP_7"], rel=0.15)
+
+
+def test_like_lamp_long_texts_and_titles_have_lamps_lengths(tmp_path):
+    counts = write_like_lamp(tmp_path, ["LaMP_5"], scale=0.005, seed=2)
+    assert counts == {"LaMP_5": (48, 12)}
+    questions, outputs = load(tmp_path, "LaMP_5", "train")
+    # Inputs are "Generate a title ...: <abstract>", so profile abstracts are as long as the inputs' content.
+    abstracts = [len(item["abstract"].split()) for q in questions for item in q["profile"]]
+    assert mean(abstracts) == pytest.approx(content_words("LaMP_5"), rel=0.1)
+    assert mean(len(q["input"].split()) for q in questions) == pytest.approx(LAMP_INPUT_WORDS["LaMP_5"], rel=0.15)
+    titles = [g["output"] for g in outputs["golds"]] + [item["title"] for q in questions for item in q["profile"]]
+    assert mean(len(title.split()) for title in titles) == pytest.approx(LAMP_OUTPUT_WORDS["LaMP_5"], rel=0.15)
+    assert mean(len(q["profile"]) for q in questions) == pytest.approx(LAMP_PROFILE_SIZE["LaMP_5"], rel=0.3)
+
+
+def test_like_lamp_a_user_does_not_depend_on_the_scale(tmp_path, like_lamp):
+    write_like_lamp(tmp_path, ["LaMP_7"], scale=0.01, seed=1)
+    small, _ = load(tmp_path, "LaMP_7", "train")
+    large, _ = load(like_lamp, "LaMP_7", "train")
+    assert small == large[: len(small)]
+
+
+def test_like_lamp_keeps_a_handful_of_users_per_split():
+    assert like_lamp_counts("LaMP_2", 1e-6) == (MIN_SPLIT_USERS, MIN_SPLIT_USERS)
+    assert like_lamp_counts("LaMP_2", 1.0) == LAMP_QUESTIONS["LaMP_2"]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--like-lamp", "--scale", "0"], "--scale"),
+    (["--like-lamp", "--scale", "1.5"], "--scale"),
+    (["--like-lamp", "--scale", "-0.1"], "--scale"),
+    (["--like-lamp", "--users", "10"], "--users"),
+    (["--like-lamp", "--profile-size", "5"], "--profile-size"),
+    (["--scale", "0.5"], "--like-lamp"),
+])
+def test_like_lamp_bad_or_conflicting_options_are_refused(tmp_path, args, named):
+    done = run_cli("synth", "--out", tmp_path / "out", "--tasks", "LaMP_7", *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert named in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_like_lamp_refuses_a_bad_scale():
+    for scale in (0, -1, 2, float("nan")):
+        with pytest.raises(LampError, match="--scale"):
+            write_like_lamp("unused", ["LaMP_7"], scale=scale)

@@ -1,0 +1,507 @@
+"""Rendering every cell of a grid once, before its trials start.
+
+A cell's render of a split is its prompts and their token ids for the grid's
+tokenizer, recipe and prompt budget: one Parquet file that a trial streams
+(`ray.data.read_parquet`, then its Train workers' `iter_torch_batches`). No
+trial driver loads a split or calls a tokenizer.
+
+`render_grid` renders every missing one as a Ray Data pipeline per split: read
+the examples Parquet, `map_batches(RenderCells)` over the cluster's CPUs (one
+tokenizer call per batch of texts), and the driver writes one Parquet file per
+cell. Renderers stream the split a row group at a time: a `lamp` cell reads
+its rankings and the rows its candidates live in, nothing else. (A `study`
+cell replays the study's draws, whose random streams run through the whole
+split in file order, so its renderers hold the split.)
+
+Renders live in the content-addressed shard cache. A render's name is a hash
+of what it is made of: the examples and rankings it reads (their directory
+names are their content's hash), the cell's retrieval and prompt settings, the
+tokenizer's files, the prompt budget, the example limit and the rendering
+code. Training settings are not in it, so a cell that differs only in lr,
+epochs, ZeRO stage or workers, a retry and a rerun all find it rendered. Each
+is written under a temporary name and renamed when complete: a killed render
+leaves nothing that looks complete.
+"""
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import lamp.cell
+import lamp.prompts
+import lamp.retrieval
+import lamp.seeding
+import lamp.study
+import lamp.tasks
+from grid.shards import (
+    SEEDED,
+    ProfileItems,
+    SplitShards,
+    digest,
+    file_digest,
+    load_examples,
+    ranking_name,
+    to_example,
+)
+from grid.storage import is_published, join, open_input
+from lamp.errors import LampError
+from lamp.prompts import MAX_PROMPT_TOKENS, TokenizerTokens, WhitespaceTokens, render_prompts
+from lamp.retrieval import ranked_sides, select
+from lamp.study import Replay, study_prompt
+from lamp.tasks import get_task
+
+RENDER_FORMAT = "1"
+BATCH = 64  # examples per map_batches call: one tokenizer call renders them all
+REMEMBERED_ROW_GROUPS = 4
+READ_CPUS = 0.01
+# Tokenizer files: what a render depends on in a model folder (not its weights).
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
+PROMPT_SCHEMA = pa.schema([("render", pa.int32()), ("row", pa.int64()), ("id", pa.string()), ("user", pa.string()),
+                           ("selection", pa.float64()), ("prompt", pa.string()), ("output", pa.string()),
+                           ("retrieved", pa.list_(pa.string())), ("input_cut", pa.bool_())])
+TOKEN_SCHEMA = pa.schema([(name, pa.list_(pa.int32())) for name in ("prompt_ids", "input_ids", "labels")])
+
+
+def rendering_code() -> str:
+    """The rendering code's own source: a change to it invalidates stored renders."""
+    modules = (lamp.cell, lamp.prompts, lamp.retrieval, lamp.seeding, lamp.study, lamp.tasks)
+    return digest(*(Path(m.__file__).read_bytes() for m in modules), Path(__file__).read_bytes())
+
+
+def tokenizer_digest(model: str) -> str:
+    """A hash of the model's tokenizer: its folder's files but the weights, or, for
+    a hub id, the tokenizer as loaded and saved again."""
+    folder = Path(model)
+    if not folder.is_dir():
+        from transformers import AutoTokenizer
+
+        folder = Path(tempfile.mkdtemp(prefix="lamp-grid-tokenizer-"))
+        try:
+            AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+            return tokenizer_digest(str(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(WEIGHTS))
+    return digest(*((p.relative_to(folder).as_posix(), file_digest(p)) for p in files))
+
+
+def selection_fraction(user: str) -> float:
+    """A user's place in [0, 1): train users below the selection share are held out
+    for model selection. A hash of the user alone, so the held-out users are the
+    same in every cell and every seed."""
+    value = hashlib.blake2b(user.encode(), digest_size=8).digest()
+    return int.from_bytes(value, "big") / 2 ** 64
+
+
+def prompt_seed(cell) -> int | None:
+    """The seed, where it changes a prompt: random draws or the random order. A BM25
+    cell's prompts are the same for every seed, so its seeds share one render."""
+    sides = {cell.retriever, cell.input_retriever, cell.output_retriever}
+    return cell.seed if cell.recipe == "study" or cell.order == "random" or sides & SEEDED else None
+
+
+@dataclass(frozen=True)
+class Render:
+    """What to render: a cell's first `limit` examples of a split, prompts built for `max_tokens`."""
+    cell: object  # lamp.cell.Cell
+    split: str
+    limit: int | None
+    max_tokens: int
+
+    def inputs(self, splits: dict) -> list:
+        """The cache directories it reads: its split's examples and rankings, and for
+        the study's other-user draws both splits' examples."""
+        shards, cell = splits[self.split], self.cell
+        if cell.recipe == "study":
+            return [Path(str(s.examples)).parent.name for s in (splits.values() if cell.needs_pool else [shards])]
+        by_input = cell.ablation == "decouple"
+        rankings = [shards.ranking(ranking_name(side, by_input), cell.seed)
+                    for side in ranked_sides(cell.retriever, cell.input_retriever, cell.output_retriever)]
+        return [Path(str(shards.examples)).parent.name, *(str(r).rstrip("/").rsplit("/", 1)[-1] for r in rankings)]
+
+    def key(self, splits: dict, tokenizer: str, code: str) -> str:
+        settings = {**asdict(self.cell), "seed": prompt_seed(self.cell)}
+        return digest(RENDER_FORMAT, self.inputs(splits), sorted(settings.items()), tokenizer, self.max_tokens,
+                      self.limit, code)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A render in the cache: `rendered.parquet` and its statistics."""
+    directory: str  # a local path, or a URI in a cache at one
+    stats: dict  # rows, items_shown (mean), input_cut_share
+
+    @property
+    def path(self) -> str:
+        return join(self.directory, "rendered.parquet")
+
+    def dataset(self, columns: list, held_out: bool | None = None, share: float = 0.0):
+        """Its rows as a Ray Dataset, streamed from the file; held_out True or False
+        keeps only the users held out for model selection, or only the others."""
+        import ray.data
+        from ray.data.expressions import col
+
+        # Read into the object store now, by the trial's driver: inside Ray Train, the
+        # read tasks would compete with the trial's own workers for the CPUs (on a
+        # small machine, forever). A sliver of CPU each: reading a file needs little.
+        ds = ray.data.read_parquet(self.path, columns=columns + ["selection"] * (held_out is not None),
+                                   num_cpus=READ_CPUS)
+        if held_out is not None:
+            kept = col("selection") < share if held_out else col("selection") >= share
+            ds = ds.filter(expr=kept, num_cpus=READ_CPUS).select_columns(columns, num_cpus=READ_CPUS)
+        return ds.materialize()
+
+    def count(self, held_out: bool, share: float) -> int:
+        """Rows of users held out (or not) for model selection, from the one column that says."""
+        import pyarrow.compute as pc
+
+        selection = pq.read_table(open_input(self.path), columns=["selection"]).column("selection")
+        below = pc.sum(pc.less(selection, share)).as_py() or 0
+        return below if held_out else len(selection) - below
+
+
+# --- reading rows of a Parquet file --------------------------------------------------
+
+
+class RowReader:
+    """Rows of a rankings file by row number, read a row group at a time; the last
+    few row groups are remembered. Row numbers are positions: rankings are written
+    in row order. (Profile items are read as Arrow, by grid.shards.ProfileItems.)"""
+
+    def __init__(self, path, columns: list):
+        self.file = pq.ParquetFile(open_input(path))
+        self.columns = columns
+        sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.groups = {}  # row group index -> its rows as Python lists, newest last
+
+    def group_of(self, row: int) -> int:
+        import bisect
+
+        return bisect.bisect_right(self.starts, row) - 1
+
+    def read(self, group: int) -> dict:
+        if group not in self.groups:
+            if len(self.groups) == REMEMBERED_ROW_GROUPS:
+                del self.groups[next(iter(self.groups))]
+            self.groups[group] = self.file.read_row_group(group, columns=self.columns).to_pydict()
+        return self.groups[group]
+
+    def value(self, row: int, column: str):
+        group = self.group_of(row)
+        return self.read(group)[column][row - self.starts[group]]
+
+
+# --- rendering ---------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def split_examples(path: str) -> list:
+    """A split's examples, loaded once per process: every `study` cell a renderer
+    renders replays its draws over the same split (the replay copies what it changes)."""
+    return load_examples(path)
+
+
+class CellPrompts:
+    """What one cell retrieves and renders for a split's examples. `lamp` reads the
+    stored rankings, the rows around `row` only; `study` replays the study's draws
+    over the whole split (splits: the task's SplitShards by name, whose examples
+    its other-user retrievers draw from)."""
+
+    def __init__(self, shards: SplitShards, cell, splits: dict | None = None):
+        self.cell, self.spec = cell, get_task(cell.task)
+        if cell.recipe == "study":
+            users = {}
+            if cell.needs_pool:
+                if splits is None:
+                    raise LampError(f"recipe study's {cell.retriever} draws users of train and dev: "
+                                    "it needs both splits' shards")
+                users = {name: split_examples(str(split.examples)) for name, split in splits.items()}
+            examples = users.get(shards.split) or split_examples(str(shards.examples))
+            self.study_items = Replay(cell, users.get("train", ()), users.get("dev", ())).split(examples)
+            return
+        by_input = cell.ablation == "decouple"
+        self.sides = ranked_sides(cell.retriever, cell.input_retriever, cell.output_retriever)
+        self.rankings = {side: RowReader(join(str(shards.ranking(ranking_name(side, by_input), cell.seed)),
+                                              "ranking.parquet"), ["row", "cand_row", "cand_pos"])
+                         for side in self.sides}
+        # Other users' items (Full_Random, RanBM25) live in other rows of the split.
+        self.others = ProfileItems(shards.examples) if cell.needs_pool else None
+
+    def items(self, row: int, example, rows: list, positions: list) -> list:
+        """The items at (rows[i], positions[i]): the example's own, or other users' read from the file."""
+        if all(r == row for r in rows):
+            return [example.profile[p] for p in positions]
+        return self.others(rows, positions)
+
+    def retrieved(self, row: int, example) -> list:
+        """The items the cell retrieves for the example at `row`: `lamp` most relevant
+        first, `study` in its prompt order."""
+        cell = self.cell
+        if cell.recipe == "study":
+            return self.study_items[row]
+        # Only the ranks the window can reach are looked up: a ranking holds the whole pool.
+        reach = lamp.retrieval.reach(cell.retriever, cell.k, cell.rank_offset, len(example.profile))
+        ranked = {}
+        for side, reader in self.rankings.items():
+            assert reader.value(row, "row") == row, f"{cell.task}: ranking rows out of order"
+            ranked[side] = self.items(row, example, reader.value(row, "cand_row")[:reach],
+                                      reader.value(row, "cand_pos")[:reach])
+        return select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
+                      cell.input_retriever, cell.output_retriever)
+
+    def render(self, rows: list, examples: list, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> list:
+        """The prompts of the examples at `rows`: what Cell.render_split gives."""
+        cell = self.cell
+        if cell.recipe == "study":
+            tokenizer = lamp.cell.study_tokenizer(tokens)
+            return [study_prompt(cell.task, e.input, self.study_items[row], cell.ablation, tokenizer, max_tokens)
+                    for row, e in zip(rows, examples)]
+        cases = [(e.id, e.input, self.retrieved(row, e)) for row, e in zip(rows, examples)]
+        return render_prompts(self.spec, cases, cell.ablation, cell.order, cell.seed, tokens, max_tokens)
+
+
+class RenderCells:
+    """map_batches callable: a batch of examples rendered for every Render asked of
+    their split, one after the other, each row tagged with its Render's index.
+
+    jobs: per examples file (its path or URI), (its SplitShards, the task's
+    SplitShards by split, [(index, Render), ...]). prompt_ids feed generation;
+    input_ids and labels feed training. A decoder-only model reads prompt and
+    output as one sequence and learns only the output.
+    """
+
+    def __init__(self, jobs: dict, model: str | None):
+        self.jobs, self.by_path, self.prompts = jobs, {}, {}
+        self.tokenizer = self.decoder_only = None
+        if model is not None:
+            from transformers import AutoTokenizer
+
+            from grid.storage import local_model
+
+            self.tokenizer, self.decoder_only = AutoTokenizer.from_pretrained(local_model(model)), decoder_only(model)
+        self.tokens = TokenizerTokens(self.tokenizer) if self.tokenizer else WhitespaceTokens()
+        self.schema = pa.unify_schemas([PROMPT_SCHEMA, TOKEN_SCHEMA]) if self.tokenizer else PROMPT_SCHEMA
+
+    def job(self, path: str) -> tuple:
+        """The job of the file a row came from (Ray Data names it without a URI's scheme)."""
+        if path not in self.by_path:
+            self.by_path[path] = next(job for examples, job in self.jobs.items() if examples.endswith(path))
+        return self.by_path[path]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tables = [self.schema.empty_table()]
+        for path in pa.compute.unique(batch.column("path")).to_pylist():
+            shards, splits, renders = self.job(path)
+            part = batch.filter(pa.compute.equal(batch.column("path"), path))
+            limits = [render.limit for _, render in renders]
+            if None not in limits:  # rows past every limit are not even read into Python
+                part = part.filter(pa.compute.less(part.column("row"), max(limits)))
+            records = part.to_pylist()
+            for index, render in renders:
+                kept = [r for r in records if render.limit is None or r["row"] < render.limit]
+                if kept:
+                    if index not in self.prompts:
+                        self.prompts[index] = CellPrompts(shards, render.cell, splits)
+                    tables.append(pa.table(self.render(index, render, kept), schema=self.schema))
+        return pa.concat_tables(tables)
+
+    def render(self, index: int, render: Render, records: list) -> dict:
+        examples = [to_example(r) for r in records]
+        rows = [r["row"] for r in records]
+        rendered = self.prompts[index].render(rows, examples, self.tokens, render.max_tokens)
+        out = {"render": [index] * len(rows), "row": rows, "id": [e.id for e in examples],
+               "user": [e.user for e in examples], "selection": [selection_fraction(e.user) for e in examples],
+               "prompt": [p.text for p in rendered], "output": [e.output or "" for e in examples],
+               "retrieved": [[item["id"] for item in p.items] for p in rendered],
+               "input_cut": [p.input_cut for p in rendered]}
+        if self.tokenizer is not None:
+            cell = render.cell
+            out["prompt"], prompt_ids = lamp.cell.model_inputs(self.tokenizer, cell.task, cell.recipe, out["prompt"],
+                                                               render.max_tokens, self.decoder_only)
+            out.update(self.token_ids(prompt_ids, out["output"]))
+        return out
+
+    def token_ids(self, prompt_ids: list, outputs: list) -> dict:
+        if not self.decoder_only:
+            return {"prompt_ids": prompt_ids, "input_ids": prompt_ids,
+                    "labels": self.tokenizer(outputs)["input_ids"]}
+        eos = [self.tokenizer.eos_token_id]
+        answers = self.tokenizer([" " + o for o in outputs], add_special_tokens=False)["input_ids"]
+        return {"prompt_ids": prompt_ids, "input_ids": [p + a + eos for p, a in zip(prompt_ids, answers)],
+                "labels": [[-100] * len(p) + a + eos for p, a in zip(prompt_ids, answers)]}
+
+
+def cell_table(shards: SplitShards, cell, model: str | None = None, limit: int | None = None,
+               max_tokens: int = MAX_PROMPT_TOKENS, splits: dict | None = None) -> pa.Table:
+    """The cell's rendered examples (and token ids, given a model) as an Arrow table,
+    rendered in this process by the code the pipeline runs."""
+    if model is not None:
+        max_tokens = lamp.cell.prompt_tokens(cell.recipe, decoder_only(model), max_tokens)
+    path = str(shards.examples)
+    render = RenderCells({path: (shards, splits or {}, [(0, Render(cell, shards.split, limit, max_tokens))])}, model)
+    with pq.ParquetFile(open_input(path)) as examples:
+        tables = [render(pa.Table.from_batches([batch]).append_column("path", pa.array([path] * batch.num_rows)))
+                  for batch in examples.iter_batches(BATCH)]
+    return pa.concat_tables([t.drop_columns(["render"]) for t in tables if t.num_rows])
+
+
+def decoder_only(model: str) -> bool:
+    from transformers import AutoConfig
+
+    from grid.storage import local_model
+
+    return not AutoConfig.from_pretrained(local_model(model)).is_encoder_decoder
+
+
+# --- the pipeline and the cache ---------------------------------------------------------
+
+
+def renderer_memory(renders: list) -> int:
+    """Bytes a renderer asks Ray for, given its (Render, the task's SplitShards by
+    split) pairs: a base for Python, the tokenizer and the libraries, and a few
+    decoded row groups of the examples (Parquet's metadata gives their decoded
+    sizes; Python objects take about three times Arrow's bytes). A `study`
+    renderer also holds the splits its draws run through."""
+    def row_group_bytes(path) -> list:
+        meta = pq.read_metadata(open_input(path))
+        return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)] or [0]
+
+    held, whole = 0, set()
+    for render, splits in renders:
+        shards = splits[render.split]
+        # The batch's row group, and the few remembered for other users' items.
+        held = max(held, 3 * (1 + REMEMBERED_ROW_GROUPS) * max(row_group_bytes(shards.examples)))
+        if render.cell.recipe == "study":
+            whole |= {str(s.examples) for s in (splits.values() if render.cell.needs_pool else [shards])}
+    return (1 << 30) + held + sum(3 * sum(row_group_bytes(path)) for path in whole)
+
+
+def write_renders(todo: dict, shards: dict, model: str, workers: int, progress) -> None:
+    """Renders every Render of `todo` ((task, split) -> {final directory: Render}) in one
+    Ray Data pass over the splits' examples, each into its own Parquet file with its
+    statistics beside it, and renames each directory into place when it is complete."""
+    import ray
+
+    places, jobs = [], {}
+    for (task, split), renders in todo.items():
+        entries = []
+        for directory, render in renders.items():
+            entries.append((len(places), render))
+            places.append(directory)
+        jobs[str(shards[task][split].examples)] = (shards[task][split], shards[task], entries)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows stay in file order, as the rankings are
+    ctx.enable_progress_bars = False  # our bar counts cells and examples
+    # Renderers reserve a sliver of CPU and the memory they use: their number
+    # bounds the CPUs they take, and Ray's own read tasks keep a whole CPU free.
+    ds = ray.data.read_parquet(list(jobs), include_paths=True, override_num_blocks=4 * workers)
+    memory = renderer_memory([(render, job[1]) for job in jobs.values() for _, render in job[2]])
+    ds = ds.map_batches(RenderCells, batch_size=BATCH, batch_format="pyarrow", num_cpus=0.01, memory=memory,
+                        compute=ray.data.ActorPoolStrategy(size=workers),
+                        fn_constructor_kwargs=dict(jobs=jobs, model=model))
+    tmp = [Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}.tmp-{socket.gethostname()}-{os.getpid()}-"))
+           for d in places]
+    writers, counts = {}, [{"rows": 0, "items": 0, "cut": 0} for _ in places]
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for index in pa.compute.unique(batch.column("render")).to_pylist():
+                part = batch.filter(pa.compute.equal(batch.column("render"), index)).drop_columns(["render"])
+                if index not in writers:
+                    writers[index] = pq.ParquetWriter(tmp[index] / "rendered.parquet", part.schema)
+                writers[index].write_table(part)
+                counts[index]["rows"] += part.num_rows
+                counts[index]["items"] += pa.compute.sum(pa.compute.list_value_length(part.column("retrieved"))).as_py()
+                counts[index]["cut"] += pa.compute.sum(part.column("input_cut").cast("int64")).as_py()
+                progress.update(part.num_rows)
+        for index, directory in enumerate(places):
+            if index not in writers:
+                raise LampError(f"{directory}: the render gave no rows")
+            writers.pop(index).close()
+            rows, items, cut = counts[index]["rows"], counts[index]["items"], counts[index]["cut"]
+            stats = {"rows": rows, "items_shown": items / rows, "input_cut_share": cut / rows}
+            (tmp[index] / "stats.json").write_text(json.dumps(stats))
+            os.replace(tmp[index], directory)
+    finally:
+        for writer in writers.values():
+            writer.close()
+        for directory in tmp:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_dead_builds(directory: Path) -> None:
+    """Removes what a killed render on this host left in `directory`: the temporary
+    directories of processes that are gone (their names say whose they are)."""
+    host = socket.gethostname()
+    for path in directory.glob(".render-*.tmp-*"):
+        owner, pid, _ = path.name.split(".tmp-", 1)[1].rsplit("-", 2)
+        if owner == host:
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def render_grid(cells: list, shards: dict, model: str, node_model: str, cache: Path, remote: str | None = None,
+                address: str | None = None, workers: int | None = None, log=print) -> dict:
+    """Renders every split of every cell that the cache lacks; returns, per cell key,
+    its Rendered splits ({"dev": ..., "train": ...}; train only where it trains).
+
+    shards: task -> {split: SplitShards}; model: the tokenizer's local folder or hub
+    id, node_model: the same as every node reaches it; cache: the local (staging)
+    cache; remote: the cache's URI where it is at one, renders published there."""
+    from tqdm import tqdm
+
+    from grid.cluster import ensure_ray
+    from grid.shards import default_workers, published
+
+    tokenizer, code = tokenizer_digest(model), rendering_code()
+    is_decoder = decoder_only(model)
+    wanted, groups, result = {}, set(), {}  # wanted: (task, split) -> {directory: Render}
+    for grid_cell in cells:
+        cell, training = grid_cell.cell, grid_cell.training
+        if grid_cell.model == "vote":
+            continue
+        max_tokens = lamp.cell.prompt_tokens(cell.recipe, is_decoder, training.max_prompt_tokens)
+        places = {}
+        for split, limit in [("dev", training.limit_dev)] + [("train", training.limit_train)] * bool(
+                training.epochs_for(cell.task)):
+            render, split_shards = Render(cell, split, limit, max_tokens), shards[cell.task][split]
+            name = f"render-{render.key(shards[cell.task], tokenizer, code)}"
+            places[split] = cache / cell.task / f"{split_shards.setting}-{split}" / name
+            wanted.setdefault((cell.task, split), {}).setdefault(places[split], render)
+        groups.add(tuple(sorted(places.values())))
+        result[grid_cell.key] = places
+
+    def done(directory: Path) -> bool:
+        return directory.is_dir() or bool(remote) and is_published(join(remote, directory.relative_to(cache)))
+
+    todo = {(task, split): missing for (task, split), renders in wanted.items()
+            if (missing := {d: r for d, r in renders.items() if not done(d)})}
+    unrendered = {d for renders in todo.values() for d in renders}
+    rendered = sum(any(d in unrendered for d in group) for group in groups)
+    for directory in {d.parent for renders in todo.values() for d in renders}:
+        remove_dead_builds(directory)
+    if todo:
+        ensure_ray(address, log)
+        examples = sum(min(render.limit or rows, rows) for (task, split), renders in todo.items()
+                       for rows in [pq.read_metadata(open_input(shards[task][split].examples)).num_rows]
+                       for render in renders.values())
+        with tqdm(total=examples, unit="example", desc=f"render {rendered} cell(s)") as progress:
+            write_renders(todo, shards, node_model, workers or default_workers(), progress)
+    log(f"render: {rendered} cell(s) rendered, {len(groups) - rendered} cached")
+
+    def located(directory: Path) -> Rendered:
+        where = published(directory, cache, remote, log) if remote else str(directory)
+        return Rendered(where, json.loads(open_input(join(where, "stats.json")).read()))
+
+    return {key: {split: located(d) for split, d in places.items()} for key, places in result.items()}
