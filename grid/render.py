@@ -5,10 +5,10 @@ tokenizer, recipe and prompt budget: one Parquet file that a trial streams
 (`ray.data.read_parquet`, then its Train workers' `iter_torch_batches`). No
 trial driver loads a split or calls a tokenizer.
 
-`render_grid` renders every missing one as a Ray Data pipeline per split: read
-the examples Parquet, `map_batches(RenderCells)` over the cluster's CPUs (one
-tokenizer call per batch of texts), and the driver writes one Parquet file per
-cell. Renderers stream the split a row group at a time: a `lamp` cell reads
+`render_grid` renders every missing one in one Ray Data pipeline over the
+grid's splits: read the examples Parquet, `map_batches(RenderCells)` over the
+cluster's CPUs (one tokenizer call per batch of texts), and the driver writes
+one Parquet file per cell and split. Renderers stream the split a row group at a time: a `lamp` cell reads
 its rankings and the rows its candidates live in, nothing else. (A `study`
 cell replays the study's draws, whose random streams run through the whole
 split in file order, so its renderers hold the split.)
