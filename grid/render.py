@@ -404,7 +404,9 @@ def write_renders(todo: dict, shards: dict, model: str, workers: int, progress) 
     ctx.enable_progress_bars = False  # our bar counts cells and examples
     # Renderers reserve a sliver of CPU and the memory they use: their number
     # bounds the CPUs they take, and Ray's own read tasks keep a whole CPU free.
-    ds = ray.data.read_parquet(list(jobs), include_paths=True, override_num_blocks=4 * workers)
+    # Ray Data reads these files as one block, which one renderer would render alone:
+    # cut into several blocks per renderer (in order), so that every renderer gets a share.
+    ds = ray.data.read_parquet(list(jobs), include_paths=True).repartition(4 * workers)
     memory = renderer_memory([(render, job[1]) for job in jobs.values() for _, render in job[2]])
     ds = ds.map_batches(RenderCells, batch_size=BATCH, batch_format="pyarrow", num_cpus=0.01, memory=memory,
                         compute=ray.data.ActorPoolStrategy(size=workers),
