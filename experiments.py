@@ -16,6 +16,7 @@ Every verb has `--help`. Bad input ends with a one-line message and exit 2.
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -263,26 +264,30 @@ def cmd_run(args) -> int:
     results = run_grid(spec, args.data or spec.data, Path(args.workdir), tracking_uri=args.tracking_uri,
                        storage=args.storage, cache=args.cache,
                        address=args.address, resources=resources, max_concurrent=args.max_concurrent,
-                       resume=args.resume, dry_run=args.dry_run, retries=args.retries, users=args.users)
+                       resume=args.resume, dry_run=args.dry_run, retries=args.retries, users=args.users,
+                       log_model=args.log_model, verbose=args.verbose,
+                       command=shlex.join(["python", "experiments.py", *args.argv]))
     if args.dry_run:
         return 0
-    print_results(results, args.tracking_uri or Workdir(Path(args.workdir).resolve()).tracking_uri)
+    print_results(results, args.tracking_uri or Workdir(Path(args.workdir).resolve()).tracking_uri, spec.name)
     return 0 if all(r.status == "FINISHED" for r in results) else 1
 
 
-def print_results(results: list, tracking_uri: str) -> None:
-    """The results table, the cells that did not finish, and how to look closer."""
-    from mlflow.tracking import MlflowClient
+def print_results(results: list, tracking_uri: str, grid: str) -> None:
+    """After the results table (run_grid logs it): the cells that did not finish, and
+    where to compare them: the grid's view of its cells in the MLflow UI."""
+    from grid import tracking
 
-    from grid.report import compare_cells, format_table
-
-    print()
-    print(format_table(compare_cells(MlflowClient(tracking_uri), results)))
     for r in results:
         if r.status != "FINISHED":
             print(f"{r.status}: {r.cell.key}")
-    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else tracking_uri
-    print(f"\nEvery run, its metrics and artifacts: {ui}")
+    experiment = tracking.find_experiment(tracking.connect(tracking_uri), grid).experiment_id
+    if tracking_uri.startswith("sqlite"):  # no server yet: `mlflow ui` serves one on port 5000
+        view = tracking.cells_view("http://127.0.0.1:5000", experiment)
+        opened = f"`mlflow ui --backend-store-uri {tracking_uri}`, then open {view}"
+    else:
+        opened = tracking.cells_view(tracking_uri, experiment)
+    print(f"\nCompare the cells in the MLflow UI: {opened}")
 
 
 def cmd_list(args) -> int:
@@ -435,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--resume", action="store_true", help="restore this grid's interrupted run")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their resources; run nothing")
+    p.add_argument("--log-model", action="store_true",
+                   help="log each cell's best model to its MLflow run (an MLflow `transformers` model; large)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything: Tune's own tables and every Ray worker's output")
     p.set_defaults(run=cmd_run)
 
     p = verbs.add_parser("list", help="the named experiments and their cell counts")
@@ -458,6 +467,7 @@ def main(argv=None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run", "demo", *argv]  # no verb: the demo grid, e.g. `python experiments.py --workdir DIR`
     args = build_parser().parse_args(argv)
+    args.argv = argv  # as given: how to run it again
     try:
         code = args.run(args)
         sys.stdout.flush()  # here, so that a reader gone away is caught below, not at exit

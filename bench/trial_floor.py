@@ -85,8 +85,8 @@ def main():
         resources = Resources()
         at_once = trials_that_fit(resources)
         cpu, start = busy_cpu_s(), time.perf_counter()
-        tuner = new_tuner(trainable(empty_trial, resources=resources, storage=storage), args.trials, "floor",
-                          storage, at_once, retries=0)
+        tuner = new_tuner(trainable(empty_trial, resources=resources, storage=storage),
+                          [f"trial-{n}" for n in range(args.trials)], "floor", storage, at_once, retries=0)
         grid = tuner.fit()
         wall, cpu = time.perf_counter() - start, busy_cpu_s() - cpu
         assert not grid.errors, grid.errors

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import uuid
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,12 +24,18 @@ WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_DATA_DISABLE_PROG
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
-def ensure_ray(address: str | None = None, log=print) -> None:
-    """Starts (or joins) Ray once per process, with a clear error if it cannot."""
+def ensure_ray(address: str | None = None, log=print, verbose: bool = False) -> None:
+    """Starts (or joins) Ray once per process, with a clear error if it cannot.
+    Unless verbose, the workers' output stays in Ray's log files and Ray Data logs
+    only warnings: what goes wrong in a worker reaches us as the task's or the
+    trial's error, and the rest (Train's per-report lines, weight-loading bars,
+    library warnings, Ray Data's progress log) is chatter."""
     import ray
 
     if ray.is_initialized():
         return
+    if not verbose:
+        quiet_ray_data()
     if address and address != "auto":
         check_reachable(address)
     # Inside `ray job submit`, RAY_ADDRESS names the cluster the job runs on.
@@ -41,12 +48,25 @@ def ensure_ray(address: str | None = None, log=print) -> None:
     # every second whether their run's controller is alive, warning on every try
     # without it; and it shows the trials' actors.
     try:
-        context = ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
+        context = ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env},
+                           log_to_driver=verbose)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise LampError(f"cannot reach Ray at {address or 'a new local cluster'}: "
                         f"{str(error).splitlines()[0]}") from None
     if context.dashboard_url:
         log(f"Ray dashboard: http://{context.dashboard_url}" + ("" if joins else " (until this command ends)"))
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's logger at WARNING, and not even that for its progress bars: its
+    progress, logged line by line where stdout is no terminal, would fill the console.
+    A split with fewer row groups than rankers leaves some idle, and that is all Ray
+    Data's warning about it says."""
+    import ray.data  # noqa: F401 (it sets up its loggers on import; ours come after)
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
 
 
 def other_nodes() -> list:

@@ -46,10 +46,12 @@ from grid.shards import (
     SEEDED,
     ProfileItems,
     SplitShards,
+    check_order,
     digest,
     file_digest,
     load_examples,
     ranking_name,
+    read_in_order,
     to_example,
 )
 from grid.storage import is_published, join, open_input
@@ -144,9 +146,19 @@ class Rendered:
     def path(self) -> str:
         return join(self.directory, "rendered.parquet")
 
+    @property
+    def digest(self) -> str:
+        """Its cache key: what made these prompts, hashed."""
+        return self.directory.rstrip("/").rsplit("/", 1)[-1].removeprefix("render-")
+
+    @property
+    def rows(self) -> int:
+        return self.stats["rows"]
+
     def dataset(self, columns: list, held_out: bool | None = None, share: float = 0.0):
-        """Its rows as a Ray Dataset, streamed from the file; held_out True or False
-        keeps only the users held out for model selection, or only the others."""
+        """Its rows as a Ray Dataset, streamed from the file (what a trial trains on);
+        held_out True or False keeps only the users held out for model selection, or
+        only the others."""
         import ray.data
         from ray.data.expressions import col
 
@@ -160,13 +172,15 @@ class Rendered:
             ds = ds.filter(expr=kept, num_cpus=READ_CPUS).select_columns(columns, num_cpus=READ_CPUS)
         return ds.materialize()
 
-    def count(self, held_out: bool, share: float) -> int:
-        """Rows of users held out (or not) for model selection, from the one column that says."""
-        import pyarrow.compute as pc
-
-        selection = pq.read_table(open_input(self.path), columns=["selection"]).column("selection")
-        below = pc.sum(pc.less(selection, share)).as_py() or 0
-        return below if held_out else len(selection) - below
+    def table(self, columns: list, held_out: bool | None = None, share: float = 0.0) -> pa.Table:
+        """Its rows, read whole with pyarrow: for what a worker holds as a list anyway
+        (the dev and selection rows it decodes), a Ray Dataset would only cost a trial
+        seconds of execution start-up. held_out as for `dataset`."""
+        table = pq.read_table(open_input(self.path), columns=columns + ["selection"] * (held_out is not None))
+        if held_out is None:
+            return table
+        below = pa.compute.less(table.column("selection"), share)
+        return table.filter(below if held_out else pa.compute.invert(below)).drop_columns(["selection"])
 
 
 # --- reading rows of a Parquet file --------------------------------------------------
@@ -404,9 +418,8 @@ def write_renders(todo: dict, shards: dict, model: str, workers: int, progress) 
     ctx.enable_progress_bars = False  # our bar counts cells and examples
     # Renderers reserve a sliver of CPU and the memory they use: their number
     # bounds the CPUs they take, and Ray's own read tasks keep a whole CPU free.
-    # Ray Data reads these files as one block, which one renderer would render alone:
-    # cut into several blocks per renderer (in order), so that every renderer gets a share.
-    ds = ray.data.read_parquet(list(jobs), include_paths=True).repartition(4 * workers)
+    # A block per row group, so that every renderer gets a share.
+    ds = read_in_order(list(jobs))
     memory = renderer_memory([(render, job[1]) for job in jobs.values() for _, render in job[2]])
     ds = ds.map_batches(RenderCells, batch_size=BATCH, batch_format="pyarrow", num_cpus=0.01, memory=memory,
                         compute=ray.data.ActorPoolStrategy(size=workers),
@@ -418,6 +431,7 @@ def write_renders(todo: dict, shards: dict, model: str, workers: int, progress) 
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for index in pa.compute.unique(batch.column("render")).to_pylist():
                 part = batch.filter(pa.compute.equal(batch.column("render"), index)).drop_columns(["render"])
+                check_order(part.column("row"), counts[index]["rows"], places[index])
                 if index not in writers:
                     writers[index] = pq.ParquetWriter(tmp[index] / "rendered.parquet", part.schema)
                 writers[index].write_table(part)

@@ -258,6 +258,20 @@ def table_rows(rows: list, published: dict) -> list:
     return out
 
 
+def markdown_table(table: list) -> list:
+    """A table (a list of rows, the header first) as Markdown lines."""
+    return (["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+            + ["| " + " | ".join(row) + " |" for row in table[1:]])
+
+
+def results_markdown(rows: list) -> str:
+    """The results table `run` prints, per task, in Markdown: a grid run's description in MLflow."""
+    md = [f"{sum(len(r.values) for r in rows)} cell run(s) finished. {STATISTICS}", ""]
+    for task in dict.fromkeys(r.task for r in rows):
+        md += [f"### {header(task)}", "", *markdown_table(table_rows([r for r in rows if r.task == task], {})), ""]
+    return "\n".join(md)
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
@@ -285,8 +299,7 @@ def write_report(rows: list, out: Path, title: str, source: str, published: dict
     for task in dict.fromkeys(r.task for r in rows):
         mine = [r for r in rows if r.task == task]
         table = table_rows(mine, published_values(mine, published.get(task, {})))
-        md += [f"## {header(task)}", "", "| " + " | ".join(table[0]) + " |",
-               "|" + "---|" * len(table[0])] + ["| " + " | ".join(row) + " |" for row in table[1:]] + [""]
+        md += [f"## {header(task)}", "", *markdown_table(table), ""]
         body += [f"<h2>{html.escape(header(task))}</h2>", "<table border=1 cellspacing=0 cellpadding=4>",
                  "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table[0]) + "</tr>"]
         body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table[1:]]

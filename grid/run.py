@@ -6,11 +6,12 @@ Then the shards are prepared (a no-op when cached), the MLflow runs are made,
 and Ray Tune runs one trial per cell that is not already FINISHED.
 """
 
+import os
 import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from grid.spec import GridCell, GridSpec, Resources
+from grid.spec import AXES, GridCell, GridSpec, Resources
 from grid.storage import is_uri, local_data
 from lamp.errors import LampError
 from lamp.tasks import get_task
@@ -29,6 +30,7 @@ class RunPlan:
     tracking_uri: str
     storage: str
     resources: Resources
+    log_model: bool = False  # log each cell's best model as an MLflow `transformers` model
 
 
 @dataclass
@@ -253,8 +255,10 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
              storage: str | None = None, cache: str | None = None, address: str | None = None,
              resources: Resources = Resources(),
              max_concurrent: int | None = None, resume: bool = False, dry_run: bool = False,
-             retries: int = 2, users: int = SYNTHETIC_USERS, log=print) -> list:
-    """Runs the grid; returns a CellResult per cell."""
+             retries: int = 2, users: int = SYNTHETIC_USERS, log_model: bool = False, verbose: bool = False,
+             command: str | None = None, log=print) -> list:
+    """Runs the grid; logs its results table and returns a CellResult per cell.
+    `command` is how to run it again (the experiment's description says it)."""
     from grid import tracking
     from grid.cluster import check_fits, ensure_ray, for_other_nodes, trials_that_fit
     from grid.shards import digest
@@ -269,9 +273,13 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     work.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or work.tracking_uri
     client = tracking.connect(tracking_uri)
+    command = command or f"python experiments.py run {spec.name}"
     experiment = tracking.experiment_id(client, spec.name,
-                                        work.artifacts if tracking_uri.startswith("sqlite") else None)
-    ensure_ray(address, log)
+                                        work.artifacts if tracking_uri.startswith("sqlite") else None,
+                                        grid_description(spec, cells, command))
+    tracking.share_cells_view(client, experiment, cells)
+    tracking.close_dead_runs(client, experiment, log)
+    ensure_ray(address, log, verbose)
     check_fits(resources, log)
     check_memory(cells, resources, log)
     cache = cache or str(work.cache)
@@ -293,25 +301,35 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
             f"running {len(pending)}")
         if not pending:
-            return summarize(by_key, cells, fingerprints)
+            results = summarize(by_key, cells, fingerprints)
+            results_table(client, results, None, log)
+            return results
         renders = render_cells(pending, shards, local_model, model_path, work, cache, address, log=log)
         parent = tracking.start_parent(client, experiment, spec.name, {"data": str(data_dir)})
-        run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name)
-                   for c in pending]
-        plan = RunPlan(pending, run_ids, shards, renders, model_path, trial_tracking_uri, storage, resources)
+        run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name,
+                                         renders.get(c.key, {})) for c in pending]
+        plan = RunPlan(pending, run_ids, shards, renders, model_path, trial_tracking_uri, storage, resources,
+                       log_model)
         name = f"{spec.name}-{parent[:8]}"
         path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
+        from grid.progress import CellProgress
         from grid.trial import run_trial
 
-        tuner = new_tuner(trainable(run_trial, plan=plan), len(pending), name, plan.storage,
-                          max_concurrent or trials_that_fit(resources), retries)
+        tuner = new_tuner(trainable(run_trial, plan=plan), [c.key for c in pending], name, plan.storage,
+                          max_concurrent or trials_that_fit(resources), retries,
+                          [] if verbose else [CellProgress(pending, log)], verbose)
         # What --resume needs to pick this run up again after an interruption.
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_bytes(pickle.dumps({"plan": plan, "parent": parent, "tune_path": path}))
 
+    if not verbose:
+        # Tune's newer console output prints its experiment's settings and paths at any
+        # verbosity; the older one is silent at 0.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     status = "KILLED"  # unless fit() returns: Ctrl-C twice, or the driver dies
     try:
-        grid = tuner.fit()
+        with tracking.heartbeat(client, parent):
+            grid = tuner.fit()
         # A trial with neither result nor error was stopped by Ctrl-C (Tune stops gracefully).
         stopped = any(not r.metrics and r.error is None for r in grid)
         status = "KILLED" if stopped else ("FAILED" if grid.errors else "FINISHED")
@@ -319,7 +337,32 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         tracking.close_open_runs(client, plan.run_ids, "KILLED" if status == "KILLED" else "FAILED")
         finished = all(client.get_run(r).info.status == "FINISHED" for r in plan.run_ids)
         client.set_terminated(parent, "FINISHED" if finished else ("KILLED" if status == "KILLED" else "FAILED"))
-    return summarize(tracking.cell_runs(client, experiment), cells, fingerprints)
+    results = summarize(tracking.cell_runs(client, experiment), cells, fingerprints)
+    results_table(client, results, parent, log)
+    return results
+
+
+def grid_description(spec: GridSpec, cells: list, command: str) -> str:
+    """The experiment's description in the MLflow UI (Markdown)."""
+    axes = ", ".join(f"{name} ({n})" for name in ("task", *AXES, "seed")
+                     if (n := len({getattr(c.cell, name) for c in cells})) > 1)
+    return (f"**lamp-grid grid `{spec.name}`**: {len(cells)} cell(s) of {', '.join(spec.tasks)} "
+            f"with model `{spec.model}`{f', varying {axes}' if axes else ''}. Each `run` is a parent run; "
+            "each cell is a child run named by its cell key, with every axis a param (filter with, e.g., "
+            "`params.retriever = 'BM25'`), its dev metrics, its data as dataset inputs and a description. "
+            f"The parent's description holds the results table.\n\nRun it again (FINISHED cells are kept): "
+            f"`{command}`")
+
+
+def results_table(client, results: list, parent: str | None, log) -> None:
+    """The grid's results table: logged, and, with a parent run, its description."""
+    from grid import tracking
+    from grid.report import compare_cells, format_table, results_markdown
+
+    rows = compare_cells(client, results)
+    log("\n" + format_table(rows))
+    if parent:
+        client.set_tag(parent, tracking.NOTE, results_markdown(rows))
 
 
 def trainable(function, **parameters):
@@ -329,17 +372,22 @@ def trainable(function, **parameters):
     return tune.with_resources(tune.with_parameters(function, **parameters), {"CPU": 0.01})
 
 
-def new_tuner(trial, cells: int, name: str, storage: str, max_concurrent: int | None, retries: int):
-    """The Tune run of a grid's trials, `trial` (a trainable) once per cell index."""
+def new_tuner(trial, names: list, name: str, storage: str, max_concurrent: int | None, retries: int,
+              callbacks: list = (), verbose: bool = False):
+    """The Tune run of a grid's trials, `trial` (a trainable) once per cell index,
+    each trial named by its cell key (`names`). Tune's own reporter is silent
+    unless verbose: it prints every trial's config and results as tables."""
     from ray import tune
 
     return tune.Tuner(
         trial,
-        param_space={"cell": tune.grid_search(list(range(cells)))},
+        param_space={"cell": tune.grid_search(list(range(len(names))))},
         # Reused trial drivers: a new process per cell costs seconds of start-up and imports.
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage,
-                                  failure_config=tune.FailureConfig(max_failures=retries), verbose=1),
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True,
+                                    trial_name_creator=lambda t: names[t.config["cell"]],
+                                    trial_dirname_creator=lambda t: f"cell-{t.config['cell']}-{t.trial_id}"),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=2 if verbose else 0,
+                                  failure_config=tune.FailureConfig(max_failures=retries), callbacks=list(callbacks)),
     )
 
 

@@ -403,6 +403,31 @@ def fit_rankers(workers: int, memory: int, log) -> tuple[int, int]:
     return max(1, min(workers, fits)), memory
 
 
+def read_in_order(paths: list):
+    """Examples files as a Ray Dataset in file and row order, one block per row group,
+    with each row's file in a `path` column. Ray Data's own Parquet reader does not
+    keep a file's row groups in order (seen with Ray 2.60, preserve_order set), and
+    what is written from these rows (rankings, renders) is read back by position."""
+    import ray.data
+
+    groups = [{"path": str(path), "group": group} for path in paths
+              for group in range(pq.ParquetFile(open_input(path)).num_row_groups)]
+    return ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(read_row_group, batch_size=1)
+
+
+def read_row_group(item: dict) -> pa.Table:
+    (path,), (group,) = item["path"], item["group"]
+    table = pq.ParquetFile(open_input(str(path))).read_row_group(int(group))
+    return table.append_column("path", pa.array([str(path)] * table.num_rows))
+
+
+def check_order(rows: pa.Array, expected: int, where) -> int:
+    """The row number after this batch's; refuses rows out of order (written by position, read back so)."""
+    if not pc.all(pc.equal(rows, pa.array(range(expected, expected + len(rows))))).as_py():
+        raise LampError(f"{where}: rows arrived out of order from Ray Data (expected rows from {expected} on)")
+    return expected + len(rows)
+
+
 def write_rankings(task: str, examples: str, wanted: dict, workers: int, log=print) -> None:
     """Computes the wanted rankings ((name, seed) -> final directory) in one Ray Data
     pass over the split, streaming each into its own Parquet file, then publishes
@@ -414,21 +439,23 @@ def write_rankings(task: str, examples: str, wanted: dict, workers: int, log=pri
     # file's metadata), so a node runs no more of them than it can hold.
     batch_size, memory = ranker_plan(examples, wanted, workers)
     workers, memory = fit_rankers(workers, memory, log)
-    # Several blocks per worker, so that every worker gets a share of the split.
+    # A block per row group, so that every worker gets a share of the split.
     # Rankers reserve a sliver of CPU; their number bounds what they use. Ray
     # Data's own tasks (listing and reading files) each need a whole free CPU on
     # one node, and rankers holding a share of every node's CPUs would starve
     # them: a hang. The sliver keeps them off nodes with no CPU for work (a head
     # started with --num-cpus=0).
-    ds = ray.data.read_parquet(str(examples), override_num_blocks=4 * workers).map_batches(
+    ds = read_in_order([examples]).map_batches(
         RankExamples, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.01, memory=memory,
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs=dict(task=task, examples_path=str(examples), wanted=list(wanted)))
     tmp = {key: Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
            for key, final in wanted.items()}
     writers = {key: pq.ParquetWriter(tmp[key] / "ranking.parquet", RANKING_SCHEMA) for key in wanted}
+    next_row = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            next_row = check_order(batch.column("row"), next_row, examples)
             for (name, seed), writer in writers.items():
                 columns = [batch.column("row")] + [batch.column(f"{name}/{seed}/{c}") for c in
                                                    ("cand_row", "cand_pos", "score")]

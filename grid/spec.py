@@ -44,6 +44,12 @@ AXES = ("recipe", "retriever", "k", "ablation", "order", "rank_offset", "input_r
 # The recipe's default is the grid's own (GridSpec.recipe).
 AXIS_DEFAULTS = {"retriever": "none", "k": 0, "ablation": "both", "order": "start", "rank_offset": 0,
                  "input_retriever": None, "output_retriever": None}
+# SPEC §5 and §6 in a few words each: a run's description in the MLflow UI.
+ABLATION_TEXT = {"both": "whole items shown", "only_output": "output halves shown",
+                 "decouple": "output halves shown, ranked by their input halves",
+                 "only_input": "input halves shown"}
+ORDER_TEXT = {"start": "most relevant first", "end": "most relevant last, next to the task input",
+              "middle": "most relevant in the middle", "random": "in a random order"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,19 @@ class GridCell:
                      else c.retriever)
         return "/".join([c.task, c.recipe, retriever, f"k={c.k}", c.ablation, c.order, f"offset={c.rank_offset}",
                          *seed, self.model])
+
+    @property
+    def description(self) -> str:
+        """The cell in one line, for a reader of the MLflow UI."""
+        c = self.cell
+        what = f"{c.task}, recipe {c.recipe}, model {self.model}, seed {c.seed}"
+        if c.retriever == "none":
+            return f"{what}: no profile items (the non-personalized baseline)."
+        retriever = (f"{c.input_retriever} for the input halves, {c.output_retriever} for the output halves"
+                     if c.retriever == "Mixed" else c.retriever)
+        skipped = f", skipping the first {c.rank_offset}" if c.rank_offset else ""
+        return (f"{what}: k={c.k} profile item(s) by {retriever}{skipped}; {ABLATION_TEXT[c.ablation]}; "
+                f"{ORDER_TEXT[c.order]}.")
 
     @property
     def settings_hash(self) -> str:

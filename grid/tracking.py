@@ -3,16 +3,31 @@
 Child runs are created by the driver before any trial starts, so a trial and
 all its retries log into the one run the driver made for its cell. A run that
 waits is SCHEDULED; the trial marks it RUNNING, then FINISHED or FAILED; when
-`run` exits (Ctrl-C included) nothing is left SCHEDULED or RUNNING.
+`run` exits (Ctrl-C included) nothing is left SCHEDULED or RUNNING. A driver
+that dies without a word (kill -9, a lost head) cannot close its runs: its
+parent run carries its host, process and a heartbeat, and the next `run` marks
+what a dead invocation left open KILLED before it starts.
 """
 
+import json
+import socket
 import subprocess
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from lamp.errors import LampError
 
 VERSION = "0.1.0"
 OPEN = ("SCHEDULED", "RUNNING")
+# MLflow 3 opens an experiment by its kind; with none it guesses GenAI and shows traces, not runs.
+EXPERIMENT_KIND = "custom_model_development"
+NOTE = "mlflow.note.content"  # a run's or an experiment's description in the UI (Markdown)
+HEARTBEAT_S = 30  # how often a `run` says it is alive on its parent run
+STALE_S = 4 * HEARTBEAT_S  # silent this long, a `run` on another host is taken for dead
+VIEW = "lamp-grid-cells"  # the shared view of a grid's runs table (share_cells_view)
+SYSTEM_METRICS_S = 5  # sampling interval of CPU, memory and GPU use: a demo cell lasts seconds
 
 
 def connect(uri: str):
@@ -51,12 +66,40 @@ def find_experiment(client, name: str):
     return experiment
 
 
-def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
-    """The grid's experiment, created (before any trial starts) if it is new."""
+def experiment_id(client, name: str, artifact_location: str | None = None, description: str = "") -> str:
+    """The grid's experiment, created (before any trial starts) if it is new, with
+    the kind that opens it on its runs table and, given one, its description."""
     experiment = find_experiment(client, name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    return experiment.experiment_id
+        found = client.create_experiment(name, artifact_location=artifact_location)
+    else:
+        found = experiment.experiment_id
+    client.set_experiment_tag(found, "mlflow.experimentKind", EXPERIMENT_KIND)
+    if description:
+        client.set_experiment_tag(found, NOTE, description)
+    return found
+
+
+def share_cells_view(client, experiment: str, cells: list) -> None:
+    """The experiment's runs table as a shared MLflow view (cells_view opens it): the
+    axes that vary and each task's main dev metric as columns, and the data each run
+    saw. MLflow keeps a view's columns in the browser alone, and shows no param or
+    metric until asked; a shared view is kept in the experiment, for every reader."""
+    from lamp.tasks import get_task
+
+    axes = ["task", "retriever", "k", "ablation", "order", "rank_offset", "recipe", "model", "seed"]
+    params = [a for a in axes if len({c.params()[a] for c in cells}) > 1] or axes[:1]
+    metrics = dict.fromkeys(f"dev_{get_task(c.cell.task).main_metric}" for c in cells)
+    columns = ([f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
+               + ["attributes.`Dataset`", "attributes.`Duration`"])
+    client.set_experiment_tag(experiment, f"mlflow.sharedViewState.{VIEW}", json.dumps(
+        {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}))
+
+
+def cells_view(ui: str, experiment: str) -> str:
+    """Where the MLflow UI at `ui` shows the grid's cells side by side. The workflow
+    is named: MLflow 3's UI otherwise starts a new browser on its GenAI pages."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?viewStateShareKey={VIEW}&workflowType=machine_learning"
 
 
 def git_commit() -> str:
@@ -67,17 +110,24 @@ def git_commit() -> str:
         return "unknown"
 
 
-def cell_runs(client, experiment: str) -> dict:
-    """cell key -> the experiment's runs of that cell, newest first."""
-    runs, token = {}, None
+def search(client, experiment: str, where: str):
+    """Every run of the experiment that matches `where`, newest first, page by page."""
+    token = None
     while True:
-        page = client.search_runs([experiment], "tags.cell_key != ''", max_results=1000, page_token=token,
+        page = client.search_runs([experiment], where, max_results=1000, page_token=token,
                                   order_by=["attributes.start_time DESC"])
-        for run in page:
-            runs.setdefault(run.data.tags["cell_key"], []).append(run)
+        yield from page
         token = page.token
         if not token:
-            return runs
+            return
+
+
+def cell_runs(client, experiment: str) -> dict:
+    """cell key -> the experiment's runs of that cell, newest first."""
+    runs = {}
+    for run in search(client, experiment, "tags.cell_key != ''"):
+        runs.setdefault(run.data.tags["cell_key"], []).append(run)
+    return runs
 
 
 def newest_parent(client, experiment: str) -> str | None:
@@ -94,17 +144,125 @@ def start_parent(client, experiment: str, grid: str, tags: dict) -> str:
     return run.info.run_id
 
 
-def create_child(client, experiment: str, parent: str, grid_cell, data_fingerprint: str, grid: str) -> str:
-    """The cell's run: every axis a param, its identity in tags, SCHEDULED until its trial starts."""
+def create_child(client, experiment: str, parent: str, grid_cell, data_fingerprint: str, grid: str,
+                 inputs: dict) -> str:
+    """The cell's run, named by its key: every axis a param, its identity in tags, a
+    one-line description, the data it reads as dataset inputs (context -> Rendered).
+    SCHEDULED until its trial starts."""
     from mlflow.entities import Param
 
     run = client.create_run(experiment, run_name=grid_cell.key, tags={
         "mlflow.parentRunId": parent, "lamp_grid.role": "cell", "grid": grid, "cell_key": grid_cell.key,
         "data_fingerprint": data_fingerprint, "settings_hash": grid_cell.settings_hash,
-        "model": grid_cell.model, "git_commit": git_commit(), "lamp_grid_version": VERSION})
+        "model": grid_cell.model, "git_commit": git_commit(), "lamp_grid_version": VERSION,
+        NOTE: grid_cell.description})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in grid_cell.params().items()])
+    if inputs:
+        log_datasets(client, run.info.run_id, grid_cell.cell.task, inputs)
     client.update_run(run.info.run_id, status="SCHEDULED")
     return run.info.run_id
+
+
+def log_datasets(client, run_id: str, task: str, inputs: dict) -> None:
+    """The data a run reads, as MLflow dataset inputs: named by task and context,
+    with the cache entry's content digest, so the UI tells runs on other data apart."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client.log_inputs(run_id, datasets=[DatasetInput(
+        Dataset(name=f"{task}-{context}", digest=data.digest, source_type="lamp-grid cache",
+                source=json.dumps({"uri": data.path}), profile=json.dumps({"num_rows": data.rows})),
+        tags=[InputTag("mlflow.data.context", context)]) for context, data in inputs.items()])
+
+
+def describe_invocation(client, parent: str) -> None:
+    """Marks the parent run as this process's: its host, its process and when it started."""
+    import psutil
+    from mlflow.entities import RunTag
+
+    me = psutil.Process()
+    client.log_batch(parent, tags=[RunTag("lamp_grid.host", socket.gethostname()),
+                                   RunTag("lamp_grid.pid", str(me.pid)),
+                                   RunTag("lamp_grid.process_started", str(me.create_time())),
+                                   RunTag("lamp_grid.heartbeat", str(time.time()))])
+
+
+@contextmanager
+def heartbeat(client, parent: str):
+    """While the block runs, the parent run's `lamp_grid.heartbeat` is kept fresh: what
+    another host's `run` reads to tell a live invocation from a dead one."""
+    describe_invocation(client, parent)
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(HEARTBEAT_S):
+            try:
+                client.set_tag(parent, "lamp_grid.heartbeat", str(time.time()))
+            except Exception:  # a store briefly out of reach: the next beat tries again
+                pass
+
+    thread = threading.Thread(target=beat, name="lamp-grid heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def invocation_alive(run) -> bool:
+    """Whether the `run` invocation that made this parent run is alive: on this host,
+    its process (the same one: pid and start time); elsewhere, a fresh heartbeat."""
+    import psutil
+
+    tags = run.data.tags
+    if run.info.status not in OPEN or "lamp_grid.heartbeat" not in tags:
+        return False
+    if tags.get("lamp_grid.host") == socket.gethostname():
+        try:
+            started = psutil.Process(int(tags["lamp_grid.pid"])).create_time()
+        except (KeyError, ValueError, psutil.Error):
+            return False
+        return abs(started - float(tags["lamp_grid.process_started"])) < 1
+    return time.time() - float(tags["lamp_grid.heartbeat"]) < STALE_S
+
+
+def close_dead_runs(client, experiment: str, log=print) -> None:
+    """Marks KILLED every run left RUNNING or SCHEDULED by a `run` that is gone (killed
+    with SIGKILL, its head lost), parent and children, and says so."""
+    verdicts, dead = {}, []
+    for status in OPEN:
+        for run in search(client, experiment, f"attributes.status = '{status}'"):
+            tags = run.data.tags
+            parent = run.info.run_id if tags.get("lamp_grid.role") == "grid" else tags.get("mlflow.parentRunId")
+            if parent not in verdicts:
+                verdicts[parent] = parent is not None and invocation_alive(client.get_run(parent))
+            if not verdicts[parent]:
+                dead.append(run)
+    for run in dead:
+        client.set_terminated(run.info.run_id, "KILLED")
+    if dead:
+        gone = sorted(p for p, alive in verdicts.items() if p and not alive)
+        log(f"marked {len(dead)} run(s) KILLED that an earlier `run` left open and can no longer finish "
+            f"(grid run(s) {', '.join(p[:8] for p in gone)}: process gone or heartbeat stale)")
+
+
+@contextmanager
+def system_metrics(uri: str, run_id: str):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU use and memory where
+    NVIDIA's library finds a GPU) logged to the run from this process's node."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S, resume_logging=True,
+                                   tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        # The monitor logs once per interval, and drops what it sampled since: log that too,
+        # or a run shorter than one interval would show no system metrics at all.
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
 
 def close_open_runs(client, run_ids, status: str) -> None:

@@ -2,11 +2,12 @@
 
 The Tune trial (`run_trial`) is a function that builds a TorchTrainer (Ray
 Train V2) named by the trial id, so a retry with the same storage resumes from
-the last checkpoint. Each Train worker (`train_cell`) reads its shard of the
-cell's rendered dataset, batches examples of similar length with dynamic
-padding, trains with `deepspeed.initialize` at the ZeRO stage asked, selects
-the epoch on a user-disjoint slice held out from train, and at the end
-generates on dev with beam search. Rank 0 scores the predictions with LaMP's
+the last checkpoint. Each Train worker (`train_cell`) streams its shard of the
+cell's rendered train split (a Ray Dataset read from the render cache),
+batches examples of similar length with dynamic padding, trains with
+`deepspeed.initialize` at the ZeRO stage asked, selects the epoch on a
+user-disjoint slice held out from train, and at the end generates on dev with
+beam search (selection and dev rows read from the cache by each worker). Rank 0 scores the predictions with LaMP's
 metrics and logs everything to the cell's MLflow run. A zero-shot cell
 (`epochs: 0`) loads the model for inference only (`zero_shot_cell`).
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from grid.tracking import system_metrics
 from lamp.metrics import aggregate, score_examples
 from lamp.study import CHAT_NEW_TOKENS, chat_answer
 from lamp.tasks import get_task
@@ -307,7 +309,8 @@ def train_cell(config: dict) -> None:
                     0 if decoder_only else int((batch["labels"] != -100).sum()))
         loss_sum, steps = all_reduce([sum(losses), len(losses)], engine.device)
         if select_rows is None:
-            select_rows = list(ray.train.get_dataset_shard("select").iter_rows())
+            select_rows = config["select"].table(EVAL_COLUMNS, held_out=True, share=settings["selection_share"]
+                                                 ).to_pylist()
         ids, predictions = evaluate_rows(engine.module, engine.device, tokenizer, select_rows, settings, 1,
                                          decoder_only, config["zero_stage"])
         metric = main_metric(task, [r["output"] for r in select_rows], predictions) if select_rows else 0.0
@@ -339,7 +342,7 @@ def train_cell(config: dict) -> None:
 
     if best_state is not None:
         load_state(engine, best_state, config["zero_stage"])
-    dev_rows = list(ray.train.get_dataset_shard("dev").iter_rows())
+    dev_rows = config["dev"].table(EVAL_COLUMNS).to_pylist()
     decode_start = time.time()
     ids, predictions = evaluate_rows(engine.module, engine.device, tokenizer, dev_rows, settings,
                                      settings["beams"], decoder_only, config["zero_stage"])
@@ -358,6 +361,10 @@ def train_cell(config: dict) -> None:
     if log:
         log.metrics(final)
         log.results(task, ids, golds, predictions, dev_rows, ds_config)
+        if config["log_model"] and best_state is not None:
+            best_model = model_class(decoder_only).from_pretrained(model_path)
+            best_model.load_state_dict(best_state)
+            log.model(best_model, tokenizer)
         if first_step:  # the fixed cost of a trial, around the training steps
             log.metrics({"trial_start_to_first_step_s": first_step - config["trial_start"],
                          "last_step_to_results_logged_s": time.time() - last_step,
@@ -391,7 +398,7 @@ def zero_shot_cell(config: dict) -> None:
     if not spread:
         model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    dev_rows = list(ray.train.get_dataset_shard("dev").iter_rows())
+    dev_rows = config["dev"].table(EVAL_COLUMNS).to_pylist()
     decode_start = time.time()
     ids, predictions = evaluate_rows(model, device, tokenizer, dev_rows, settings, settings["beams"],
                                      decoder_only, zero_stage=0)
@@ -495,6 +502,24 @@ class MlflowLog:
             for path in sorted(out.iterdir()):
                 self.client.log_artifact(self.run_id, str(path))
 
+    def model(self, model, tokenizer) -> None:
+        """The model as an MLflow `transformers` model, the run's `model` artifact:
+        `mlflow.transformers.load_model("runs:/<run id>/model", return_type="components")`."""
+        import mlflow.transformers
+        import torch
+        import transformers
+
+        with tempfile.TemporaryDirectory() as directory:
+            out = Path(directory) / "model"
+            # transformers 5 has one generation pipeline, text-generation (text2text is gone): a
+            # seq2seq model is saved under it and comes back whole as components. The requirements
+            # are named: MLflow's own guess imports torchvision, which nothing here needs.
+            mlflow.transformers.save_model(
+                {"model": model, "tokenizer": tokenizer}, str(out), task="text-generation",
+                pip_requirements=[f"transformers=={transformers.__version__}",
+                                  f"torch=={torch.__version__.split('+')[0]}"])
+            self.client.log_artifacts(self.run_id, str(out), "model")
+
 
 # --- the Tune trial -----------------------------------------------------------------------
 
@@ -510,7 +535,8 @@ def run_trial(config: dict, plan) -> None:
     client.update_run(run_id, status="RUNNING")
     try:
         if grid_cell.model == "vote":
-            metrics = run_vote(grid_cell, plan, run_id)
+            with system_metrics(plan.tracking_uri, run_id):
+                metrics = run_vote(grid_cell, plan, run_id)
             tune.report(metrics)
         else:
             fine_tune(grid_cell, plan, run_id, tune.get_context().get_trial_id())
@@ -524,7 +550,8 @@ EVAL_COLUMNS = ["id", "prompt", "retrieved", "output", "prompt_ids"]
 
 
 def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
-    """Reads the cell's rendered splits (rendered before the grid started) and fits its Train run."""
+    """Fits the cell's Train run on its rendered splits (rendered before the grid
+    started): train streamed by Ray Data, dev and selection rows read by each worker."""
     trial_start = time.time()
     from grid.storage import join
 
@@ -534,17 +561,16 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
                 "epochs": training.epochs_for(cell.task)}
     config = {"settings": settings, "model_path": plan.model_path, "run_id": run_id, "trial_start": trial_start,
               "tracking_uri": plan.tracking_uri, "zero_stage": plan.resources.zero_stage,
-              "best_dir": join(plan.storage, trial_id, "best")}
+              "best_dir": join(plan.storage, trial_id, "best"), "log_model": plan.log_model,
+              "dev": rendered["dev"]}
     MlflowLog(plan.tracking_uri, run_id).metrics(prompt_statistics(rendered))
-    datasets = {"dev": rendered["dev"].dataset(EVAL_COLUMNS)}
     if settings["epochs"] == 0:
-        cell_trainer(zero_shot_cell, config, datasets, plan.resources, trial_id, plan.storage).fit()
+        cell_trainer(zero_shot_cell, config, {}, plan.resources, trial_id, plan.storage).fit()
         return
     train, share = rendered["train"], training.selection_share
-    datasets.update(train=train.dataset(["input_ids", "labels"], held_out=False, share=share),
-                    select=train.dataset(EVAL_COLUMNS, held_out=True, share=share))
-    cell_trainer(train_cell, {**config, "train_rows": train.count(held_out=False, share=share)}, datasets,
-                 plan.resources, trial_id, plan.storage).fit()
+    datasets = {"train": train.dataset(["input_ids", "labels"], held_out=False, share=share)}
+    config.update(select=train, train_rows=train.table([], held_out=False, share=share).num_rows)
+    cell_trainer(train_cell, config, datasets, plan.resources, trial_id, plan.storage).fit()
 
 
 def prompt_statistics(rendered: dict) -> dict:
@@ -562,7 +588,7 @@ def cell_trainer(train_loop, config: dict, datasets: dict, resources, name: str,
     from ray.tune.integration.ray_train import TuneReportCallback
 
     return TorchTrainer(
-        train_loop,
+        monitored(train_loop),
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=resources.workers_per_trial, use_gpu=resources.gpus_per_worker > 0,
@@ -575,6 +601,20 @@ def cell_trainer(train_loop, config: dict, datasets: dict, resources, name: str,
         run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
                              callbacks=[TuneReportCallback()]),
     )
+
+
+def monitored(train_loop):
+    """The train loop, with rank 0 logging system metrics to the cell's run from the
+    node that does the work (where the GPUs are; the trial's driver may be on a CPU head)."""
+    def loop(config: dict) -> None:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank():
+            return train_loop(config)
+        with system_metrics(config["tracking_uri"], config["run_id"]):
+            return train_loop(config)
+
+    return loop
 
 
 def run_vote(grid_cell, plan, run_id: str) -> dict:

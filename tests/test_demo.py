@@ -1,9 +1,10 @@
 """The demo as a newcomer meets it: `python experiments.py` with no verb runs the
-demo grid end to end and prints the results table; a second run reuses
-everything; the MLflow UI on the printed store shows the parent run and its cells."""
+demo grid end to end, showing progress and ending with the results table; a
+second run reuses everything; and the MLflow UI, in a real browser (Debian's
+headless Chromium, driven by Playwright), shows the grid's cells to compare."""
 
-import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ SMALL = ["--users", "200", "--limit-train", "32", "--limit-dev", "24", "--epochs
 
 def table_of(stdout: str) -> str:
     start = stdout.index("LaMP_2: dev f1")
-    return stdout[start:stdout.index("Every run, its metrics", start)]
+    return stdout[start:stdout.index("Compare the cells in the MLflow UI", start)]
 
 
 def free_port() -> int:
@@ -30,22 +31,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rest(port: int, endpoint: str, body: dict | None = None) -> dict:
-    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/{endpoint}"
-    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
-
-
-@pytest.mark.slow
-def test_the_demo_runs_end_to_end_then_reuses_everything_and_shows_in_the_mlflow_ui(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo run twice in one work directory, as a newcomer would: (workdir, first, second)."""
+    workdir = tmp_path_factory.mktemp("demo")
     # Where DeepSpeed would compile its ops: a trial should compile none (half a minute each).
-    extensions = tmp_path / "torch_extensions"
-    first = run_cli("--workdir", tmp_path, *SMALL, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)},
+    extensions = workdir / "torch_extensions"
+    first = run_cli("--workdir", workdir, *SMALL, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)},
                     timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert not extensions.exists()
+    second = run_cli("--workdir", workdir, *SMALL, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return workdir, first, second
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_then_reuses_everything(demo):
+    workdir, first, second = demo
     # A local cluster has Ray's dashboard, whose State API Ray Train's placement-group
     # cleaners poll every second; without it each poll warns ("Failed to query Ray
     # Train Controller actor state"), and they are quiet with it.
@@ -57,38 +60,32 @@ def test_the_demo_runs_end_to_end_then_reuses_everything_and_shows_in_the_mlflow
     assert "LaMP_4: dev rouge-L" in table
     assert sum("(baseline)" in line for line in lines) == 2  # `none`, once per task
     assert sum("[" in line for line in lines) == 10  # every other cell with its interval
-    uri = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert f"mlflow ui --backend-store-uri {uri}" in first.stdout
+    uri = f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    assert f"`mlflow ui --backend-store-uri {uri}`, then open http://127.0.0.1:5000/#/experiments/" in first.stdout
 
-    second = run_cli("--workdir", tmp_path, *SMALL, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "12 of 12 cell(s) already FINISHED" in second.stdout and "running 0" in second.stdout
     assert "prepare: 0 shard(s) computed" in second.stdout
     assert table_of(second.stdout) == table
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow ui did not start"
-                time.sleep(1)
-        experiment = rest(port, "experiments/get-by-name?experiment_name=demo")["experiment"]
-        runs = rest(port, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
-    (parent,) = [run for run, t in zip(runs, tags) if t.get("lamp_grid.role") == "grid"]
-    children = [run for run, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
-    assert parent["info"]["status"] == "FINISHED"
-    assert len(children) == 12 and all(c["info"]["status"] == "FINISHED" for c in children)
+
+@pytest.mark.slow
+def test_the_console_shows_progress_not_chatter(demo):
+    _, first, _ = demo
+    # Lines as a terminal shows them: a progress bar redrawn with \r is one line.
+    printed = first.stdout.count("\n") + first.stderr.count("\n")
+    assert printed <= 120, first.stdout + first.stderr
+    for chatter in ("Reporting training result", "Checkpoint successfully created", "Loading weights",
+                    "logging_progress", "(RayTrainWorker pid=", "DeprecationWarning"):
+        assert chatter not in first.stdout + first.stderr, chatter
+    # A line per cell as it starts and finishes, named by its key, with its main dev metric.
+    finished = [line for line in first.stdout.splitlines() if "] finished " in line]
+    assert len(finished) == 12
+    assert all(": dev f1 " in line or ": dev rouge-L " in line for line in finished)
+    assert any("LaMP_2/lamp/BM25/k=4/only_output/start/offset=0/seed=0/tiny: dev f1" in line for line in finished)
+    # The results table and how to open the MLflow UI come last.
+    last = first.stdout.rstrip().splitlines()
+    assert last[-1].startswith("Compare the cells in the MLflow UI:"), last[-3:]
+    assert "LaMP_4/lamp/BM25/k=4/only_output" in "\n".join(last[-6:])
 
 
 def test_the_console_script_is_the_same_command(tmp_path):
@@ -97,3 +94,124 @@ def test_the_console_script_is_the_same_command(tmp_path):
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "grid demo: 12 cell(s), model tiny" in done.stdout
+
+
+def chromium() -> str | None:
+    """Debian's Chromium (README: `apt-get install chromium`), or none."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(demo):
+    """`mlflow server` on loopback over the demo's store: its address."""
+    workdir = demo[0]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{workdir.resolve() / 'mlflow.db'}", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"],
+                              cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if chromium() is None:
+        pytest.skip("no Chromium on this machine: install Debian's (`apt-get install chromium`) to run the "
+                    "MLflow UI browser test")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # Flags: no sandbox as root; nothing that reaches out to Google's hosts (a closed network).
+        launched = playwright.chromium.launch(executable_path=chromium(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield launched
+        launched.close()
+
+
+def screenshots(tmp_path) -> Path:
+    """Where screenshots go: docs/mlflow/ when LAMP_GRID_SCREENSHOTS=1 (to refresh the committed ones)."""
+    return ROOT / "docs" / "mlflow" if os.environ.get("LAMP_GRID_SCREENSHOTS") else tmp_path
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_shows_the_cells_in_a_real_browser(demo, mlflow_server, browser, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from grid.tracking import cells_view
+
+    workdir = demo[0]
+    client = MlflowClient(f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo").experiment_id
+    runs = client.search_runs([experiment])
+    (parent,) = [r for r in runs if r.data.tags.get("lamp_grid.role") == "grid"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert len(children) == 12
+    out = screenshots(tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1800, "height": 1100})
+
+    # The grid's view, as `run` printed it: the parent and, expanded, every cell,
+    # with the varying axes and each task's main dev metric as columns.
+    page.goto(cells_view(mlflow_server, experiment))
+    page.get_by_text(f"{parent.info.run_name}").first.wait_for(timeout=60_000)
+    if page.get_by_role("button", name="Close").count():  # MLflow's assistant panel, open at first
+        page.get_by_role("button", name="Close").first.click()
+    page.locator("[role=row]", has_text=parent.info.run_name).locator("button").first.click()
+    for name in children:
+        page.get_by_text(name, exact=True).wait_for(timeout=30_000)
+    headers = {h.inner_text().strip() for h in page.locator("[role=columnheader]").all()}
+    assert {"Dataset", "dev_f1", "dev_rouge-L", "task", "retriever", "k", "ablation"} <= headers, headers
+    # Each cell's row shows its task's main dev metric and the data it read.
+    for name, run in children.items():
+        index = page.locator(".ag-pinned-left-cols-container [role=row]", has_text=name).get_attribute("row-index")
+        row = page.locator(f".ag-center-cols-container [role=row][row-index='{index}']").inner_text().split("\n")
+        task = run.data.params["task"]
+        metric = "dev_f1" if task == "LaMP_2" else "dev_rouge-L"
+        assert repr(run.data.metrics[metric]).removesuffix(".0") in row, (name, row)  # as JavaScript prints it
+        assert any(cell.startswith(f"{task}-dev (") for cell in row), (name, row)
+    page.screenshot(path=str(out / "runs.png"))
+
+    # Compare three LaMP_2 cells: MLflow's compare view opens on them.
+    picked = ["LaMP_2/lamp/none/seed=0/tiny", "LaMP_2/lamp/BM25/k=4/both/start/offset=0/seed=0/tiny",
+              "LaMP_2/lamp/BM25/k=4/only_output/start/offset=0/seed=0/tiny"]
+    for name in picked:
+        page.locator("[role=row]", has_text=name).first.locator("input[type=checkbox]").first.check()
+    page.get_by_role("button", name="Compare").first.click()
+    page.get_by_text("Comparing 3 Runs from 1 Experiment").wait_for(timeout=60_000)
+    assert all(children[name].info.run_id in page.url for name in picked)
+    page.get_by_text("Parallel Coordinates Plot").first.wait_for()
+    page.screenshot(path=str(out / "compare.png"))
+
+    # A cell's run: its description, params, dev metrics, data and system metrics.
+    best = children[picked[-1]]
+    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{best.info.run_id}?workflowType=machine_learning")
+    page.get_by_text("Parameters (").first.wait_for(timeout=60_000)
+    body = page.inner_text("body")
+    for shown in (best.data.tags["mlflow.note.content"], "system/cpu_utilization_percentage",
+                  "system/system_memory_usage_megabytes", "dev_f1", "dev_items_shown", "retriever", "only_output",
+                  "LaMP_2-dev (", "Parent run"):
+        assert shown in body, shown
+    page.screenshot(path=str(out / "cell.png"))
+
+    # The report's HTML: every figure loads.
+    report = tmp_path / "report"
+    done = run_cli("report", "demo", "--workdir", workdir, "--out", report, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    page.goto((report / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    widths = page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
+    assert widths and all(width > 0 for width in widths), widths

@@ -146,10 +146,12 @@ def test_a_training_cell_renders_train_with_its_held_out_users_marked(shards, mo
     train = pq.read_table(renders["train"].path).to_pylist()
     assert [r["row"] for r in train] == list(range(30))
     assert all(r["selection"] == selection_fraction(r["user"]) for r in train)
-    held_out = sum(r["selection"] < 0.5 for r in train)
-    assert renders["train"].count(held_out=True, share=0.5) == held_out
-    assert renders["train"].count(held_out=False, share=0.5) == 30 - held_out
-    assert 0 < held_out < 30
+    held_out = [r["id"] for r in train if r["selection"] < 0.5]
+    assert renders["train"].table(["id"], held_out=True, share=0.5).column("id").to_pylist() == held_out
+    kept = renders["train"].table(["id", "labels"], held_out=False, share=0.5)
+    assert kept.column_names == ["id", "labels"] and kept.num_rows == 30 - len(held_out)
+    assert not set(kept.column("id").to_pylist()) & set(held_out)
+    assert 0 < len(held_out) < 30
 
 
 def test_a_killed_render_leaves_only_complete_entries(tmp_path):

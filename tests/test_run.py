@@ -8,7 +8,9 @@ import sys
 import time
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from grid.run import Workdir, run_grid
 from grid.spec import Resources, parse_grid
@@ -72,15 +74,28 @@ def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, ray_local):
 
 
 @pytest.mark.slow
-def test_two_workers_with_zero_2(workdir, ray_local):
+def test_two_workers_with_zero_2_and_the_best_model_logged(workdir, ray_local):
+    import mlflow.transformers
+
     spec = grid("two-workers", [{"retriever": ["BM25"], "k": [2], "order": ["end"]}])
     rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(workers_per_trial=2, zero_stage=2),
-                    log=lambda _: None)
+                    log_model=True, log=lambda _: None)
     assert [r.status for r in rows] == ["FINISHED"]
     client, all_runs = runs(workdir, "two-workers")
     (cell,) = cells_of(all_runs)
     config = client.download_artifacts(cell.info.run_id, "deepspeed_config.json")
     assert '"stage": 2' in open(config).read()
+    # The best epoch's weights, as an MLflow transformers model that loads back and generates.
+    mlflow.set_tracking_uri(Workdir(workdir).tracking_uri)
+    logged = mlflow.transformers.load_model(f"runs:/{cell.info.run_id}/model", return_type="components")
+    model, tokenizer = logged["model"], logged["tokenizer"]
+    assert type(model).__name__ == "T5ForConditionalGeneration"
+    tiny = next((workdir / "models").iterdir())
+    assert (tokenizer("a movie about space")["input_ids"]
+            == AutoTokenizer.from_pretrained(tiny)("a movie about space")["input_ids"])
+    untrained = AutoModelForSeq2SeqLM.from_pretrained(tiny).state_dict()
+    assert any(not torch.equal(value, untrained[name]) for name, value in model.state_dict().items())
+    assert model.generate(**tokenizer(["a movie about space"], return_tensors="pt"), max_new_tokens=4).shape[0] == 1
 
 
 @pytest.mark.slow
@@ -249,3 +264,35 @@ def test_a_trial_that_a_startable_node_type_fits_waits_for_the_autoscaler(ray_lo
             check_fits(Resources(gpus_per_worker=2), print)
     finally:
         _internal_kv_del(key, namespace=namespace)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_leaves_nothing_open_after_the_next_run(workdir, tmp_path):
+    spec = write_grid(tmp_path / "killed.yaml", "killed", [{"retriever": ["BM25"], "k": [1, 2, 3]}])
+    args = [sys.executable, str(ROOT / "experiments.py"), "run", str(spec), "--data", str(workdir / "data"),
+            "--workdir", str(workdir), "--max-concurrent", "1"]
+    MlflowClient(Workdir(workdir).tracking_uri).search_experiments()  # the store's tables first, as above
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill the driver once a cell is done and the next one runs
+        time.sleep(1)
+        try:
+            _, all_runs = runs(workdir, "killed")
+        except AttributeError:
+            continue
+        statuses = [r.info.status for r in cells_of(all_runs)]
+        if "FINISHED" in statuses and "RUNNING" in statuses:
+            break
+    process.kill()
+    process.wait(timeout=60)
+    _, all_runs = runs(workdir, "killed")
+    assert "RUNNING" in [r.info.status for r in all_runs]  # what a driver killed this way leaves
+
+    done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "run(s) KILLED that an earlier `run` left open" in done.stdout
+    _, all_runs = runs(workdir, "killed")
+    statuses = [r.info.status for r in all_runs]
+    assert "RUNNING" not in statuses and "SCHEDULED" not in statuses, statuses
+    finished = [r.data.tags["cell_key"] for r in cells_of(all_runs) if r.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(set(finished)) and len(finished) == 3
