@@ -561,7 +561,8 @@ class GridJob:
                         "--workdir", str(layout.workdir), "--cache", str(layout.cache),
                         "--storage", str(layout.storage), "--tracking-uri", cluster.tracking_uri,
                         "--address", cluster.address, "--resources-per-worker", '{"trial_node": 1}',
-                        "--max-concurrent", "1"] + ([] if retries is None else ["--retries", str(retries)])
+                        # --verbose: the workers' output, whose prefixes say which node ran each trial.
+                        "--max-concurrent", "1", "--verbose"] + ([] if retries is None else ["--retries", str(retries)])
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(cluster.tracking_uri)
@@ -708,8 +709,10 @@ def where_prepare_ran(cluster: Cluster) -> tuple:
     names = {node: "worker" if ip == cluster.link.worker_ip else "head" for node, ip, _ in cluster.nodes()}
     try:
         asked = dict(address=cluster.dashboard_url, limit=10000, raise_on_missing_output=False)
-        rankers = [names.get(a.node_id, "?") for a in list_actors(**asked) if "RankExamples" in (a.class_name or "")]
-        reads = [names.get(t.node_id, "?") for t in list_tasks(**asked) if (t.name or "").startswith("Read")]
+        # An actor Ray Data asked for and never needed has no node: it ran nowhere.
+        rankers = [names.get(a.node_id, "?") for a in list_actors(**asked)
+                   if "RankExamples" in (a.class_name or "") and a.node_id]
+        reads = [names.get(t.node_id, "?") for t in list_tasks(**asked) if "read_row_group" in (t.name or "")]
     except Exception as error:  # say why there is no answer
         return f"(Ray's state API did not say: {str(error).splitlines()[0][:200]})", []
 

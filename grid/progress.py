@@ -23,10 +23,15 @@ class CellProgress(tune.Callback):
         self.cells, self.log = cells, log
         self.finished, self.start = 0, time.time()
 
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks with the experiment (for --resume). The log function
+        # stays behind: print cannot be pickled once Ray Train has replaced it in the driver.
+        return {**self.__dict__, "log": None}
+
     def say(self, trial, verb: str, detail: str = "") -> None:
         elapsed = int(time.time() - self.start)
         key = self.cells[trial.config["cell"]].key
-        self.log(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {verb:<8} {key}{detail}")
+        (self.log or print)(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {verb:<8} {key}{detail}")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.say(trial, "started")

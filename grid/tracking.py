@@ -21,7 +21,7 @@ from lamp.errors import LampError
 
 VERSION = "0.1.0"
 OPEN = ("SCHEDULED", "RUNNING")
-# MLflow 3 opens an experiment by its kind; with none it guesses GenAI and shows traces, not runs.
+# MLflow 3 shows an experiment by its kind: model development is runs, not GenAI traces.
 EXPERIMENT_KIND = "custom_model_development"
 NOTE = "mlflow.note.content"  # a run's or an experiment's description in the UI (Markdown)
 HEARTBEAT_S = 30  # how often a `run` says it is alive on its parent run
@@ -85,10 +85,11 @@ def share_cells_view(client, experiment: str, cells: list) -> None:
     axes that vary and each task's main dev metric as columns, and the data each run
     saw. MLflow keeps a view's columns in the browser alone, and shows no param or
     metric until asked; a shared view is kept in the experiment, for every reader."""
+    from grid.spec import AXES
     from lamp.tasks import get_task
 
-    axes = ["task", "retriever", "k", "ablation", "order", "rank_offset", "recipe", "model", "seed"]
-    params = [a for a in axes if len({c.params()[a] for c in cells}) > 1] or axes[:1]
+    axes = ("task", *AXES, "model", "seed")
+    params = [a for a in axes if len({c.params()[a] for c in cells}) > 1] or ["task"]
     metrics = dict.fromkeys(f"dev_{get_task(c.cell.task).main_metric}" for c in cells)
     columns = ([f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
                + ["attributes.`Dataset`", "attributes.`Duration`"])

@@ -41,13 +41,6 @@ DECODER_CELLS = [LAMP_CELLS[0], LAMP_CELLS[3], STUDY_CELLS[0]]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    write_synthetic(out, tasks=["LaMP_2"], users=60, seed=2)
-    return out
-
-
-@pytest.fixture(scope="module")
 def shards(data, tmp_path_factory, ray_local):
     cache = tmp_path_factory.mktemp("cache")
     shard_list = prepare(data, cache, retrievers=["BM25", "Random", "Full_Random", "RanBM25"], seeds=[0, 1],

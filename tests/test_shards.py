@@ -50,13 +50,6 @@ CELLS = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    write_synthetic(out, tasks=["LaMP_2"], users=60, seed=2)
-    return out
-
-
-@pytest.fixture(scope="module")
 def shards(data, tmp_path_factory, ray_local):
     cache = tmp_path_factory.mktemp("cache")
     return cache, prepare(data, cache, retrievers=RETRIEVERS, seeds=[0, 1], log=lambda _: None)
