@@ -322,18 +322,25 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_bytes(pickle.dumps({"plan": plan, "parent": parent, "tune_path": path}))
 
-    if not verbose:
-        # Tune's newer console output prints its experiment's settings and paths at any
-        # verbosity; the older one is silent at 0.
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Tune's newer console output prints its experiment's settings and paths at any
+    # verbosity; the older one is silent at 0. Set for fit() alone: a process (and its
+    # children, a Ray head among them) keeps its environment.
+    quiet = {} if verbose else {"RAY_AIR_NEW_OUTPUT": "0"}
+    before = {name: os.environ.get(name) for name in quiet}
     status = "KILLED"  # unless fit() returns: Ctrl-C twice, or the driver dies
     try:
+        os.environ.update(quiet)
         with tracking.heartbeat(client, parent):
             grid = tuner.fit()
         # A trial with neither result nor error was stopped by Ctrl-C (Tune stops gracefully).
         stopped = any(not r.metrics and r.error is None for r in grid)
         status = "KILLED" if stopped else ("FAILED" if grid.errors else "FINISHED")
     finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         tracking.close_open_runs(client, plan.run_ids, "KILLED" if status == "KILLED" else "FAILED")
         finished = all(client.get_run(r).info.status == "FINISHED" for r in plan.run_ids)
         client.set_terminated(parent, "FINISHED" if finished else ("KILLED" if status == "KILLED" else "FAILED"))
