@@ -11,7 +11,7 @@ import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from grid.spec import AXES, GridCell, GridSpec, Resources
+from grid.spec import GridCell, GridSpec, Resources, varying_axes
 from grid.storage import is_uri, local_data
 from lamp.errors import LampError
 from lamp.tasks import get_task
@@ -351,8 +351,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
 
 def grid_description(spec: GridSpec, cells: list, command: str) -> str:
     """The experiment's description in the MLflow UI (Markdown)."""
-    axes = ", ".join(f"{name} ({n})" for name in ("task", *AXES, "seed")
-                     if (n := len({getattr(c.cell, name) for c in cells})) > 1)
+    axes = ", ".join(f"{name} ({n})" for name, n in varying_axes(cells).items())
     return (f"**lamp-grid grid `{spec.name}`**: {len(cells)} cell(s) of {', '.join(spec.tasks)} "
             f"with model `{spec.model}`{f', varying {axes}' if axes else ''}. Each `run` is a parent run; "
             "each cell is a child run named by its cell key, with every axis a param (filter with, e.g., "

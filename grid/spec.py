@@ -44,6 +44,12 @@ AXES = ("recipe", "retriever", "k", "ablation", "order", "rank_offset", "input_r
 # The recipe's default is the grid's own (GridSpec.recipe).
 AXIS_DEFAULTS = {"retriever": "none", "k": 0, "ablation": "both", "order": "start", "rank_offset": 0,
                  "input_retriever": None, "output_retriever": None}
+def varying_axes(cells: list) -> dict:
+    """Each axis (and the model and seed) that takes more than one value over the cells: name -> how many."""
+    counts = {name: len({c.params()[name] for c in cells}) for name in ("task", *AXES, "model", "seed")}
+    return {name: n for name, n in counts.items() if n > 1}
+
+
 # SPEC §5 and §6 in a few words each: a run's description in the MLflow UI.
 ABLATION_TEXT = {"both": "whole items shown", "only_output": "output halves shown",
                  "decouple": "output halves shown, ranked by their input halves",

@@ -85,11 +85,10 @@ def share_cells_view(client, experiment: str, cells: list) -> None:
     axes that vary and each task's main dev metric as columns, and the data each run
     saw. MLflow keeps a view's columns in the browser alone, and shows no param or
     metric until asked; a shared view is kept in the experiment, for every reader."""
-    from grid.spec import AXES
+    from grid.spec import varying_axes
     from lamp.tasks import get_task
 
-    axes = ("task", *AXES, "model", "seed")
-    params = [a for a in axes if len({c.params()[a] for c in cells}) > 1] or ["task"]
+    params = list(varying_axes(cells)) or ["task"]
     metrics = dict.fromkeys(f"dev_{get_task(c.cell.task).main_metric}" for c in cells)
     columns = ([f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
                + ["attributes.`Dataset`", "attributes.`Duration`"])
