@@ -9,6 +9,7 @@
     python experiments.py prepare --data DIR             rank once into the shard cache
     python experiments.py list                           the named experiments (the study's analyses)
     python experiments.py report GRID --out DIR          tables, confidence intervals and figures of a grid
+    python experiments.py rerun RUN_ID                   one cell again from its MLflow record, compared
 
 Every verb has `--help`. Bad input ends with a one-line message and exit 2.
 """
@@ -303,7 +304,7 @@ def cmd_list(args) -> int:
 
 def cmd_report(args) -> int:
     from grid import tracking
-    from grid.report import compare_cells, format_table, read_results, write_report
+    from grid.report import compare_cells, environment_note, format_table, read_results, write_report
     from grid.run import Workdir
     from grid.spec import load_grid, with_overrides
 
@@ -319,16 +320,25 @@ def cmd_report(args) -> int:
     experiment = tracking.find_experiment(client, name)
     if experiment is None:
         raise LampError(f"no MLflow experiment {name!r} in {uri}: run the grid first")
-    rows = compare_cells(client, read_results(client, experiment, cells))
+    results = read_results(client, experiment, cells)
+    rows, note = compare_cells(client, results), environment_note(results)
     out = Path(args.out)
-    files = write_report(rows, out, f"lamp-grid report: {name}", uri, PUBLISHED.get(name))
-    print(format_table(rows))
+    files = write_report(rows, out, f"lamp-grid report: {name}", uri, PUBLISHED.get(name), note)
+    print(format_table(rows) + (f"\n{note}" if note else ""))
     parent = tracking.newest_parent(client, experiment.experiment_id)
     if parent is not None:
         client.log_artifacts(parent, str(out), artifact_path="report")
     print(f"\nwrote {', '.join(str(f) for f in files)}"
           + (f"\nlogged to the grid's newest parent run {parent} (artifacts: report/)" if parent else ""))
     return 0
+
+
+def cmd_rerun(args) -> int:
+    from grid.rerun import rerun
+    from grid.run import Workdir
+
+    work = Workdir(Path(args.workdir).resolve())
+    return rerun(args.run_id, args.tracking_uri or work.tracking_uri, work.root, args.address, args.verbose)
 
 
 def add_grid_overrides(p) -> None:
@@ -459,6 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--out", required=True, help="directory for report.md, report.html and the figures")
     p.set_defaults(run=cmd_report)
+
+    p = verbs.add_parser("rerun", help="run one cell again from its MLflow record, into a new run, and compare: "
+                         "`identical`, or by how much it differs and what differs in the environment")
+    p.add_argument("run_id", help="the MLflow run id of a cell (a child of a grid run)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
+    p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
+    p.add_argument("--address", help="a Ray cluster to run on (default: a local one)")
+    p.add_argument("--verbose", action="store_true", help="show everything, as `run --verbose` does")
+    p.set_defaults(run=cmd_rerun)
     return parser
 
 

@@ -1,5 +1,5 @@
 """Benchmark: training tokens per second, length batching with dynamic padding
-(grid/trial.py's collate) against padding every input to 512 (the study's way).
+(grid/order.py's training order) against padding every input to 512 (the study's way).
 
 Same tiny T5, same prompts, same batch size, measured in one run; the
 throughput counts real (non-pad) tokens. The prompts are a grid's worth of
@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from report import write_result  # bench/report.py: scripts run from bench/
 from transformers import AutoModelForSeq2SeqLM
@@ -24,7 +25,7 @@ from transformers import AutoModelForSeq2SeqLM
 from grid.render import cell_table
 from grid.shards import prepare
 from grid.tiny import build_tiny_model
-from grid.trial import CHUNK_BATCHES, LengthBatches, pad
+from grid.order import TrainRows, global_batches, pad
 from lamp.cell import Cell
 from lamp.synth import write_synthetic
 
@@ -67,10 +68,9 @@ def main():
         n = len(examples)
         chunk = {"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]}
         lengths = [len(x) for x in chunk["input_ids"]]
-        # As the trainer does: sort by length within chunks of CHUNK_BATCHES batches.
-        size = args.batch_size * CHUNK_BATCHES
-        collate = LengthBatches(args.batch_size, 0, seed=0)
-        dynamic = [b for i in range(0, n, size) for b in collate({k: v[i:i + size] for k, v in chunk.items()})]
+        # As the trainer does: an epoch's batches, grouped by length, each padded to its own longest.
+        rows = TrainRows([pa.table({"row": list(range(n)), "id": [str(i) for i in range(n)], **chunk})])
+        dynamic = [rows.tensors(batch, 0) for batch in global_batches(rows.lengths, args.batch_size, 0, 0)]
         order = list(range(n))
         random.Random(0).shuffle(order)
         padded = []

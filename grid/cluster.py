@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from grid.environment import CPU_KERNELS
 from lamp.errors import LampError
 
 # For every Ray worker of ours. A trial's Ray Train controller polls its workers
@@ -17,8 +18,9 @@ from lamp.errors import LampError
 # Tune's reporter shows a trial's progress, so Ray Data's bars inside trials only
 # flood the console.
 # Renderers run one per CPU: the tokenizer's own thread pool would only compete with them.
+# The CPU kernels are pinned so that a CPU model does not change the numbers (grid/environment.py).
 WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-              "TOKENIZERS_PARALLELISM": "false"}
+              "TOKENIZERS_PARALLELISM": "false", **CPU_KERNELS}
 # On a local cluster, two more actors per trial do nothing but cost CPU: the
 # preemption watcher (for cloud spot nodes) and the Train metrics exporter.
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}

@@ -2,7 +2,7 @@
 
 A cell's render of a split is its prompts and their token ids for the grid's
 tokenizer, recipe and prompt budget: one Parquet file that a trial streams
-(`ray.data.read_parquet`, then its Train workers' `iter_torch_batches`). No
+(`ray.data.read_parquet`, delivered to each of its Train workers). No
 trial driver loads a split or calls a tokenizer.
 
 `render_grid` renders every missing one in one Ray Data pipeline over the

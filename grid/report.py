@@ -232,6 +232,24 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def environment_note(results: list) -> str:
+    """Where a grid's finished cells ran under different code, packages or hardware (a
+    resume on another cluster, a new lock), what differs and in how many cells; else ""."""
+    from collections import Counter
+
+    finished = [r.environment for r in results if r.status == "FINISHED"]
+    lines = []
+    for name in sorted({name for environment in finished for name in environment}):
+        counts = Counter(environment.get(name, "unrecorded") for environment in finished)
+        if len(counts) > 1:
+            lines.append(f"  {name.removeprefix('env.')}: "
+                         + "; ".join(f"{value} ({n} cell(s))" for value, n in counts.most_common()))
+    if not lines:
+        return ""
+    return ("Note: these cells finished in different environments, so a difference between them may be the "
+            "environment's:\n" + "\n".join(lines))
+
+
 # --- report.md and report.html ------------------------------------------------------
 
 
@@ -283,8 +301,10 @@ def write_atomically(path: Path, data: bytes) -> None:
             os.remove(tmp)
 
 
-def write_report(rows: list, out: Path, title: str, source: str, published: dict | None = None) -> list:
-    """report.md, report.html and the figures (PNG) in `out`; returns the files written."""
+def write_report(rows: list, out: Path, title: str, source: str, published: dict | None = None,
+                 note: str = "") -> list:
+    """report.md, report.html and the figures (PNG) in `out`; returns the files written.
+    note: what the report should say first (environment_note)."""
     from grid.figures import draw_figures, published_values
 
     out.mkdir(parents=True, exist_ok=True)
@@ -294,8 +314,9 @@ def write_report(rows: list, out: Path, title: str, source: str, published: dict
     missing = sum(len(r.missing) for r in rows)
     intro = (f"{finished} cell run(s) finished, {missing} missing; read from {source} on "
              f"{time.strftime('%Y-%m-%d %H:%M')}. {STATISTICS}")
-    md = [f"# {title}", "", intro, ""]
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    md = [f"# {title}", "", intro, ""] + ([note, ""] if note else [])
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"] + (
+        [f"<pre>{html.escape(note)}</pre>"] if note else [])
     for task in dict.fromkeys(r.task for r in rows):
         mine = [r for r in rows if r.task == task]
         table = table_rows(mine, published_values(mine, published.get(task, {})))

@@ -6,11 +6,13 @@ Then the shards are prepared (a no-op when cached), the MLflow runs are made,
 and Ray Tune runs one trial per cell that is not already FINISHED.
 """
 
+import json
 import os
 import pickle
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from grid.environment import code_state, recorded
 from grid.spec import GridCell, GridSpec, Resources, varying_axes
 from grid.storage import is_uri, local_data
 from lamp.errors import LampError
@@ -40,6 +42,7 @@ class CellResult:
     status: str  # an MLflow run status, or MISSING
     metrics: dict  # final dev metrics, "dev_<metric>"
     run_id: str | None
+    environment: dict = field(default_factory=dict)  # its code and environment, as the run recorded them
 
 
 @dataclass
@@ -256,9 +259,11 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
              resources: Resources = Resources(),
              max_concurrent: int | None = None, resume: bool = False, dry_run: bool = False,
              retries: int = 2, users: int = SYNTHETIC_USERS, log_model: bool = False, verbose: bool = False,
-             command: str | None = None, log=print) -> list:
+             command: str | None = None, rerun_of: str | None = None, log=print) -> list:
     """Runs the grid; logs its results table and returns a CellResult per cell.
-    `command` is how to run it again (the experiment's description says it)."""
+    `command` is how to run it again (the experiment's description says it).
+    rerun_of: a run id; every cell runs again, FINISHED or not, under a parent named
+    for that run, and the table is left to `rerun`."""
     from grid import tracking
     from grid.cluster import check_fits, ensure_ray, for_other_nodes, trials_that_fit
     from grid.shards import digest
@@ -274,10 +279,12 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     tracking_uri = tracking_uri or work.tracking_uri
     client = tracking.connect(tracking_uri)
     command = command or f"python experiments.py run {spec.name}"
+    # A rerun's one cell says nothing of the grid: the experiment's description and view stay the grid's.
     experiment = tracking.experiment_id(client, spec.name,
                                         work.artifacts if tracking_uri.startswith("sqlite") else None,
-                                        grid_description(spec, cells, command))
-    tracking.share_cells_view(client, experiment, cells)
+                                        "" if rerun_of else grid_description(spec, cells, command))
+    if not rerun_of:
+        tracking.share_cells_view(client, experiment, cells)
     tracking.close_dead_runs(client, experiment, log)
     ensure_ray(address, log, verbose)
     check_fits(resources, log)
@@ -290,6 +297,8 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     data_dir, local_model, model_path, shards = prepare_grid(spec, cells, data, work, cache, address, users, log)
     fingerprints = {task: digest(parts["train"].examples, parts["dev"].examples) for task, parts in shards.items()}
 
+    record = {"lamp_grid.command": command, "lamp_grid.data": str(data_dir),
+              "lamp_grid.resources": json.dumps(asdict(resources), sort_keys=True), **code_state()}
     plan_file = work.plan_file(spec.name)
     if resume:
         plan, parent, tuner = restore(plan_file, client, spec, log)
@@ -297,17 +306,19 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         by_key = tracking.cell_runs(client, experiment)
         done = {(key, run.data.tags.get("data_fingerprint"), run.data.tags.get("settings_hash"))
                 for key, runs in by_key.items() for run in runs if run.info.status == "FINISHED"}
-        pending = [c for c in cells if (c.key, fingerprints[c.cell.task], c.settings_hash) not in done]
-        log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
-            f"running {len(pending)}")
+        pending = cells if rerun_of else [c for c in cells
+                                          if (c.key, fingerprints[c.cell.task], c.settings_hash) not in done]
+        if not rerun_of:
+            log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
+                f"running {len(pending)}")
         if not pending:
             results = summarize(by_key, cells, fingerprints)
             results_table(client, results, None, log)
             return results
         renders = render_cells(pending, shards, local_model, model_path, work, cache, address, log=log)
-        parent = tracking.start_parent(client, experiment, spec.name, {"data": str(data_dir)})
+        parent = tracking.start_parent(client, experiment, spec.name, record, rerun_of)
         run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name,
-                                         renders.get(c.key, {})) for c in pending]
+                                         renders.get(c.key, {}), record, rerun_of) for c in pending]
         plan = RunPlan(pending, run_ids, shards, renders, model_path, trial_tracking_uri, storage, resources,
                        log_model)
         name = f"{spec.name}-{parent[:8]}"
@@ -344,6 +355,8 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         tracking.close_open_runs(client, plan.run_ids, "KILLED" if status == "KILLED" else "FAILED")
         finished = all(client.get_run(r).info.status == "FINISHED" for r in plan.run_ids)
         client.set_terminated(parent, "FINISHED" if finished else ("KILLED" if status == "KILLED" else "FAILED"))
+    if rerun_of:
+        return summarize({c.key: [client.get_run(r)] for c, r in zip(plan.cells, plan.run_ids)}, cells)
     results = summarize(tracking.cell_runs(client, experiment), cells, fingerprints)
     results_table(client, results, parent, log)
     return results
@@ -363,12 +376,13 @@ def grid_description(spec: GridSpec, cells: list, command: str) -> str:
 def results_table(client, results: list, parent: str | None, log) -> None:
     """The grid's results table: logged, and, with a parent run, its description."""
     from grid import tracking
-    from grid.report import compare_cells, format_table, results_markdown
+    from grid.report import compare_cells, environment_note, format_table, results_markdown
 
     rows = compare_cells(client, results)
-    log("\n" + format_table(rows))
+    note = environment_note(results)
+    log("\n" + format_table(rows) + (f"\n{note}" if note else ""))
     if parent:
-        client.set_tag(parent, tracking.NOTE, results_markdown(rows))
+        client.set_tag(parent, tracking.NOTE, results_markdown(rows) + (f"\n\n{note}" if note else ""))
 
 
 def trainable(function, **parameters):
@@ -430,5 +444,5 @@ def summarize(by_key: dict, cells: list, fingerprints: dict | None = None) -> li
         run = (finished or runs or [None])[0]
         rows.append(CellResult(cell, run.info.status if run else "MISSING",
                                {k: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("dev_")},
-                               run.info.run_id if run else None))
+                               run.info.run_id if run else None, recorded(run.data.tags) if run else {}))
     return rows

@@ -74,6 +74,7 @@ class Training:
     checkpoint_every: int = 1  # epochs between saved training states (what a retry resumes from)
     limit_train: int | None = None  # examples, for quick looks
     limit_dev: int | None = None
+    deterministic: bool = True  # torch's deterministic kernels (and cuBLAS's workspace) on the GPU: grid/trial.py
 
     def epochs_for(self, task: str) -> int:
         return get_task(task).epochs if self.epochs is None else self.epochs
@@ -86,6 +87,10 @@ class Resources:
     zero_stage: int = 2
     cpus_per_worker: float = 0.5
     custom_per_worker: dict = field(default_factory=dict)  # e.g. {"trial_node": 1}: trials run where it is
+
+    def threads(self) -> int:
+        """A worker's CPU threads: its share of CPUs, at least one."""
+        return max(1, int(self.cpus_per_worker))
 
     def per_worker(self) -> dict:
         """What each Train worker of a trial asks Ray for."""
@@ -226,8 +231,13 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
 
 
 def training_value(name: str, value, where: str):
-    """A training setting as its field's type. (YAML reads `1e-3` as a string.)"""
+    """A training setting as its field's type. (YAML reads `1e-3` as a string; MLflow
+    keeps a param as text.)"""
     declared = {f.name: f.type for f in fields(Training)}[name]
+    if declared is bool:
+        if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+        raise LampError(f"{where}: training: {name} must be true or false, got {value!r}")
     kind = float if declared is float else int
     if value is None and declared is not kind:  # `int | None`: None means the default
         return None

@@ -11,12 +11,9 @@ what a dead invocation left open KILLED before it starts.
 
 import json
 import socket
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
-
 from lamp.errors import LampError
 
 VERSION = "0.1.0"
@@ -102,14 +99,6 @@ def cells_view(ui: str, experiment: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?viewStateShareKey={VIEW}&workflowType=machine_learning"
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def search(client, experiment: str, where: str):
     """Every run of the experiment that matches `where`, newest first, page by page."""
     token = None
@@ -123,10 +112,12 @@ def search(client, experiment: str, where: str):
 
 
 def cell_runs(client, experiment: str) -> dict:
-    """cell key -> the experiment's runs of that cell, newest first."""
+    """cell key -> the experiment's runs of that cell, newest first. A `rerun`'s runs
+    check a cell; they are not the grid's results."""
     runs = {}
     for run in search(client, experiment, "tags.cell_key != ''"):
-        runs.setdefault(run.data.tags["cell_key"], []).append(run)
+        if "lamp_grid.rerun_of" not in run.data.tags:
+            runs.setdefault(run.data.tags["cell_key"], []).append(run)
     return runs
 
 
@@ -137,25 +128,32 @@ def newest_parent(client, experiment: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def start_parent(client, experiment: str, grid: str, tags: dict) -> str:
-    run = client.create_run(experiment, run_name=f"{grid} grid",
-                            tags={"lamp_grid.role": "grid", "grid": grid, "git_commit": git_commit(),
-                                  "lamp_grid_version": VERSION, **tags})
+def start_parent(client, experiment: str, grid: str, record: dict, rerun_of: str | None = None) -> str:
+    """The run of one `run` (or one `rerun`, named for the run it repeats), the parent of its cells' runs."""
+    if rerun_of:
+        name, tags = f"rerun of {rerun_of}", {"lamp_grid.role": "rerun", "lamp_grid.rerun_of": rerun_of}
+    else:
+        name, tags = f"{grid} grid", {"lamp_grid.role": "grid"}
+    run = client.create_run(experiment, run_name=name, tags={**tags, "grid": grid, "lamp_grid_version": VERSION,
+                                                             **record})
     return run.info.run_id
 
 
 def create_child(client, experiment: str, parent: str, grid_cell, data_fingerprint: str, grid: str,
-                 inputs: dict) -> str:
+                 inputs: dict, record: dict, rerun_of: str | None = None) -> str:
     """The cell's run, named by its key: every axis a param, its identity in tags, a
-    one-line description, the data it reads as dataset inputs (context -> Rendered).
-    SCHEDULED until its trial starts."""
+    one-line description, the data it reads as dataset inputs (context -> Rendered),
+    and what `rerun` needs to run it again (record: the command, the data, the
+    resources and the code; the worker adds the environment). SCHEDULED until its
+    trial starts."""
     from mlflow.entities import Param
 
     run = client.create_run(experiment, run_name=grid_cell.key, tags={
         "mlflow.parentRunId": parent, "lamp_grid.role": "cell", "grid": grid, "cell_key": grid_cell.key,
         "data_fingerprint": data_fingerprint, "settings_hash": grid_cell.settings_hash,
-        "model": grid_cell.model, "git_commit": git_commit(), "lamp_grid_version": VERSION,
-        NOTE: grid_cell.description})
+        "model": grid_cell.model, "lamp_grid_version": VERSION, NOTE: grid_cell.description, **record,
+        **{f"lamp_grid.render.{context}": data.digest for context, data in inputs.items()},
+        **({"lamp_grid.rerun_of": rerun_of} if rerun_of else {})})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in grid_cell.params().items()])
     if inputs:
         log_datasets(client, run.info.run_id, grid_cell.cell.task, inputs)
@@ -232,7 +230,8 @@ def close_dead_runs(client, experiment: str, log=print) -> None:
     for status in OPEN:
         for run in search(client, experiment, f"attributes.status = '{status}'"):
             tags = run.data.tags
-            parent = run.info.run_id if tags.get("lamp_grid.role") == "grid" else tags.get("mlflow.parentRunId")
+            parent = run.info.run_id if tags.get("lamp_grid.role") in ("grid", "rerun") else tags.get(
+                "mlflow.parentRunId")
             if parent not in verdicts:
                 verdicts[parent] = parent is not None and invocation_alive(client.get_run(parent))
             if not verdicts[parent]:

@@ -2,18 +2,20 @@
 
 The Tune trial (`run_trial`) is a function that builds a TorchTrainer (Ray
 Train V2) named by the trial id, so a retry with the same storage resumes from
-the last checkpoint. Each Train worker (`train_cell`) streams its shard of the
-cell's rendered train split (a Ray Dataset read from the render cache),
-batches examples of similar length with dynamic padding, trains with
-`deepspeed.initialize` at the ZeRO stage asked, selects the epoch on a
-user-disjoint slice held out from train, and at the end generates on dev with
-beam search (selection and dev rows read from the cache by each worker). Rank 0 scores the predictions with LaMP's
-metrics and logs everything to the cell's MLflow run. A zero-shot cell
-(`epochs: 0`) loads the model for inference only (`zero_shot_cell`).
+the last checkpoint, its random state included: a retry ends as if never
+stopped. Each Train worker (`train_cell`) receives the cell's rendered train
+split from Ray Data (a Ray Dataset read from the render cache), reads its share
+of each global batch in the order grid/order.py builds from (seed, epoch),
+trains with `deepspeed.initialize` at the ZeRO stage asked, selects the epoch
+on a user-disjoint slice held out from train, and at the end generates on dev
+with beam search (selection and dev rows read from the cache by each worker).
+Rank 0 scores the predictions with LaMP's metrics and logs everything to the
+cell's MLflow run, with the environment it ran in. A zero-shot cell (`epochs:
+0`) loads the model for inference only (`zero_shot_cell`).
 
 Everything about the hardware is decided on the worker, from what Ray gave it:
-the device, DeepSpeed's accelerator and the precision. The command may run on
-a head node with no GPU at all.
+the device, DeepSpeed's accelerator, the precision and the CPU threads. The
+command may run on a head node with no GPU at all.
 """
 
 import argparse
@@ -27,60 +29,41 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ray.data.collate_fn import NumpyBatchCollateFn
-
+from grid.environment import environment_tags
+from grid.order import TrainRows, global_batches, pad, worker_share
 from grid.tracking import system_metrics
 from lamp.metrics import aggregate, score_examples
 from lamp.study import CHAT_NEW_TOKENS, chat_answer
 from lamp.tasks import get_task
 
 SAMPLE_PROMPTS = 20
-CHUNK_BATCHES = 16  # batches sorted by length together: enough to group lengths, small enough to mix
-
-
-# --- batching ---------------------------------------------------------------------------
-
-
-def pad(sequences, value: int, left: bool = False):
-    """A (batch, longest) tensor: dynamic padding, to the longest in the batch only."""
-    import torch
-
-    longest = max(len(s) for s in sequences)
-    rows = [[value] * (longest - len(s)) + list(s) if left else list(s) + [value] * (longest - len(s))
-            for s in sequences]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-class LengthBatches(NumpyBatchCollateFn):
-    """iter_torch_batches' collate_fn: sorts a chunk of examples by length, cuts it
-    into batches of similar length, pads each to its own longest, and shuffles the
-    batches (with a seeded generator)."""
-
-    def __init__(self, batch_size: int, pad_id: int, seed: int):
-        self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
-
-    def __call__(self, chunk: dict) -> list:
-        order = sorted(range(len(chunk["input_ids"])), key=lambda i: len(chunk["input_ids"][i]))
-        batches = []
-        for start in range(0, len(order), self.batch_size):
-            picked = order[start:start + self.batch_size]
-            inputs = [chunk["input_ids"][i] for i in picked]
-            batches.append({"input_ids": pad(inputs, self.pad_id),
-                            "attention_mask": pad([[1] * len(s) for s in inputs], 0),
-                            "labels": pad([chunk["labels"][i] for i in picked], -100)})
-        random.Random(self.seed + len(order)).shuffle(batches)
-        return batches
 
 
 # --- the worker's hardware ---------------------------------------------------------------
 
 
-def worker_device():
-    """The device Ray Train gave this worker; DeepSpeed's accelerator is set to match
-    before DeepSpeed is imported. (The machine that ran the command may be a CPU head:
-    nothing it knows about hardware holds here.)"""
-    import ray.train.torch
+def worker_device(config: dict):
+    """The device Ray Train gave this worker, set up for repeatable numbers; DeepSpeed's
+    accelerator is set to match before DeepSpeed is imported. (The machine that ran the
+    command may be a CPU head: nothing it knows about hardware holds here.)
 
+    The CPU threads are the trial's setting, not the shell's OMP_NUM_THREADS: a sum
+    split over another number of threads may round differently. With `deterministic`
+    (a training setting, on by default), torch takes its deterministic kernels, and
+    cuBLAS a fixed workspace, which its deterministic mode needs (set before CUDA
+    starts it)."""
+    import ray.train.torch
+    import torch
+
+    if config["settings"]["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op with no deterministic kernel (some CUDA ones) warns instead of failing the cell.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Not NaN-filling every new tensor: DeepSpeed allocates its gradient buckets anew each
+        # step, and filling them made a CPU step 30 times slower. It guards only against
+        # reading memory never written.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
     os.environ["DS_ACCELERATOR"] = "cuda" if device.type == "cuda" else "cpu"
     return device
@@ -184,7 +167,6 @@ def generate(model, device, tokenizer, rows: list, settings: dict, beams: int, d
                 out = out[:, input_ids.shape[1]:]
             for i, text in zip(picked, tokenizer.batch_decode(out, skip_special_tokens=True)):
                 predictions[i] = chat_answer(text) if chat else text.strip()
-    model.train()
     return predictions
 
 
@@ -201,13 +183,47 @@ def evaluate_rows(model, device, tokenizer, rows: list, settings: dict, beams: i
     mine = padded[rank * share:(rank + 1) * share]
     predictions = generate(model, device, tokenizer, mine, settings, beams, decoder_only,
                            synced_gpus=zero_stage == 3 and world > 1)
-    gathered = [None] * world
-    if world > 1:
-        dist.all_gather_object(gathered, predictions)
-    else:
-        gathered = [predictions]
-    flat = [p for part in gathered for p in part][:len(rows)]
+    flat = [p for part in all_gather(predictions) for p in part][:len(rows)]
     return [r["id"] for r in rows], flat
+
+
+def all_gather(value) -> list:
+    """Every worker's `value`, in rank order, on every worker."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def gather_steps(read: list) -> list:
+    """The ids each step read, over the trial's workers in rank order: the epoch's global batches as trained."""
+    parts = all_gather(read)
+    return [[i for part in parts for i in part[step]] for step in range(len(read))]
+
+
+def random_state(device) -> dict:
+    """This worker's random generators: what its next draws (dropout) depend on."""
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_random_state(state: dict, device) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def main_metric(task: str, golds: list, predictions: list) -> float:
@@ -240,7 +256,7 @@ def train_cell(config: dict) -> None:
 
     from grid.storage import local_model
 
-    device = worker_device()
+    device = worker_device(config)
     import deepspeed  # after worker_device(): it picks its accelerator at import
 
     settings, task = config["settings"], config["settings"]["task"]
@@ -255,9 +271,10 @@ def train_cell(config: dict) -> None:
     model = model_class(decoder_only).from_pretrained(model_path)
     n_params = sum(p.numel() for p in model.parameters())
     use_bf16 = native_bf16(device)
-    epochs = settings["epochs"]
-    micro = micro_batch(settings["batch_size"], world)
-    steps_per_epoch = math.ceil(config["train_rows"] // world / micro)
+    epochs, batch_size = settings["epochs"], settings["batch_size"]
+    # Every worker holds every train row: the order deals any row to any worker (grid/order.py).
+    rows = TrainRows.read(ray.train.get_dataset_shard("train"))
+    steps_per_epoch = math.ceil(len(rows) / batch_size)
     ds_config = deepspeed_config(settings, config["zero_stage"], steps_per_epoch * epochs, use_bf16, world)
     # On CPU, DeepSpeed compiles a shared-memory all-reduce with g++ the first time
     # it starts in an environment (half a minute, while the trial waits). Only its
@@ -277,37 +294,48 @@ def train_cell(config: dict) -> None:
     best_state = None
     best_weights = BestWeights(config["best_dir"])
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a retry of this trial: carry on from the last training state saved
+    if checkpoint:  # a retry of this trial: carry on from the last training state saved, as if never stopped
         with checkpoint.as_directory() as directory:
             engine.load_checkpoint(directory, tag="last_epoch")
             state = json.loads((Path(directory) / "state.json").read_text())
             start_epoch, best = state["epoch"] + 1, state["best"]
+            set_random_state(torch.load(Path(directory) / f"random-state-{rank}.pt", weights_only=False), device)
         best_state = best_weights.load(best["epoch"])
     saved_best = best["epoch"]  # the best epoch the newest saved training state points to
 
     log = MlflowLog(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    train_shard = ray.train.get_dataset_shard("train")
+    if log:
+        log.tags(environment_tags(device))
     timing = {"train_s": 0.0, "checkpoint_s": 0.0, "examples": 0, "tokens": 0}
     first_step = last_step = None
     loop_start = time.time()
     for epoch in range(start_epoch, epochs):
-        losses = []
-        collate = LengthBatches(micro, tokenizer.pad_token_id, settings["seed"] * 1000 + epoch)
-        for batches in train_shard.iter_torch_batches(batch_size=micro * CHUNK_BATCHES, collate_fn=collate):
-            for batch in batches:
-                step_start = time.time()
-                loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.item())
-                last_step = time.time()
-                first_step = first_step or step_start
-                timing["train_s"] += last_step - step_start
-                timing["examples"] += len(batch["input_ids"])
-                # A decoder-only model reads its answer as part of its input: count it once.
-                timing["tokens"] += int(batch["attention_mask"].sum()) + (
-                    0 if decoder_only else int((batch["labels"] != -100).sum()))
-        loss_sum, steps = all_reduce([sum(losses), len(losses)], engine.device)
+        engine.train()  # dropout on (from_pretrained gives a model in eval mode; selection leaves it so)
+        losses, read = [], []
+        for step, batch in enumerate(global_batches(rows.lengths, batch_size, settings["seed"], epoch)):
+            crash_once(config, f"{epoch}:{step}")
+            mine = worker_share(batch, rank, world)
+            step_start = time.time()
+            # A worker whose share of a last, short batch is empty still steps with the
+            # others (their gradients are averaged): on a row of the batch, weighted 0.
+            inputs = rows.tensors(mine if len(mine) else batch[:1], tokenizer.pad_token_id)
+            mean = engine(**{k: v.to(engine.device) for k, v in inputs.items()}).loss
+            # The global batch's loss is the mean over all its label tokens, whoever
+            # reads them: this worker's part is its tokens' sum over the batch's count.
+            # DeepSpeed averages gradients over the workers, hence x world.
+            loss = mean * (int(rows.scored[mine].sum()) / int(rows.scored[batch].sum()))
+            engine.backward(loss * world)
+            engine.step()
+            losses.append(loss.item())
+            read.append([rows.ids[i] for i in mine])
+            last_step = time.time()
+            first_step = first_step or step_start
+            timing["train_s"] += last_step - step_start
+            timing["examples"] += len(mine)
+            # A decoder-only model reads its answer as part of its input: count it once.
+            timing["tokens"] += int(rows.lengths[mine].sum()) + (0 if decoder_only else int(rows.scored[mine].sum()))
+        (loss_sum,) = all_reduce([sum(losses)], engine.device)
+        batches = gather_steps(read)
         if select_rows is None:
             select_rows = config["select"].table(EVAL_COLUMNS, held_out=True, share=settings["selection_share"]
                                                  ).to_pylist()
@@ -319,15 +347,19 @@ def train_cell(config: dict) -> None:
             best, best_state = {"metric": metric, "epoch": epoch}, full_state(engine, config["zero_stage"])
             if rank == 0:
                 best_weights.save(best_state, epoch)
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), f"select_{spec.main_metric}": metric}
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(len(losses), 1), f"select_{spec.main_metric}": metric}
         if log:
             log.metrics(metrics, step=epoch)
+            log.train_order(epoch, batches)
         last = epoch == epochs - 1
         if (epoch + 1) % settings["checkpoint_every"] == 0 or last:
             # The training state, every checkpoint_every epochs: what a retry resumes
-            # from. Ray uploads it in the background and deletes the local copy.
+            # from. The next epoch's order is a function of (seed, epoch), so the epoch
+            # places the data; each worker's random state (dropout) goes with it. Ray
+            # uploads it in the background and deletes the local copy.
             directory = tempfile.mkdtemp(prefix="lamp-grid-checkpoint-")
             engine.save_checkpoint(directory, tag="last_epoch")
+            torch.save(random_state(device), Path(directory) / f"random-state-{rank}.pt")
             if rank == 0:
                 (Path(directory) / "state.json").write_text(json.dumps({"epoch": epoch, "best": best}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -383,7 +415,7 @@ def zero_shot_cell(config: dict) -> None:
 
     from grid.storage import local_model
 
-    device = worker_device()
+    device = worker_device(config)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object gather of the predictions uses the current device
     settings, task = config["settings"], config["settings"]["task"]
@@ -410,6 +442,7 @@ def zero_shot_cell(config: dict) -> None:
         final["peak_gpu_memory_gb"] = peak
     if rank == 0:
         log = MlflowLog(config["tracking_uri"], config["run_id"])
+        log.tags(environment_tags(device))
         log.metrics(final)
         log.results(task, ids, golds, predictions, dev_rows, {})
     ray.train.report(final)
@@ -458,17 +491,19 @@ class BestWeights:
                 self.fs.delete_file(info.path)
 
 
-def crash_once(config: dict) -> None:
-    """Fault injection for tests: with LAMP_GRID_CRASH_ONCE naming a directory,
-    the first attempt of each trial dies (the marker file records it)."""
+def crash_once(config: dict, position: str | None = None) -> None:
+    """Fault injection for tests: with LAMP_GRID_CRASH_ONCE naming a directory, the
+    first attempt of each trial dies (a marker file there records it): as it starts,
+    or with LAMP_GRID_CRASH_AT=EPOCH:STEP, before that training step."""
     directory = os.environ.get("LAMP_GRID_CRASH_ONCE")
-    if not directory:
+    if not directory or position != os.environ.get("LAMP_GRID_CRASH_AT"):
         return
     marker = Path(directory) / config["run_id"]
     if not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        raise RuntimeError(f"LAMP_GRID_CRASH_ONCE: first attempt of run {config['run_id']} crashes on purpose")
+        raise RuntimeError(f"LAMP_GRID_CRASH_ONCE: first attempt of run {config['run_id']} crashes on purpose"
+                           + (f" at epoch:step {position}" if position else ""))
 
 
 class MlflowLog:
@@ -478,6 +513,15 @@ class MlflowLog:
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_id = MlflowClient(tracking_uri=uri), run_id
+
+    def tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def train_order(self, epoch: int, batches: list) -> None:
+        """The ids each optimizer step of the epoch trained on, the global batch in workers' rank order."""
+        self.client.log_dict(self.run_id, {"epoch": epoch, "batches": batches}, f"train_order/epoch-{epoch}.json")
 
     def metrics(self, metrics: dict, step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -536,6 +580,7 @@ def run_trial(config: dict, plan) -> None:
     try:
         if grid_cell.model == "vote":
             with system_metrics(plan.tracking_uri, run_id):
+                MlflowLog(plan.tracking_uri, run_id).tags(environment_tags(None))
                 metrics = run_vote(grid_cell, plan, run_id)
             tune.report(metrics)
         else:
@@ -551,7 +596,8 @@ EVAL_COLUMNS = ["id", "prompt", "retrieved", "output", "prompt_ids"]
 
 def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
     """Fits the cell's Train run on its rendered splits (rendered before the grid
-    started): train streamed by Ray Data, dev and selection rows read by each worker."""
+    started): train delivered by Ray Data to every worker, dev and selection rows read
+    by each worker."""
     trial_start = time.time()
     from grid.storage import join
 
@@ -562,14 +608,14 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
     config = {"settings": settings, "model_path": plan.model_path, "run_id": run_id, "trial_start": trial_start,
               "tracking_uri": plan.tracking_uri, "zero_stage": plan.resources.zero_stage,
               "best_dir": join(plan.storage, trial_id, "best"), "log_model": plan.log_model,
-              "dev": rendered["dev"]}
+              "dev": rendered["dev"], "threads": plan.resources.threads()}
     MlflowLog(plan.tracking_uri, run_id).metrics(prompt_statistics(rendered))
     if settings["epochs"] == 0:
         cell_trainer(zero_shot_cell, config, {}, plan.resources, trial_id, plan.storage).fit()
         return
     train, share = rendered["train"], training.selection_share
-    datasets = {"train": train.dataset(["input_ids", "labels"], held_out=False, share=share)}
-    config.update(select=train, train_rows=train.table([], held_out=False, share=share).num_rows)
+    datasets = {"train": train.dataset(["row", "id", "input_ids", "labels"], held_out=False, share=share)}
+    config.update(select=train)
     cell_trainer(train_cell, config, datasets, plan.resources, trial_id, plan.storage).fit()
 
 
@@ -594,10 +640,9 @@ def cell_trainer(train_loop, config: dict, datasets: dict, resources, name: str,
             num_workers=resources.workers_per_trial, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker=resources.per_worker()),
         datasets=datasets,
-        # One worker reads the whole train set: splitting it would only start a
-        # coordinator actor (a Python process of its own) per trial.
-        dataset_config=DataConfig(datasets_to_split=["train"] if "train" in datasets
-                                  and resources.workers_per_trial > 1 else []),
+        # Not split: every worker reads the whole train set, and grid/order.py deals
+        # each global batch over the workers (no split coordinator actor either).
+        dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
                              callbacks=[TuneReportCallback()]),
     )

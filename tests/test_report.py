@@ -173,6 +173,32 @@ def test_the_report_of_a_finished_grid_has_every_cell_and_the_figures(finished_g
 
 
 @pytest.mark.slow
+def test_a_report_says_when_its_cells_ran_in_different_environments(finished_grid, tmp_path):
+    root, grid = finished_grid
+    client = MlflowClient(Workdir(root / "work").tracking_uri)
+    experiment = client.get_experiment_by_name("report-grid").experiment_id
+    runs = client.search_runs([experiment], "tags.cell_key != ''")
+    assert all(r.data.tags["env.cpu_kernels"] == "MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2 "
+               "ONEDNN_MAX_CPU_ISA=AVX2" for r in runs)  # what every Ray worker runs with
+    out = tmp_path / "same"
+    done = run_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(out))
+    assert done.returncode == 0 and "different environments" not in done.stdout, done.stderr[-3000:]
+    # Three cells as a resume on another install would leave them.
+    version = runs[0].data.tags["env.transformers"]
+    for run in runs[:3]:
+        client.set_tag(run.info.run_id, "env.transformers", "4.0.0")
+    try:
+        done = run_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(tmp_path / "mixed"))
+    finally:
+        for run in runs[:3]:
+            client.set_tag(run.info.run_id, "env.transformers", version)
+    assert done.returncode == 0, done.stderr[-3000:]
+    note = f"  transformers: {version} ({len(runs) - 3} cell(s)); 4.0.0 (3 cell(s))"
+    assert "these cells finished in different environments" in done.stdout and note in done.stdout
+    assert note in (tmp_path / "mixed" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_a_failed_cell_is_reported_missing_not_zero(finished_grid):
     root, grid = finished_grid
     client = MlflowClient(Workdir(root / "work").tracking_uri)

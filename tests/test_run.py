@@ -1,12 +1,15 @@
 """`run` on real local Ray with the tiny model: Tune trials that fine-tune with
 Ray Train + DeepSpeed ZeRO on CPU, tracked in a real MLflow store."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -42,11 +45,19 @@ def cells_of(all_runs):
     return [r for r in all_runs if r.data.tags.get("lamp_grid.role") == "cell"]
 
 
-@pytest.mark.slow
-def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, ray_local):
+@pytest.fixture(scope="module")
+def three(workdir, ray_local):
+    """A three-cell grid, run once: (its spec, the CellResults, what `run` logged)."""
     spec = grid("three", [{"retriever": ["none", "BM25", "RanBM25"], "k": [2]}])
-    first = []
-    rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(zero_stage=2), log=first.append)
+    logged = []
+    rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(zero_stage=2), log=logged.append,
+                    command="python experiments.py run three.yaml")
+    return spec, rows, logged
+
+
+@pytest.mark.slow
+def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, three):
+    spec, rows, first = three
     assert [r.status for r in rows] == ["FINISHED"] * 3
     assert "render: 3 cell(s) rendered, 0 cached" in first
     client, all_runs = runs(workdir, "three")
@@ -63,7 +74,7 @@ def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, ray_local):
         assert 0 <= run.data.metrics["dev_f1"] <= 1
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert artifacts == {"predictions.json", "per_example_scores.json", "sample_prompts.json",
-                             "deepspeed_config.json"}
+                             "deepspeed_config.json", "train_order"}
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert len(history) == 1 and history[0].value > 0
     messages = []
@@ -71,6 +82,48 @@ def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, ray_local):
     assert "3 of 3 cell(s) already FINISHED" in " ".join(messages) and "running 0" in " ".join(messages)
     assert len(cells_of(runs(workdir, "three")[1])) == 3
     assert [r.status for r in again] == ["FINISHED"] * 3
+
+
+@pytest.mark.slow
+def test_every_cell_run_records_how_to_run_it_again(workdir, three):
+    from grid.environment import code_state
+
+    _, rows, _ = three
+    client = MlflowClient(Workdir(workdir).tracking_uri)
+    tags = client.get_run(rows[1].run_id).data.tags
+    assert tags["lamp_grid.command"] == "python experiments.py run three.yaml"
+    assert tags["lamp_grid.data"] == str((workdir / "data").resolve())
+    assert json.loads(tags["lamp_grid.resources"])["zero_stage"] == 2
+    assert {k: tags[k] for k in ("git_commit", "lamp_grid.code_diff")} == code_state()
+    assert len(tags["lamp_grid.render.train"]) == len(tags["lamp_grid.render.dev"]) == 24
+    # From the worker that trained it: versions, hardware, threads, CPU kernels, the lock.
+    assert tags["env.torch"].startswith("2.13.0") and tags["env.transformers"] and tags["env.pyarrow"]
+    assert tags["env.cpu"] and tags["env.gpu"] == "none" and tags["env.torch_threads"] == "1"
+    assert tags["env.cpu_kernels"] == "MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"
+    assert tags["env.lock"] == "the lock's"
+
+
+@pytest.mark.slow
+def test_rerun_repeats_a_cell_from_its_record_and_finds_it_identical(workdir, three):
+    from grid.rerun import rerun
+
+    _, rows, _ = three
+    old = rows[1].run_id
+    said = []
+    assert rerun(old, Workdir(workdir).tracking_uri, workdir, log=said.append) == 0
+    text = "\n".join(said)
+    assert f"rerun of {old} ({rows[1].cell.key}): new run " in text
+    assert "identical: the same dev metrics and predictions as the recorded run" in text
+    assert "the environment is the recorded one" in text
+    assert "dev_f1" in text and "predictions: " in text
+    client, all_runs = runs(workdir, "three")
+    (parent,) = [r for r in all_runs if r.data.tags.get("lamp_grid.role") == "rerun"]
+    assert parent.info.run_name == f"rerun of {old}" and parent.info.status == "FINISHED"
+    (new,) = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert new.data.tags["cell_key"] == rows[1].cell.key and new.info.status == "FINISHED"
+    # The grid's own results are still its cells, not the rerun.
+    assert [r.run_id for r in run_grid(grid("three", [{"retriever": ["none", "BM25", "RanBM25"], "k": [2]}]),
+                                       str(workdir / "data"), workdir, log=lambda _: None)] == [r.run_id for r in rows]
 
 
 @pytest.mark.slow
@@ -96,6 +149,73 @@ def test_two_workers_with_zero_2_and_the_best_model_logged(workdir, ray_local):
     untrained = AutoModelForSeq2SeqLM.from_pretrained(tiny).state_dict()
     assert any(not torch.equal(value, untrained[name]) for name, value in model.state_dict().items())
     assert model.generate(**tokenizer(["a movie about space"], return_tensors="pt"), max_new_tokens=4).shape[0] == 1
+
+
+def train_order(client, run_id: str, epochs: int) -> list:
+    """The ids each optimizer step trained on, per epoch, as the run logged them."""
+    return [json.load(open(client.download_artifacts(run_id, f"train_order/epoch-{epoch}.json")))["batches"]
+            for epoch in range(epochs)]
+
+
+@pytest.mark.slow
+def test_one_two_and_three_workers_train_on_the_same_global_batches(workdir, ray_local, tmp_path):
+    from grid.order import TrainRows, global_batches
+
+    spec = grid("workers", [{"retriever": ["BM25"], "k": [2]}], epochs=2, batch_size=6)
+    seen = {}
+    for workers in (1, 2, 3):
+        uri = f"sqlite:///{tmp_path / f'{workers}.db'}"
+        (row,) = run_grid(spec, str(workdir / "data"), workdir, tracking_uri=uri,
+                          resources=Resources(workers_per_trial=workers), log=lambda _: None)
+        client = MlflowClient(uri)
+        seen[workers] = (train_order(client, row.run_id, 2), client.get_run(row.run_id).data.metrics)
+    orders = [order for order, _ in seen.values()]
+    assert orders[0] == orders[1] == orders[2]
+    # ... and they are the constructed order of the rendered train rows.
+    rendered = client.get_run(row.run_id).data.tags["lamp_grid.render.train"]
+    (path,) = (workdir / "cache").rglob(f"render-{rendered}/rendered.parquet")
+    table = pq.read_table(path).filter(pc.field("selection") >= 0.1)  # train, less the users held out
+    rows = TrainRows([table])
+    assert orders[0] == [[[rows.ids[i] for i in batch] for batch in global_batches(rows.lengths, 6, 0, epoch)]
+                         for epoch in range(2)]
+    # The same sums, split over other workers, differ only in rounding.
+    one = seen[1][1]
+    for workers in (2, 3):
+        metrics = seen[workers][1]
+        assert metrics["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+        assert metrics["select_f1"] == pytest.approx(one["select_f1"], abs=0.02)
+        assert metrics["dev_f1"] == pytest.approx(one["dev_f1"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_a_trial_killed_mid_epoch_and_retried_ends_as_if_never_killed(workdir, tmp_path):
+    """Dropout on, so the retry must also restore the random state the checkpoint kept."""
+    from grid.tiny import build_tiny_model
+
+    model = build_tiny_model(workdir / "data", ["LaMP_2"], tmp_path / "tiny")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.1}))
+    spec = tmp_path / "killed.yaml"
+    import yaml
+
+    spec.write_text(yaml.safe_dump({"name": "mid-epoch", "tasks": ["LaMP_2"], "model": str(model),
+                                    "axes": [{"retriever": ["BM25"], "k": [2]}],
+                                    "training": {**TRAINING, "epochs": 3}}))
+    seen = {}
+    for name, env in (("whole", {}), ("killed", {"LAMP_GRID_CRASH_ONCE": str(tmp_path / "crashed"),
+                                                 "LAMP_GRID_CRASH_AT": "1:2"})):
+        uri = f"sqlite:///{tmp_path / f'{name}.db'}"
+        done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, "--tracking-uri", uri,
+                       env={**os.environ, **env}, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        client = MlflowClient(uri)
+        (run,) = cells_of(client.search_runs([client.get_experiment_by_name("mid-epoch").experiment_id]))
+        seen[name] = {"metrics": {k: v for k, v in run.data.metrics.items() if k.startswith(("dev_", "select_"))},
+                      "losses": [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")],
+                      "predictions": open(client.download_artifacts(run.info.run_id, "predictions.json")).read(),
+                      "order": train_order(client, run.info.run_id, 3)}
+    assert len(list((tmp_path / "crashed").iterdir())) == 1  # the first attempt did die, in epoch 1
+    assert seen["killed"] == seen["whole"]
 
 
 @pytest.mark.slow
@@ -296,3 +416,53 @@ def test_a_run_killed_with_sigkill_leaves_nothing_open_after_the_next_run(workdi
     assert "RUNNING" not in statuses and "SCHEDULED" not in statuses, statuses
     finished = [r.data.tags["cell_key"] for r in cells_of(all_runs) if r.info.status == "FINISHED"]
     assert sorted(finished) == sorted(set(finished)) and len(finished) == 3
+
+
+def test_rerun_refuses_a_run_it_cannot_rerun_in_one_line_and_writes_nothing(tmp_path):
+    client = MlflowClient(Workdir(tmp_path).tracking_uri)
+    experiment = client.create_experiment("g")
+    record = {"lamp_grid.role": "cell", "lamp_grid.data": str(tmp_path), "lamp_grid.resources": "{}"}
+    grid_run = client.create_run(experiment, run_name="g grid", tags={"lamp_grid.role": "grid"}).info.run_id
+    elsewhere = client.create_run(experiment, tags={**record, "git_commit": "0" * 40}).info.run_id
+    unrecorded = client.create_run(experiment, tags={"lamp_grid.role": "cell"}).info.run_id
+
+    def everything():
+        return [(r.info.run_id, r.info.status, r.data.tags, r.data.metrics) for r in client.search_runs([experiment])]
+
+    before = everything()
+    for run_id, message in (("0123abc", "no run '0123abc' in sqlite:///"),
+                            (grid_run, f"run {grid_run} is not a lamp-grid cell"),
+                            (elsewhere, f"was made at commit {'0' * 40}, which is not in this repository"),
+                            (unrecorded, "does not record lamp_grid.data, lamp_grid.resources, git_commit")):
+        done = run_cli("rerun", run_id, "--workdir", tmp_path, timeout=120)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.startswith("lamp-grid rerun: error: ") and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert everything() == before
+    assert [e.name for e in client.search_experiments()] == ["g", "Default"]
+
+
+def test_a_rerun_that_differs_says_by_how_much_and_what_in_the_environment_differs(tmp_path):
+    from grid.rerun import comparison
+
+    client = MlflowClient(Workdir(tmp_path).tracking_uri)
+    experiment = client.create_experiment("g")
+
+    def cell_run(f1: float, transformers: str):
+        run_id = client.create_run(experiment, tags={"cell_key": "LaMP_2/lamp/none/seed=0/tiny", "git_commit": "abc",
+                                                     "env.transformers": transformers}).info.run_id
+        client.log_metric(run_id, "dev_f1", f1)
+        client.log_metric(run_id, "dev_accuracy", 0.5)
+        return client.get_run(run_id)
+
+    old, new = cell_run(0.25, "5.24.0"), cell_run(0.2, "5.25.0")
+    lines = comparison(old, new, {"q1": ("comedy", "comedy"), "q2": ("action", "comedy")},
+                       {"q1": ("comedy", "comedy"), "q2": ("action", "action")})
+    assert lines[0] == (f"rerun of {old.info.run_id} (LaMP_2/lamp/none/seed=0/tiny): new run {new.info.run_id}, "
+                        f'under the parent "rerun of {old.info.run_id}"')
+    assert lines[2:] == ["  dev_accuracy     0.5000     0.5000  identical",
+                         "  dev_f1           0.2500     0.2000  -0.05",
+                         "  predictions: 1 of 2 identical",
+                         "differs: dev_f1 by -0.05; 1 prediction(s)",
+                         "the environment differs from the recorded one:",
+                         "  transformers: 5.24.0 -> 5.25.0"]

@@ -39,7 +39,7 @@ def test_a_cells_run_is_named_by_its_key_with_params_description_and_its_data(cl
     cell = GridCell(Cell("LaMP_2", "BM25", 4, "only_output", "end"), "tiny", Training())
     renders = {split: Rendered(str(tmp_path / f"render-{split}0123456789abcdef0123"), {"rows": rows})
                for split, rows in (("train", 90), ("dev", 12))}
-    run = client.get_run(tracking.create_child(client, experiment, parent, cell, "fp", "g", renders))
+    run = client.get_run(tracking.create_child(client, experiment, parent, cell, "fp", "g", renders, {}))
     assert run.info.run_name == cell.key and run.info.status == "SCHEDULED"
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert {k: run.data.params[k] for k in ("task", "retriever", "k", "ablation", "order", "rank_offset", "recipe",

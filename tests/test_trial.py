@@ -39,7 +39,7 @@ def worker_sees(config):
 
     # What a CPU head ships in its job's environment must not decide for the worker.
     os.environ["DS_ACCELERATOR"] = config["shipped"]
-    device = worker_device()
+    device = worker_device({"settings": {"deterministic": True}, "threads": 1})
     from deepspeed.accelerator import get_accelerator
 
     rank = ray.train.get_context().get_world_rank()
