@@ -16,12 +16,13 @@ from grid.environment import ROOT, describe_differences, recorded
 from grid.spec import AXES, GridCell, GridSpec, Resources
 from lamp.errors import LampError
 
-RECORD = ("lamp_grid.data", "lamp_grid.resources", "git_commit")
+RECORD = ("lamp_grid.data", "lamp_grid.tasks", "lamp_grid.resources", "git_commit")
 
 
 def cell_record(client, run_id: str, uri: str):
-    """(the run, its experiment's name, its GridSpec of one cell, its Resources), or a
-    one-line LampError for a run that is unknown, not a cell, or not from this repository."""
+    """(the run, a GridSpec of its cell and its grid's tasks, its Resources), or a
+    one-line LampError for a run that is unknown, not a cell, or not from this
+    repository. (A `tiny` model's tokenizer is trained on the grid's tasks.)"""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -43,7 +44,8 @@ def cell_record(client, run_id: str, uri: str):
                         "fetch it, or rerun from a clone that has it")
     grid_cell = GridCell.from_params(run.data.params, f"run {run_id}")
     cell = grid_cell.cell
-    spec = GridSpec(name=client.get_experiment(run.info.experiment_id).name, tasks=(cell.task,),
+    spec = GridSpec(name=client.get_experiment(run.info.experiment_id).name,
+                    tasks=tuple(tags["lamp_grid.tasks"].split(",")),
                     axes=({name: (getattr(cell, name),) for name in AXES},), model=grid_cell.model,
                     data=tags["lamp_grid.data"], seeds=(cell.seed,), training=grid_cell.training, recipe=cell.recipe)
     return run, spec, Resources(**json.loads(tags["lamp_grid.resources"]))
@@ -58,7 +60,8 @@ def rerun(run_id: str, uri: str, workdir, address: str | None = None, verbose: b
     client = tracking.connect(uri)
     old, spec, resources = cell_record(client, run_id, uri)
     (result,) = run_grid(spec, spec.data, workdir, tracking_uri=uri, address=address, resources=resources,
-                         verbose=verbose, command=f"python experiments.py rerun {run_id}", rerun_of=run_id, log=log)
+                         verbose=verbose, command=f"python experiments.py rerun {run_id}", rerun_of=run_id,
+                         only=old.data.tags["cell_key"], log=log)
     if result.status != "FINISHED":
         log(f"rerun of {run_id}: the new run {result.run_id} ended {result.status}")
         return 1

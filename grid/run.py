@@ -259,16 +259,18 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
              resources: Resources = Resources(),
              max_concurrent: int | None = None, resume: bool = False, dry_run: bool = False,
              retries: int = 2, users: int = SYNTHETIC_USERS, log_model: bool = False, verbose: bool = False,
-             command: str | None = None, rerun_of: str | None = None, log=print) -> list:
+             command: str | None = None, rerun_of: str | None = None, only: str | None = None,
+             log=print) -> list:
     """Runs the grid; logs its results table and returns a CellResult per cell.
     `command` is how to run it again (the experiment's description says it).
-    rerun_of: a run id; every cell runs again, FINISHED or not, under a parent named
-    for that run, and the table is left to `rerun`."""
+    rerun_of: a run id; the cells run again, FINISHED or not, under a parent named
+    for that run, and the table is left to `rerun`. only: a cell key, the one cell
+    of the grid to run (the grid's tasks still make its `tiny` model)."""
     from grid import tracking
     from grid.cluster import check_fits, ensure_ray, for_other_nodes, trials_that_fit
     from grid.shards import digest
 
-    cells = spec.cells()
+    cells = [c for c in spec.cells() if only in (None, c.key)]
     check_batches(cells, resources)
     if dry_run:
         log(describe(spec, cells, resources))
@@ -297,7 +299,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     data_dir, local_model, model_path, shards = prepare_grid(spec, cells, data, work, cache, address, users, log)
     fingerprints = {task: digest(parts["train"].examples, parts["dev"].examples) for task, parts in shards.items()}
 
-    record = {"lamp_grid.command": command, "lamp_grid.data": str(data_dir),
+    record = {"lamp_grid.command": command, "lamp_grid.data": str(data_dir), "lamp_grid.tasks": ",".join(spec.tasks),
               "lamp_grid.resources": json.dumps(asdict(resources), sort_keys=True), **code_state()}
     plan_file = work.plan_file(spec.name)
     if resume:

@@ -224,3 +224,29 @@ def test_the_mlflow_ui_shows_the_cells_in_a_real_browser(demo, mlflow_server, br
     page.wait_for_load_state("load")
     widths = page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
     assert widths and all(width > 0 for width in widths), widths
+
+
+@pytest.mark.slow
+def test_a_rerun_of_a_demo_cell_is_identical_and_not_one_of_the_grids_results(demo):
+    """Last in this file: the rerun's run shares its cell's name, which the browser test looks rows up by."""
+    from mlflow.tracking import MlflowClient
+
+    from grid import tracking
+
+    workdir = demo[0]
+    client = MlflowClient(f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo").experiment_id
+    key = "LaMP_2/lamp/BM25/k=4/only_output/start/offset=0/seed=0/tiny"
+    (old,) = tracking.cell_runs(client, experiment)[key]
+    done = run_cli("rerun", old.info.run_id, "--workdir", workdir, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"rerun of {old.info.run_id} ({key}): new run " in done.stdout
+    assert "render: 0 cell(s) rendered, 1 cached" in done.stdout  # the same tiny model: the grid's tasks made it
+    assert "  predictions: 300 of 300 identical" in done.stdout
+    assert "identical: the same dev metrics and predictions as the recorded run" in done.stdout
+    assert "the environment is the recorded one" in done.stdout
+    (parent,) = client.search_runs([experiment], "tags.`lamp_grid.role` = 'rerun'")
+    assert parent.info.run_name == f"rerun of {old.info.run_id}" and parent.info.status == "FINISHED"
+    (new,) = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert new.data.tags["cell_key"] == key and new.info.status == "FINISHED"
+    assert [r.info.run_id for r in tracking.cell_runs(client, experiment)[key]] == [old.info.run_id]

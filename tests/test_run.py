@@ -92,7 +92,7 @@ def test_every_cell_run_records_how_to_run_it_again(workdir, three):
     client = MlflowClient(Workdir(workdir).tracking_uri)
     tags = client.get_run(rows[1].run_id).data.tags
     assert tags["lamp_grid.command"] == "python experiments.py run three.yaml"
-    assert tags["lamp_grid.data"] == str((workdir / "data").resolve())
+    assert tags["lamp_grid.data"] == str((workdir / "data").resolve()) and tags["lamp_grid.tasks"] == "LaMP_2"
     assert json.loads(tags["lamp_grid.resources"])["zero_stage"] == 2
     assert {k: tags[k] for k in ("git_commit", "lamp_grid.code_diff")} == code_state()
     assert len(tags["lamp_grid.render.train"]) == len(tags["lamp_grid.render.dev"]) == 24
@@ -101,54 +101,6 @@ def test_every_cell_run_records_how_to_run_it_again(workdir, three):
     assert tags["env.cpu"] and tags["env.gpu"] == "none" and tags["env.torch_threads"] == "1"
     assert tags["env.cpu_kernels"] == "MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"
     assert tags["env.lock"] == "the lock's"
-
-
-@pytest.mark.slow
-def test_rerun_repeats_a_cell_from_its_record_and_finds_it_identical(workdir, three):
-    from grid.rerun import rerun
-
-    _, rows, _ = three
-    old = rows[1].run_id
-    said = []
-    assert rerun(old, Workdir(workdir).tracking_uri, workdir, log=said.append) == 0
-    text = "\n".join(said)
-    assert f"rerun of {old} ({rows[1].cell.key}): new run " in text
-    assert "identical: the same dev metrics and predictions as the recorded run" in text
-    assert "the environment is the recorded one" in text
-    assert "dev_f1" in text and "predictions: " in text
-    client, all_runs = runs(workdir, "three")
-    (parent,) = [r for r in all_runs if r.data.tags.get("lamp_grid.role") == "rerun"]
-    assert parent.info.run_name == f"rerun of {old}" and parent.info.status == "FINISHED"
-    (new,) = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert new.data.tags["cell_key"] == rows[1].cell.key and new.info.status == "FINISHED"
-    # The grid's own results are still its cells, not the rerun.
-    assert [r.run_id for r in run_grid(grid("three", [{"retriever": ["none", "BM25", "RanBM25"], "k": [2]}]),
-                                       str(workdir / "data"), workdir, log=lambda _: None)] == [r.run_id for r in rows]
-
-
-@pytest.mark.slow
-def test_two_workers_with_zero_2_and_the_best_model_logged(workdir, ray_local):
-    import mlflow.transformers
-
-    spec = grid("two-workers", [{"retriever": ["BM25"], "k": [2], "order": ["end"]}])
-    rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(workers_per_trial=2, zero_stage=2),
-                    log_model=True, log=lambda _: None)
-    assert [r.status for r in rows] == ["FINISHED"]
-    client, all_runs = runs(workdir, "two-workers")
-    (cell,) = cells_of(all_runs)
-    config = client.download_artifacts(cell.info.run_id, "deepspeed_config.json")
-    assert '"stage": 2' in open(config).read()
-    # The best epoch's weights, as an MLflow transformers model that loads back and generates.
-    mlflow.set_tracking_uri(Workdir(workdir).tracking_uri)
-    logged = mlflow.transformers.load_model(f"runs:/{cell.info.run_id}/model", return_type="components")
-    model, tokenizer = logged["model"], logged["tokenizer"]
-    assert type(model).__name__ == "T5ForConditionalGeneration"
-    tiny = next((workdir / "models").iterdir())
-    assert (tokenizer("a movie about space")["input_ids"]
-            == AutoTokenizer.from_pretrained(tiny)("a movie about space")["input_ids"])
-    untrained = AutoModelForSeq2SeqLM.from_pretrained(tiny).state_dict()
-    assert any(not torch.equal(value, untrained[name]) for name, value in model.state_dict().items())
-    assert model.generate(**tokenizer(["a movie about space"], return_tensors="pt"), max_new_tokens=4).shape[0] == 1
 
 
 def train_order(client, run_id: str, epochs: int) -> list:
@@ -421,7 +373,8 @@ def test_a_run_killed_with_sigkill_leaves_nothing_open_after_the_next_run(workdi
 def test_rerun_refuses_a_run_it_cannot_rerun_in_one_line_and_writes_nothing(tmp_path):
     client = MlflowClient(Workdir(tmp_path).tracking_uri)
     experiment = client.create_experiment("g")
-    record = {"lamp_grid.role": "cell", "lamp_grid.data": str(tmp_path), "lamp_grid.resources": "{}"}
+    record = {"lamp_grid.role": "cell", "lamp_grid.data": str(tmp_path), "lamp_grid.tasks": "LaMP_2",
+              "lamp_grid.resources": "{}"}
     grid_run = client.create_run(experiment, run_name="g grid", tags={"lamp_grid.role": "grid"}).info.run_id
     elsewhere = client.create_run(experiment, tags={**record, "git_commit": "0" * 40}).info.run_id
     unrecorded = client.create_run(experiment, tags={"lamp_grid.role": "cell"}).info.run_id
@@ -433,7 +386,8 @@ def test_rerun_refuses_a_run_it_cannot_rerun_in_one_line_and_writes_nothing(tmp_
     for run_id, message in (("0123abc", "no run '0123abc' in sqlite:///"),
                             (grid_run, f"run {grid_run} is not a lamp-grid cell"),
                             (elsewhere, f"was made at commit {'0' * 40}, which is not in this repository"),
-                            (unrecorded, "does not record lamp_grid.data, lamp_grid.resources, git_commit")):
+                            (unrecorded, "does not record lamp_grid.data, lamp_grid.tasks, lamp_grid.resources, "
+                                         "git_commit")):
         done = run_cli("rerun", run_id, "--workdir", tmp_path, timeout=120)
         assert done.returncode == 2, done.stdout + done.stderr
         assert done.stderr.startswith("lamp-grid rerun: error: ") and message in done.stderr, done.stderr
