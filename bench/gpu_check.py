@@ -9,7 +9,9 @@ from configs and saved as local Hugging Face folders (nothing is downloaded):
   batch 6, lr 5e-5, beam 4) with DeepSpeed ZeRO-2, bf16 where the GPU has it
   natively (the trial decides), for a few epochs on a slice of train;
 - a GPT-2-small-shaped decoder, the same two cells;
-- a flan-t5-xl-shaped (3B) T5, one zero-shot cell (epochs 0: decoding only).
+- a flan-t5-xl-shaped (3B) T5, one zero-shot cell (epochs 0: decoding only);
+- the flan-t5-base-shaped T5's `none` cell again with the training setting
+  `deterministic` off, to measure what torch's deterministic kernels cost.
 
 Per cell it prints FINISHED or the error, train examples/s and tokens/s, the
 model FLOPs utilization (MFU = 6 x params x train tokens/s / the GPU's peak),
@@ -17,6 +19,7 @@ peak GPU memory and the share of the epoch loop spent checkpointing, all read
 back from the cell's MLflow run; and writes them to OUT/gpu_check.json.
 
     .venv/bin/python bench/gpu_check.py            # on a machine with one NVIDIA GPU (under 8 minutes)
+    .venv/bin/python bench/gpu_check.py --quick    # the same, less data and one epoch: under 5 minutes
     .venv/bin/python bench/gpu_check.py --cpu      # the same on CPU with tiny shapes (a few minutes)
 
 Options: --out DIR (default bench/results); --workdir DIR (default a temporary
@@ -68,9 +71,13 @@ SHAPES = {
                             "d_kv": 32}),
     },
 }
-TRAINED = ("t5-base", "gpt2-small")  # the zero-shot model is the third
 TRAIN_AXES = [{"retriever": ["none", "BM25"], "k": [4]}]
 ZERO_SHOT_AXES = [{"retriever": ["BM25"], "k": [4]}]
+# The grids, in order: (label, model, axes, training overrides). The last repeats the
+# first's `none` cell with torch's deterministic kernels off: what they cost.
+GRIDS = [("t5-base", "t5-base", TRAIN_AXES, {}), ("gpt2-small", "gpt2-small", TRAIN_AXES, {}),
+         ("t5-xl-3b", "t5-xl-3b", ZERO_SHOT_AXES, {"epochs": 0}),
+         ("t5-base nondeterministic", "t5-base", [{"retriever": ["none"]}], {"deterministic": False})]
 
 # Data and schedule. GPU: the study's settings (Training's defaults: lr 5e-5,
 # batch 6, beam 4, 512-token prompts) on a slice of train, sized to keep the
@@ -79,6 +86,8 @@ ZERO_SHOT_AXES = [{"retriever": ["BM25"], "k": [4]}]
 # examples, one epoch.
 SETTINGS = {
     "gpu": {"users": 1000, "training": {"epochs": 2, "limit_train": 900, "limit_dev": 60}},
+    # --quick: what fits a 15-minute GPU loan twice over, start-up included.
+    "quick": {"users": 300, "training": {"epochs": 1, "limit_train": 240, "limit_dev": 24}},
     "cpu": {"users": 60, "training": {"epochs": 1, "limit_train": 48, "limit_dev": 12, "max_prompt_tokens": 64,
                                       "beams": 2}},
 }
@@ -170,11 +179,11 @@ def build_model(kind: str, shape: dict, tokenizer, folder: Path, dtype) -> int:
 
 
 def trial_errors(storage: str, grid: str) -> dict:
-    """Tune's error.txt of each failed trial of the grid, by cell index (Tune names
-    a trial's folder after its parameters, `cell=N`), last line first."""
+    """Tune's error.txt of each failed trial of the grid, by cell index (run names a
+    trial's folder `cell-N-<trial id>`), last line first."""
     errors = {}
     for path in Path(storage).glob(f"{grid}-*/*/error.txt"):
-        found = re.search(r"cell=(\d+)", path.parent.name)
+        found = re.search(r"^cell-(\d+)-", path.parent.name)
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
         if found and lines:
             errors[int(found.group(1))] = lines[-1].strip()
@@ -261,39 +270,51 @@ def write_atomically(result: dict, path: Path) -> None:
 # --- the check ---------------------------------------------------------------------------------
 
 
-def check_model(label: str, tokenizer, work: Workdir, mode: str, gpu: str | None, training: dict,
-                resources: Resources, users: int, stamp: str) -> list:
-    """Builds the model, runs its grid through run_grid, and reads each cell back."""
+def check_model(label: str, model: str, axes: list, overrides: dict, tokenizer, work: Workdir, mode: str,
+                gpu: str | None, training: dict, resources: Resources, users: int, stamp: str) -> list:
+    """Builds the model (once), runs its grid through run_grid, and reads each cell back."""
     import torch
 
-    kind, shape = SHAPES[mode][label]
-    zero_shot = label not in TRAINED
+    kind, shape = SHAPES["cpu" if mode == "cpu" else "gpu"][model]
+    trains = overrides.get("epochs") != 0
     # The zero-shot model is only read, in bf16 on GPUs: saved so, half the disk and load time.
-    folder = work.root / "models" / f"{label}-{mode}"
-    params = build_model(kind, shape, tokenizer, folder, torch.bfloat16 if zero_shot and gpu else torch.float32)
+    folder = work.root / "models" / f"{model}-{mode}"
+    params = build_model(kind, shape, tokenizer, folder, torch.float32 if trains or not gpu else torch.bfloat16)
     print(f"\n== {label}: {params / 1e6:.1f}M parameters, {folder}")
     # A grid name of its own per run: run_grid skips cells already FINISHED under
     # the same name, and a check must measure, not reuse.
-    name = f"gpu-check-{label}-{stamp}"
-    spec = parse_grid({"name": name, "tasks": [TASK], "model": str(folder),
-                       "axes": ZERO_SHOT_AXES if zero_shot else TRAIN_AXES,
-                       "training": {**training, "epochs": 0} if zero_shot else training}, name)
+    name = f"gpu-check-{label.replace(' ', '-')}-{stamp}"
+    spec = parse_grid({"name": name, "tasks": [TASK], "model": str(folder), "axes": axes,
+                       "training": {**training, **overrides}}, name)
     try:
         # No retries: a check reports the first failure instead of spending the time twice more.
         rows = run_grid(spec, str(work.data), work.root, resources=resources, retries=0, users=users)
     except Exception as error:  # noqa: BLE001 (whatever stops a grid, the check reports it and goes on)
         return [{"model": label, "cell": short_name(label, c), "key": c.key, "status": "FAILED",
-                 "error": f"{type(error).__name__}: {error}", "trains": not zero_shot, "metrics": {},
+                 "error": f"{type(error).__name__}: {error}", "trains": trains, "metrics": {},
                  "missing_metrics": [], "params_built": params} for c in spec.cells()]
     errors = trial_errors(work.storage, name)
     client = MlflowClient(work.tracking_uri)  # the store run_grid used (its default)
-    return [{**cell_report(client, row, label, not zero_shot, gpu, errors.get(index)), "params_built": params}
+    return [{**cell_report(client, row, label, trains, gpu, errors.get(index)), "params_built": params}
             for index, row in enumerate(rows)]
+
+
+def deterministic_cost(cells: list) -> dict | None:
+    """Train examples/s of the t5-base `none` cell with torch's deterministic kernels (the
+    default) and without; None where either did not finish."""
+    def speed(label: str):
+        found = [c["metrics"].get("train_examples_per_s") for c in cells
+                 if c["model"] == label and c["key"].split("/")[2] == "none" and c["status"] == "FINISHED"]
+        return found[0] if found and found[0] else None
+
+    on, off = speed("t5-base"), speed("t5-base nondeterministic")
+    return {"on_examples_per_s": on, "off_examples_per_s": off, "ratio_on_to_off": on / off} if on and off else None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="CPU only, tiny shapes (for the test)")
+    parser.add_argument("--quick", action="store_true", help="less data and one epoch: under 5 minutes on one GPU")
     parser.add_argument("--out", default="bench/results", help="folder for gpu_check.json")
     parser.add_argument("--workdir", help="lamp-grid work directory (default: a temporary one, removed after)")
     parser.add_argument("--epochs", type=int, help="epochs of the training cells")
@@ -304,9 +325,9 @@ def main() -> int:
     import torch
 
     started = time.time()
-    mode = "cpu" if args.cpu else "gpu"
+    mode = "cpu" if args.cpu else ("quick" if args.quick else "gpu")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    if mode == "gpu" and gpu is None:
+    if mode != "cpu" and gpu is None:
         print("no CUDA GPU here: run with --cpu for the CPU version", file=sys.stderr)
         return 2
     settings = SETTINGS[mode]
@@ -319,9 +340,10 @@ def main() -> int:
     try:
         write_synthetic(work.data, [TASK], users=settings["users"], seed=0)
         tokenizer = train_tokenizer(training_texts(work.data, [TASK]))
-        for label in SHAPES[mode]:
+        for label, model, axes, grid_overrides in GRIDS:
             grid_start = time.time()
-            cells += check_model(label, tokenizer, work, mode, gpu, training, resources, settings["users"], stamp)
+            cells += check_model(label, model, axes, grid_overrides, tokenizer, work, mode, gpu, training, resources,
+                                 settings["users"], stamp)
             timings[label] = round(time.time() - grid_start, 1)
     finally:
         import ray
@@ -334,6 +356,10 @@ def main() -> int:
     for cell in cells:
         print_cell(cell, gpu is not None)
     missing = sorted({m for c in cells for m in c["missing_metrics"]})
+    cost = deterministic_cost(cells)
+    if cost:
+        print(f"deterministic kernels: {cost['on_examples_per_s']:.1f} train ex/s on, {cost['off_examples_per_s']:.1f}"
+              f" off ({cost['ratio_on_to_off']:.2f}x)")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {"gpu": gpu or "CPU", "cpus": os.cpu_count(), "platform": platform.platform(),
@@ -342,8 +368,9 @@ def main() -> int:
         "mode": mode, "task": TASK, "users": settings["users"], "training": training,
         "resources": {"workers_per_trial": resources.workers_per_trial, "gpus_per_worker": resources.gpus_per_worker,
                       "zero_stage": resources.zero_stage},
-        "shapes": {label: {"kind": kind, **shape} for label, (kind, shape) in SHAPES[mode].items()},
-        "wall_s": round(time.time() - started, 1), "grid_wall_s": timings,
+        "shapes": {label: {"kind": kind, **shape} for label, (kind, shape) in SHAPES[
+            "cpu" if mode == "cpu" else "gpu"].items()},
+        "wall_s": round(time.time() - started, 1), "grid_wall_s": timings, "deterministic_cost": cost,
         "missing_metrics": missing, "cells": cells,
     }
     out = Path(args.out) / "gpu_check.json"

@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -79,36 +80,92 @@ def other_nodes() -> list:
     return [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
 
 
-def autoscaler_node_types() -> list:
-    """(resources, most nodes; -1 for no limit) of each node type the autoscaler may
-    start; empty where no autoscaler runs. Ray keeps the autoscaler's config in its GCS."""
-    from ray._private.state import state
+# The autoscaler's config as `ray up` leaves it on the head node, each node type's
+# resources filled in from its instance type.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+# GPU memory (GiB, per GPU) of AWS's NVIDIA instance families, from AWS's list of
+# accelerated computing instance types (aws.amazon.com/ec2/instance-types, 2026):
+# what a GPU node type offers before any node of it is up.
+AWS_GPU_GIB = {"g4dn": 16, "g5": 24, "g6": 24, "g6e": 48, "gr6": 24, "p3": 16, "p3dn": 32, "p4d": 40, "p4de": 80,
+               "p5": 80, "p5e": 141, "p5en": 141}
 
-    config = state.get_cluster_config()
-    return [(dict(group.resources), group.max_count) for group in (config.node_group_configs if config else ())
-            if group.max_count != 0]
+
+@dataclass(frozen=True)
+class NodeType:
+    """A worker node type the cluster's autoscaler may start."""
+    resources: dict  # what Ray offers on one node: CPU, GPU, memory, custom resources
+    max_nodes: int  # -1: no limit
+    instance_type: str | None = None  # the cloud's machine type, where the config names one
+
+    @property
+    def gpu_bytes(self) -> float | None:
+        """Memory of one of its GPUs, where the instance type is a known GPU type."""
+        family = (self.instance_type or "").split(".")[0]
+        return AWS_GPU_GIB[family] * 2 ** 30 if family in AWS_GPU_GIB else None
+
+
+def joined() -> bool:
+    """Whether this process joined a running cluster (by address, or as a Ray job),
+    rather than starting a local one: another machine may then run its trials,
+    even when no other node is up yet."""
+    import ray._private.worker
+
+    node = ray._private.worker._global_node  # None for a Ray client (ray://)
+    return node is None or not node.head
+
+
+def autoscaler_node_types() -> list:
+    """The worker NodeTypes the autoscaler may start, from the config `ray up` leaves
+    on the head node (where `ray job submit` runs the driver); empty where there is
+    none (a local cluster, or a driver on a machine that is not the head)."""
+    import yaml
+
+    path = Path(BOOTSTRAP_CONFIG).expanduser()
+    if not path.exists():
+        return []
+    config = yaml.safe_load(path.read_text()) or {}
+    types = []
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        most = node_type.get("max_workers", config.get("max_workers", -1))
+        if name != config.get("head_node_type") and most != 0:
+            types.append(NodeType(dict(node_type.get("resources") or {}), most,
+                                  (node_type.get("node_config") or {}).get("InstanceType")))
+    return types
 
 
 def spans_other_nodes() -> bool:
     """Whether trials may run on a machine other than this one: another node is up,
-    or the autoscaler may start one."""
-    return bool(other_nodes() or autoscaler_node_types())
+    or this process joined a cluster, whose autoscaler may start one."""
+    return joined() or bool(other_nodes())
 
 
-def gpu_memory() -> float | None:
-    """Bytes of the smallest GPU on the cluster's nodes that are up, or None where no
-    GPU node is up (or none answers). nvidia-smi sees every GPU of its node whatever
-    CUDA_VISIBLE_DEVICES says, so the task asks Ray for no GPU of its own."""
+def gpu_memory(log) -> float | None:
+    """Bytes of the smallest GPU the cluster's trials may get: on the GPU nodes that
+    are up (asked with nvidia-smi), else on the GPU node types the autoscaler may
+    start (by instance type). None, said in a line, where neither tells."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
-    probe = ray.remote(num_cpus=0, max_retries=0)(gpu_memory_here)
-    asks = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
-            for n in nodes]
-    ready, _ = ray.wait(asks, num_returns=len(asks), timeout=60) if asks else ([], [])
-    found = [m for m in ray.get(ready) if m]
-    return min(found) if found else None
+    if nodes:
+        # nvidia-smi sees every GPU of its node whatever CUDA_VISIBLE_DEVICES says, so
+        # the task asks Ray for no GPU of its own.
+        probe = ray.remote(num_cpus=0, max_retries=0)(gpu_memory_here)
+        asks = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+                for n in nodes]
+        ready, _ = ray.wait(asks, num_returns=len(asks), timeout=60)
+        found = [m for m in ray.get(ready) if m]
+        if found:
+            return min(found)
+    startable = [t for t in autoscaler_node_types() if t.resources.get("GPU")]
+    known = [t.gpu_bytes for t in startable if t.gpu_bytes]
+    if known and len(known) == len(startable):
+        return min(known)
+    unknown = ", ".join(sorted({t.instance_type or "unnamed" for t in startable if not t.gpu_bytes}))
+    log("GPU memory: no GPU node is up to ask" + (f", and the GPU memory of instance type(s) {unknown} is not "
+                                                  "known here" if unknown else "")
+        + "; cells are not checked against it")
+    return None
 
 
 def gpu_memory_here() -> float | None:
@@ -182,7 +239,8 @@ def check_reachable(address: str, timeout: float = 5) -> None:
 def check_fits(resources, log) -> None:
     """Refuse a trial that the cluster cannot place, before it waits forever. On an
     autoscaling cluster a trial fits if a node type the autoscaler can start holds
-    its workers: it then waits for that node."""
+    its workers: it then waits for that node. A cluster joined from a machine that
+    does not hold its autoscaler's config may still grow: it is told, not refused."""
     import ray
 
     total = ray.cluster_resources()
@@ -192,12 +250,16 @@ def check_fits(resources, log) -> None:
     if not short:
         return
     worker = resources.per_worker()
-    startable = [types for types, _ in autoscaler_node_types()
-                 if all(types.get(name, 0) >= amount for name, amount in worker.items())]
+    startable = [t for t in autoscaler_node_types() if all(t.resources.get(n, 0) >= a for n, a in worker.items())]
     wanted = ", ".join(f"{asks[name]:g} {name}" for name in short)
     if startable:
         log(f"the cluster has no room for a trial ({wanted}) yet: trials wait for the autoscaler to start a node "
-            f"with {', '.join(f'{v:g} {k}' for k, v in sorted(startable[0].items()))}")
+            f"with {', '.join(f'{v:g} {k}' for k, v in sorted(startable[0].resources.items()))}")
+        return
+    if joined() and not autoscaler_node_types():
+        log(f"the cluster has no room for a trial ({wanted}) yet, and this machine holds no autoscaler config "
+            f"({BOOTSTRAP_CONFIG}, on the head of a `ray up` cluster) to tell whether a node that has can start: "
+            "trials wait until one joins")
         return
     name = short[0]
     raise LampError(f"a trial asks for {asks[name]:g} {name} ({resources.workers_per_trial} worker(s)), but the "
@@ -211,9 +273,9 @@ def trials_that_fit(resources) -> int:
     import ray
 
     total = dict(ray.cluster_resources())
-    for types, count in autoscaler_node_types():
-        for name, amount in types.items():  # an unlimited node type counts as 8 nodes
-            total[name] = max(total.get(name, 0), amount * (8 if count < 0 else count))
+    for node_type in autoscaler_node_types():
+        for name, amount in node_type.resources.items():  # an unlimited node type counts as 8 nodes
+            total[name] = max(total.get(name, 0), amount * (8 if node_type.max_nodes < 0 else node_type.max_nodes))
     spare = {**total, "CPU": total.get("CPU", 1) - 1}
     fits = min(spare.get(name, 0) / (amount * resources.workers_per_trial)
                for name, amount in resources.per_worker().items() if amount)

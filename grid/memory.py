@@ -114,7 +114,15 @@ def count_parameters(model_config) -> int:
     with torch.device("meta"):  # shapes only: a 7B model costs no memory here
         model = auto.from_config(copy.deepcopy(model_config))  # from_config may set fields on its config
     # parameters() yields a tied matrix (e.g. embeddings shared with the LM head) once, as memory holds it once.
-    return sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    # transformers 5 ties T5's LM head to its embeddings in from_config whatever the config
+    # says, keeping a config's tie_word_embeddings: false as scale_decoder_outputs: false;
+    # such a checkpoint (T5 v1.1, Flan-T5) holds its head apart, and loading unties it.
+    head = model.get_output_embeddings()
+    if getattr(model_config, "scale_decoder_outputs", True) is False and head is not None and (
+            head.weight is model.get_input_embeddings().weight):
+        total += head.weight.numel()
+    return total
 
 
 def layer_activation_bytes(seq: int, batch: int, hidden: int, heads: int) -> float:

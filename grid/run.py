@@ -134,6 +134,18 @@ def check_batches(cells: list, resources: Resources) -> None:
                             "choose a worker count that divides it")
 
 
+def check_gpu_share(resources: Resources) -> None:
+    """A trial's workers each need GPUs of their own: with a fraction of a GPU each,
+    Ray may put two of them on one GPU, which NCCL refuses ("Duplicate GPU detected"),
+    and DeepSpeed's ZeRO-3 would place them by local rank. A single worker may share
+    a GPU with another trial's."""
+    gpus = resources.gpus_per_worker
+    if resources.workers_per_trial > 1 and gpus and gpus != int(gpus):
+        raise LampError(f"--gpus-per-worker {gpus:g} with {resources.workers_per_trial} workers per trial: Ray may "
+                        "put two of a trial's workers on one GPU, which NCCL refuses; give each worker whole GPUs "
+                        "(--gpus-per-worker 1), or run one worker per trial")
+
+
 def model_config(model: str):
     """The Hugging Face config of a grid's model, or None where it cannot be read
     (`vote`; a hub id with no network; a folder that is not there yet)."""
@@ -185,9 +197,8 @@ def check_memory(cells: list, resources: Resources, log) -> None:
 
     if not resources.gpus_per_worker:
         return
-    memory = gpu_memory()
+    memory = gpu_memory(log)
     if memory is None:
-        log("GPU memory: no GPU node is up to ask; cells are not checked against it")
         return
     room = memory * min(1.0, resources.gpus_per_worker)  # a fraction of a GPU shares it
     for key, estimate in memory_estimates(cells, resources).items():
@@ -272,6 +283,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
 
     cells = [c for c in spec.cells() if only in (None, c.key)]
     check_batches(cells, resources)
+    check_gpu_share(resources)
     if dry_run:
         log(describe(spec, cells, resources))
         return []

@@ -245,13 +245,22 @@ def close_dead_runs(client, experiment: str, log=print) -> None:
 
 
 @contextmanager
-def system_metrics(uri: str, run_id: str):
+def system_metrics(uri: str, run_id: str, gpus: tuple = ()):
     """MLflow's system metrics (CPU, memory, disk, network; GPU use and memory where
-    NVIDIA's library finds a GPU) logged to the run from this process's node."""
+    NVIDIA's library finds a GPU) logged to the run from this process's node. gpus:
+    the UUIDs of the GPUs that are the run's, the only ones logged (`gpu_0` is the
+    first): NVIDIA's library lists every GPU of the node, other trials' included."""
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S, resume_logging=True,
                                    tracking_uri=uri)
+    wanted = {uuid.removeprefix("GPU-") for uuid in gpus}
+    for gpu_monitor in (m for m in monitor.monitors if isinstance(m, GPUMonitor)):
+        import pynvml  # there is a GPU monitor only where MLflow imported it
+
+        gpu_monitor.gpu_handles = [h for h in gpu_monitor.gpu_handles
+                                   if str(pynvml.nvmlDeviceGetUUID(h)).removeprefix("GPU-") in wanted]
     monitor.start()
     try:
         yield

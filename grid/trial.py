@@ -276,12 +276,14 @@ def train_cell(config: dict) -> None:
     rows = TrainRows.read(ray.train.get_dataset_shard("train"))
     steps_per_epoch = math.ceil(len(rows) / batch_size)
     ds_config = deepspeed_config(settings, config["zero_stage"], steps_per_epoch * epochs, use_bf16, world)
-    # On CPU, DeepSpeed compiles a shared-memory all-reduce with g++ the first time
-    # it starts in an environment (half a minute, while the trial waits). Only its
-    # tensor-parallel inference calls it; training never does, so it is not built.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        # On CPU, DeepSpeed compiles a shared-memory all-reduce with g++ the first time
+        # it starts in an environment (half a minute, while the trial waits). Only its
+        # tensor-parallel inference calls it; training never does, so it is not built.
+        # (Not on a GPU: reading the table there probes about 30 op builders.)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # device_rank: DeepSpeed would take cuda:LOCAL_RANK, which is not the GPU Ray
     # gave this worker when a worker has more than one GPU, or a fraction of one.
     engine, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=device.index or 0), model=model,
@@ -424,9 +426,11 @@ def zero_shot_cell(config: dict) -> None:
     model_path = local_model(config["model_path"])
     tokenizer, decoder_only = load_tokenizer(model_path)
     dtype = torch.bfloat16 if native_bf16(device) else torch.float32
-    spread = device.type == "cuda" and len(ray.train.torch.get_devices()) > 1
-    model = model_class(decoder_only).from_pretrained(
-        model_path, dtype=dtype, **({"device_map": "auto"} if spread else {}))
+    devices = ray.train.torch.get_devices()
+    spread = device.type == "cuda" and len(devices) > 1
+    placement = {"device_map": "auto", "max_memory": spread_over(devices, lambda d: torch.cuda.get_device_properties(
+        d).total_memory)} if spread else {}
+    model = model_class(decoder_only).from_pretrained(model_path, dtype=dtype, **placement)
     if not spread:
         model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -446,6 +450,14 @@ def zero_shot_cell(config: dict) -> None:
         log.metrics(final)
         log.results(task, ids, golds, predictions, dev_rows, {})
     ray.train.report(final)
+
+
+def spread_over(devices: list, total_memory) -> dict:
+    """accelerate's max_memory for a model spread over this worker's GPUs alone: Ray
+    shows each of a trial's workers the GPUs of all its workers on the node. Each
+    holds weights up to 90% of its memory (total_memory(device), bytes); the rest is
+    for decoding."""
+    return {d.index: int(0.9 * total_memory(d)) for d in devices}
 
 
 class BestWeights:
@@ -506,6 +518,17 @@ def crash_once(config: dict, position: str | None = None) -> None:
                            + (f" at epoch:step {position}" if position else ""))
 
 
+def portable_config(model) -> None:
+    """Makes the model's config say whether its output embedding is its input
+    embedding, as its weights have it, so that it loads alike under transformers 4
+    and 5. transformers 5 sets T5's `tie_word_embeddings` to True whatever the
+    checkpoint (and unties a head the checkpoint holds apart); transformers 4 reads
+    True as: tie the head, and scale the decoder's outputs. A T5 whose head is its
+    own (Flan-T5) is saved with False, which both read as untied and unscaled."""
+    output = model.get_output_embeddings()
+    model.config.tie_word_embeddings = output is not None and output.weight is model.get_input_embeddings().weight
+
+
 class MlflowLog:
     """Rank 0's writes to the cell's MLflow run."""
 
@@ -553,6 +576,7 @@ class MlflowLog:
         import torch
         import transformers
 
+        portable_config(model)
         with tempfile.TemporaryDirectory() as directory:
             out = Path(directory) / "model"
             # transformers 5 has one generation pipeline, text-generation (text2text is gone): a
@@ -654,9 +678,14 @@ def monitored(train_loop):
     def loop(config: dict) -> None:
         import ray.train
 
+        import ray.train.torch
+        import torch
+
         if ray.train.get_context().get_world_rank():
             return train_loop(config)
-        with system_metrics(config["tracking_uri"], config["run_id"]):
+        gpus = [str(torch.cuda.get_device_properties(d).uuid) for d in ray.train.torch.get_devices()
+                if d.type == "cuda"]
+        with system_metrics(config["tracking_uri"], config["run_id"], tuple(gpus)):
             return train_loop(config)
 
     return loop

@@ -21,10 +21,11 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["mode"] == "cpu" and result["machine"]["gpu"] == "CPU"
     cells = result["cells"]
-    assert [c["status"] for c in cells] == ["FINISHED"] * 5, [(c["cell"], c["error"]) for c in cells]
+    assert [c["status"] for c in cells] == ["FINISHED"] * 6, [(c["cell"], c["error"]) for c in cells]
 
     trained = [c for c in cells if c["trains"]]
-    assert sorted(c["model"] for c in trained) == ["gpt2-small", "gpt2-small", "t5-base", "t5-base"]
+    assert sorted(c["model"] for c in trained) == ["gpt2-small", "gpt2-small", "t5-base", "t5-base",
+                                                   "t5-base nondeterministic"]
     for cell in trained:
         metrics = cell["metrics"]
         missing = [m for m in ["n_params", "decode_examples_per_s", *TRAINING] if m not in metrics]
@@ -41,3 +42,20 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert "dev_f1" in zero_shot["metrics"] and zero_shot["metrics"]["n_params"] == zero_shot["params_built"]
     assert zero_shot["missing_metrics"] == []
     assert result["missing_metrics"] == []
+    # What torch's deterministic kernels cost: the same cell with and without them.
+    cost = result["deterministic_cost"]
+    assert cost["on_examples_per_s"] > 0 and cost["off_examples_per_s"] > 0 and cost["ratio_on_to_off"] > 0
+
+
+def test_a_failed_trials_error_is_found_by_its_cell_index(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    # As run names a grid's Tune folder and its trials' (grid.run.new_tuner).
+    trial = tmp_path / "gpu-check-t5-base-20261205-120000-1a2b3c4d" / "cell-1-5f0e2_00001"
+    trial.mkdir(parents=True)
+    (trial / "error.txt").write_text("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n")
+    assert gpu_check.trial_errors(str(tmp_path), "gpu-check-t5-base-20261205-120000") == {
+        1: "RuntimeError: CUDA out of memory"}

@@ -91,12 +91,12 @@ def test_counts_flan_t5_base_shape(meta_only):
     decoder = layers * (2 * attention + gated_ffn + 3 * h) + buckets_x_heads + h  # plus cross-attention
     body = vocab * h + encoder + decoder  # the shared embedding, once
     assert body == 222_903_552
-    # flan-t5's checkpoint has a separate LM head (247,577,856 parameters with it), but
-    # transformers 5 always ties T5's LM head to the shared embedding and reads
-    # tie_word_embeddings=False as "don't scale the decoder output" only; transformers 4 honours it.
-    config = flan_t5_base_config()
-    lm_head = 0 if config.tie_word_embeddings else vocab * h
-    assert count_parameters(config) == body + lm_head
+    # Flan-T5's checkpoint holds its LM head apart: 247,577,856 parameters in all, as
+    # loaded (transformers 5 ties T5's head in from_config, whatever the config says).
+    assert count_parameters(flan_t5_base_config()) == body + vocab * h == 247_577_856
+    # The original t5-base's config ties it (and its ReLU feed-forward of 3072 has as many weights): counted once.
+    assert count_parameters(T5Config(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64,
+                                     vocab_size=32128)) == 222_903_552
 
 
 def test_counts_llama_with_grouped_query_attention(meta_only):

@@ -269,20 +269,30 @@ def test_bad_input_is_refused_before_any_trial(args, message, tmp_path):
 
 
 def test_a_dry_run_prints_each_cells_gpu_memory(tmp_path):
-    from transformers import T5Config
-
-    # flan-t5-base's shape, as a config alone: the estimate reads no weights.
-    T5Config(d_model=768, d_ff=2048, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128,
-             feed_forward_proj="gated-gelu").save_pretrained(tmp_path / "model")
+    # flan-t5-base's config.json as the hub has it: the estimate reads no weights.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "d_model": 768, "d_ff": 2048, "d_kv": 64,
+        "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12, "vocab_size": 32128,
+        "feed_forward_proj": "gated-gelu", "is_encoder_decoder": True, "tie_word_embeddings": False,
+        "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}))
     common = ["--model", tmp_path / "model", "--dry-run", "--gpus-per-worker", "1", "--workdir", tmp_path]
     trained = run_cli("run", "paper-fig-b", *common, timeout=120)
     assert trained.returncode == 0, trained.stderr
-    # 222.9M parameters (transformers 5 ties T5's head) x 12 bytes of AdamW state in bf16 training
-    assert "DeepSpeed ZeRO-2; GPU memory about" in trained.stdout and "optimizer 2.7," in trained.stdout
+    # 247.6M parameters (its LM head apart) x 12 bytes of AdamW state in bf16 training
+    assert "DeepSpeed ZeRO-2; GPU memory about" in trained.stdout and "optimizer 3.0," in trained.stdout, trained.stdout
     zero_shot = run_cli("run", "paper-zero-shot", *common, timeout=120)
     assert zero_shot.returncode == 0, zero_shot.stderr
     line = zero_shot.stdout.splitlines()[1]
-    assert "zero-shot, no optimizer" in line and "weights 0.4, gradients 0.0, optimizer 0.0" in line
+    assert "zero-shot, no optimizer" in line and "weights 0.5, gradients 0.0, optimizer 0.0" in line, line
+
+
+def test_two_workers_on_fractions_of_gpus_are_refused_before_any_work(tmp_path):
+    done = run_cli("run", "demo", "--workers-per-trial", "2", "--gpus-per-worker", "0.5", "--workdir", tmp_path,
+                   timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--gpus-per-worker 0.5 with 2 workers per trial" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_batch_that_the_workers_cannot_share_is_refused_before_any_work(tmp_path):
@@ -309,33 +319,36 @@ def test_a_grid_whose_experiment_was_deleted_is_refused_with_the_way_out(tmp_pat
     assert not (tmp_path / "data").exists()  # refused before any work
 
 
-def test_a_trial_that_a_startable_node_type_fits_waits_for_the_autoscaler(ray_local):
+def test_a_trial_that_a_startable_node_type_fits_waits_for_the_autoscaler(ray_local, tmp_path, monkeypatch):
     """On an autoscaling cluster with no GPU node up (min_workers: 0), a GPU trial is
-    not refused: the autoscaler's config, kept in Ray's GCS, has a node type for it."""
-    import ray._raylet
-    from ray.core.generated import autoscaler_pb2
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+    not refused: the autoscaler's config, which `ray up` leaves on the head as
+    ~/ray_bootstrap_config.yaml, has a node type for it; its GPU memory comes from
+    its instance type."""
+    import yaml
 
-    from grid.cluster import check_fits, trials_that_fit
+    from grid.cluster import check_fits, gpu_memory, trials_that_fit
     from lamp.errors import LampError
 
-    config = autoscaler_pb2.ClusterConfig()
-    group = config.node_group_configs.add(name="gpu_worker", max_count=4)
-    group.resources.update({"CPU": 4, "GPU": 1})
-    key, namespace = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    monkeypatch.setenv("HOME", str(tmp_path))
     gpu = Resources(gpus_per_worker=1)
     with pytest.raises(LampError, match="no node type its autoscaler can start"):
         check_fits(gpu, print)
-    _internal_kv_put(key, config.SerializeToString(), namespace=namespace)
-    try:
-        messages = []
-        check_fits(gpu, messages.append)
-        assert "trials wait for the autoscaler to start a node with 4 CPU, 1 GPU" in messages[0]
-        assert trials_that_fit(gpu) == 4  # one per GPU node the autoscaler may start
-        with pytest.raises(LampError, match="2 GPU"):
-            check_fits(Resources(gpus_per_worker=2), print)
-    finally:
-        _internal_kv_del(key, namespace=namespace)
+    config = {"max_workers": 8, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 8}, "node_config": {"InstanceType": "m5.2xlarge"}},
+        "gpu_worker": {"min_workers": 0, "max_workers": 4, "resources": {"CPU": 4, "GPU": 1, "memory": 1e10},
+                       "node_config": {"InstanceType": "g5.xlarge"}}}}
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(config))
+    messages = []
+    check_fits(gpu, messages.append)
+    assert "trials wait for the autoscaler to start a node with 4 CPU, 1 GPU" in messages[0]
+    assert trials_that_fit(gpu) == 4  # one per GPU node the autoscaler may start
+    with pytest.raises(LampError, match="2 GPU"):
+        check_fits(Resources(gpus_per_worker=2), print)
+    assert gpu_memory(messages.append) == 24 * 2 ** 30  # g5: an A10G
+    config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"] = "x9.gpu"
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(config))
+    assert gpu_memory(messages.append) is None
+    assert "the GPU memory of instance type(s) x9.gpu is not known here" in messages[-1]
 
 
 @pytest.mark.slow

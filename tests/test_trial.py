@@ -6,7 +6,16 @@ import json
 import pytest
 import torch
 
-from grid.trial import BestWeights, all_reduce, deepspeed_config, generate, micro_batch, native_bf16
+from grid.trial import (
+    BestWeights,
+    all_reduce,
+    deepspeed_config,
+    generate,
+    micro_batch,
+    native_bf16,
+    portable_config,
+    spread_over,
+)
 
 SETTINGS = {"batch_size": 6, "lr": 1e-3, "weight_decay": 0.0, "warmup": 0.1}
 
@@ -119,3 +128,38 @@ def test_best_weights_are_kept_per_epoch_and_pruned_to_what_states_point_to(tmp_
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["epoch-2.pt", "epoch-3.pt"]
     uri = BestWeights((tmp_path / "best").as_uri())  # the same through a URI, as s3:// would be
     assert uri.load(3)["w"].tolist() == [3.0, 3.0]
+
+
+def test_a_model_spread_over_gpus_takes_this_workers_gpus_only():
+    mine = [torch.device("cuda", 1), torch.device("cuda", 3)]  # of the node's 0-3, which Ray shows every worker
+    assert spread_over(mine, lambda device: 80 * 10 ** 9) == {1: 72 * 10 ** 9, 3: 72 * 10 ** 9}
+
+
+def test_a_logged_models_config_says_whether_its_head_is_tied_as_its_weights_do(tmp_path):
+    """transformers 4 reads T5's tie_word_embeddings as: tie the head and scale the
+    outputs. A head of its own (Flan-T5's) must be saved as untied to load alike."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    model, tokenizer = tiny_seq2seq(tmp_path)
+    portable_config(model)
+    assert model.config.tie_word_embeddings is True  # one matrix, as the tiny model has it
+    # A checkpoint with a head of its own, as Flan-T5's is written.
+    state = {name: value.clone().contiguous() for name, value in model.state_dict().items()}
+    state["lm_head.weight"] = torch.randn_like(state["shared.weight"])
+    raw = {k: v for k, v in model.config.to_dict().items() if k != "scale_decoder_outputs"}
+    flan_like = tmp_path / "flan-like"
+    flan_like.mkdir()
+    (flan_like / "config.json").write_text(json.dumps({**raw, "tie_word_embeddings": False}))
+    save_file(state, str(flan_like / "model.safetensors"), metadata={"format": "pt"})
+    untied = AutoModelForSeq2SeqLM.from_pretrained(flan_like)
+    assert untied.lm_head.weight is not untied.shared.weight
+    portable_config(untied)
+    untied.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is False and saved["scale_decoder_outputs"] is False
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "saved")
+    ids = tokenizer(["the cat sat on the mat"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, decoder_input_ids=ids[:, :3]).logits,
+                           untied(input_ids=ids, decoder_input_ids=ids[:, :3]).logits)

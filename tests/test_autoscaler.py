@@ -1,0 +1,79 @@
+"""A grid on a cluster that starts with no node for its trials, as `ray up` leaves
+one (min_workers: 0): Ray's own autoscaler, with its fake multi-node provider,
+starts the worker node the trials ask for, and every cell finishes.
+
+The cluster runs in PID and network namespaces of its own (`unshare`): everything
+it starts stops with it, and its ports meet no other Ray on the machine. The head
+has no CPU, so Ray Data's rankers and renderers and every trial run on the node the
+autoscaler starts; the autoscaler's config lies where `ray up` leaves it,
+~/ray_bootstrap_config.yaml (HOME is the test's)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.cli import ROOT
+
+AUTOSCALER = {
+    "cluster_name": "fake", "max_workers": 1, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+    "provider": {"type": "fake_multinode", "disable_node_updaters": True, "disable_launch_config_check": True},
+    "auth": {"ssh_user": "ubuntu"}, "head_node_type": "ray.head.default",
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        "trial_node": {"resources": {"CPU": 2, "trial_node": 1}, "node_config": {}, "min_workers": 0,
+                       "max_workers": 1}},
+    **{key: [] for key in ("cluster_synced_files", "initialization_commands", "setup_commands",
+                           "head_setup_commands", "worker_setup_commands", "head_start_ray_commands",
+                           "worker_start_ray_commands")},
+    "file_mounts": {}, "file_mounts_sync_continuously": False}
+GRID = {"name": "autoscaled", "tasks": ["LaMP_2"], "model": "tiny", "axes": [{"retriever": ["none", "BM25"], "k": [2]}],
+        "training": {"epochs": 1, "lr": 1e-3, "batch_size": 8, "beams": 1}}
+# Inside the namespaces: loopback up, the head (no CPU, the fake autoscaler), an MLflow
+# server the trials log to, the grid by address, then the nodes as Ray saw them.
+CLUSTER = """
+set -e
+ip link set lo up
+bin=$(dirname {python})
+RAY_FAKE_CLUSTER=1 $bin/ray start --head --num-cpus=0 --port=6379 --disable-usage-stats \\
+    --autoscaling-config=$HOME/ray_bootstrap_config.yaml > {tmp}/head.log 2>&1
+$bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///{tmp}/mlflow.db \\
+    --artifacts-destination {tmp}/artifacts --workers 1 > {tmp}/mlflow.log 2>&1 &
+for i in $(seq 120); do {python} -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/health')" \\
+    2>/dev/null && break; sleep 1; done
+{python} experiments.py run {tmp}/grid.yaml --users 60 --workdir {tmp}/work --address 127.0.0.1:6379 \\
+    --tracking-uri http://127.0.0.1:5000 --resources-per-worker '{{"trial_node": 1}}'
+{python} -c "import json, ray; ray.init(address='127.0.0.1:6379', logging_level='ERROR'); \\
+print('NODES', json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))"
+"""
+
+
+@pytest.mark.slow
+def test_the_autoscaler_starts_the_node_a_grids_trials_wait_for(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to give the cluster namespaces of its own")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(AUTOSCALER))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(GRID))
+    script = CLUSTER.format(python=sys.executable, tmp=tmp_path)
+    done = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", "--net", "bash", "-c", script],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1500, env={**os.environ, "HOME": str(home)})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    # No node could hold a trial when the grid started: it waited for the autoscaler, not refused.
+    assert "trials wait for the autoscaler to start a node with 2 CPU, 1 trial_node" in done.stdout, done.stdout
+    # ... and a cluster joined by address is one whose trials run elsewhere, no other node up or not: the
+    # tracking URI is made one other nodes reach (here, in a network of loopback alone, the same address).
+    assert "trials on other nodes log to http://127.0.0.1:5000 as http://127.0.0.1:5000" in done.stdout
+    (nodes,) = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("NODES ")]
+    assert len(nodes) == 2 and sum("CPU" in n for n in nodes) == 1 and any(n.get("trial_node") for n in nodes)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("autoscaled").experiment_id], "tags.cell_key != ''")
+    assert sorted(r.data.tags["cell_key"] for r in runs) == ["LaMP_2/lamp/BM25/k=2/both/start/offset=0/seed=0/tiny",
+                                                             "LaMP_2/lamp/none/seed=0/tiny"]
+    assert all(r.info.status == "FINISHED" and "dev_f1" in r.data.metrics for r in runs)
