@@ -50,8 +50,11 @@ def ensure_ray(address: str | None = None, log=print, verbose: bool = False) -> 
     # failure if it cannot). Ray Train's placement-group cleaners ask its State API
     # every second whether their run's controller is alive, warning on every try
     # without it; and it shows the trials' actors.
+    # "local": a new local cluster, as the user asked. Ray would otherwise join the
+    # cluster its file /tmp/ray/ray_current_cluster names, which a `ray start` (or
+    # one that died) left there, and wait on it.
     try:
-        context = ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env},
+        context = ray.init(address=joins or "local", logging_level=logging.WARNING, runtime_env={"env_vars": env},
                            log_to_driver=verbose)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise LampError(f"cannot reach Ray at {address or 'a new local cluster'}: "

@@ -12,7 +12,7 @@ def ray_local():
 
     from grid.cluster import LOCAL_ENV, WORKER_ENV
 
-    ray.init(num_cpus=2, logging_level=logging.WARNING,
+    ray.init(address="local", num_cpus=2, logging_level=logging.WARNING,
              runtime_env={"env_vars": {**WORKER_ENV, **LOCAL_ENV}})
     yield ray
     ray.shutdown()

@@ -2,8 +2,9 @@
 one (min_workers: 0): Ray's own autoscaler, with its fake multi-node provider,
 starts the worker node the trials ask for, and every cell finishes.
 
-The cluster runs in PID and network namespaces of its own (`unshare`): everything
-it starts stops with it, and its ports meet no other Ray on the machine. The head
+The cluster runs in PID, mount and network namespaces of its own (`unshare`):
+everything it starts stops with it, its ports meet no other Ray on the machine,
+and what it writes under /tmp/ray stays its own. The head
 has no CPU, so Ray Data's rankers and renderers and every trial run on the node the
 autoscaler starts; the autoscaler's config lies where `ray up` leaves it,
 ~/ray_bootstrap_config.yaml (HOME is the test's)."""
@@ -34,11 +35,14 @@ AUTOSCALER = {
     "file_mounts": {}, "file_mounts_sync_continuously": False}
 GRID = {"name": "autoscaled", "tasks": ["LaMP_2"], "model": "tiny", "axes": [{"retriever": ["none", "BM25"], "k": [2]}],
         "training": {"epochs": 1, "lr": 1e-3, "batch_size": 8, "beams": 1}}
-# Inside the namespaces: loopback up, the head (no CPU, the fake autoscaler), an MLflow
-# server the trials log to, the grid by address, then the nodes as Ray saw them.
+# Inside the namespaces: loopback up; a /tmp/ray of its own (`ray start` names its
+# cluster in /tmp/ray/ray_current_cluster, which a later ray.init() outside would
+# try to join); the head (no CPU, the fake autoscaler); an MLflow server the trials
+# log to; the grid by address; then the nodes as Ray saw them.
 CLUSTER = """
 set -e
 ip link set lo up
+mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray
 bin=$(dirname {python})
 RAY_FAKE_CLUSTER=1 $bin/ray start --head --num-cpus=0 --port=6379 --disable-usage-stats \\
     --autoscaling-config=$HOME/ray_bootstrap_config.yaml > {tmp}/head.log 2>&1
@@ -62,7 +66,7 @@ def test_the_autoscaler_starts_the_node_a_grids_trials_wait_for(tmp_path):
     (home / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(AUTOSCALER))
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(GRID))
     script = CLUSTER.format(python=sys.executable, tmp=tmp_path)
-    done = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", "--net", "bash", "-c", script],
+    done = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", "--mount", "--net", "bash", "-c", script],
                           capture_output=True, text=True, cwd=ROOT, timeout=1500, env={**os.environ, "HOME": str(home)})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     # No node could hold a trial when the grid started: it waited for the autoscaler, not refused.
