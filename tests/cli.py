@@ -8,5 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "experiments.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, **kwargs)
+    """Its output as a terminal gets it: decoded here, not in text mode, which would
+    turn every \\r of a redrawn progress bar into a new line."""
+    done = subprocess.run([sys.executable, str(ROOT / "experiments.py"), *map(str, args)], capture_output=True,
+                          cwd=ROOT, **kwargs)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(errors="replace"),
+                                       done.stderr.decode(errors="replace"))
