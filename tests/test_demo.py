@@ -4,18 +4,30 @@ is README.md's to the last character; a second run reuses everything; and the
 MLflow UI, in a real browser (Debian's headless Chromium, driven by Playwright),
 shows the grid's cells to compare."""
 
+import hashlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.cli import ROOT, run_cli
+
+# The demo's MLflow records as the code wrote them before #27's restructuring (535c591).
+RECORDS = Path(__file__).parent / "fixtures" / "demo-records-before-27.json"
+# What a record holds of its moment, machine and code rather than of its cell: when
+# and where it ran, the commit, the environment, the timings, and the render
+# digests (content addresses that hash the rendering code's own source).
+VOLATILE_TAGS = ("git_commit", "lamp_grid.code_diff", "lamp_grid.heartbeat", "lamp_grid.host", "lamp_grid.pid",
+                 "lamp_grid.process_started", "mlflow.parentRunId", "mlflow.user", "mlflow.source.", "env.",
+                 "lamp_grid.render.")
 
 def table_of(text: str) -> str:
     """The results table in a demo's output, or in README.md's code block of it: its
@@ -75,6 +87,42 @@ def test_the_demo_prints_readmes_table(demo):
     the CPU kernels)."""
     printed = table_of(demo[1].stdout)
     assert printed == table_of((ROOT / "README.md").read_text()), "README.md's table is not the demo's:\n" + printed
+
+
+def demo_records(workdir: Path) -> dict:
+    """The demo experiment's tags and each grid or cell run's params, tags, dev and
+    training metrics, datasets and artifacts (by content digest), by run name, with
+    the work directory's path written as <workdir> (and `--workdir <workdir>`
+    dropped from the commands recorded)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo")
+
+    def artifacts(run) -> dict:
+        folder = Path(urllib.parse.urlparse(run.info.artifact_uri).path)  # a local store: file:// URIs
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    records = {"experiment": experiment.tags}
+    for run in client.search_runs([experiment.experiment_id], "tags.`lamp_grid.role` != 'rerun'"):
+        records[run.info.run_name] = {
+            "status": run.info.status,
+            "params": run.data.params,
+            "tags": {k: v for k, v in run.data.tags.items() if not k.startswith(VOLATILE_TAGS)},
+            "metrics": {k: v for k, v in run.data.metrics.items()
+                        if not k.startswith("system/") and not k.endswith(("_s", "_share"))
+                        or k.endswith("cut_share")},
+            "datasets": sorted(d.dataset.name for d in run.inputs.dataset_inputs),  # digests: the render's
+            "artifacts": artifacts(run)}
+    text = json.dumps(records, sort_keys=True).replace(str(workdir.resolve()), "<workdir>")
+    return json.loads(text.replace(" --workdir <workdir>", ""))
+
+
+@pytest.mark.slow
+def test_the_demos_mlflow_records_are_what_they_were(demo):
+    """#27 restructured the code with behaviour unchanged: the demo writes the same records."""
+    assert demo_records(demo[0]) == json.loads(RECORDS.read_text())
 
 
 @pytest.mark.slow
