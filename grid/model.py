@@ -43,8 +43,8 @@ class ModelRef:
         return cls(name, HUB, name)
 
     @property
-    def trains(self) -> bool:
-        """Whether its cells fine-tune a model (all but `vote`)."""
+    def has_weights(self) -> bool:
+        """Whether it is a language model to load and tokenize with (all but `vote`)."""
         return self.kind != VOTE
 
     def resolved(self, data=None, tasks=(), models_dir=None, log=print) -> "ModelRef":

@@ -109,7 +109,7 @@ def resolve_data(data: str, spec: GridSpec, workdir: Workdir, users: int, log) -
 def check_batches(cells: list, model: ModelRef, resources: Resources) -> None:
     """A cell's batch is the global batch, split evenly over its trial's workers."""
     for cell in cells:
-        if model.trains and cell.training.batch_size % resources.workers_per_trial:
+        if model.has_weights and cell.training.batch_size % resources.workers_per_trial:
             raise LampError(f"{cell.key}: batch_size {cell.training.batch_size} cannot be split evenly over "
                             f"{resources.workers_per_trial} workers per trial; the batch is the global one, so "
                             "choose a worker count that divides it")
@@ -180,7 +180,7 @@ def describe(spec: GridSpec, cells: list, model: ModelRef, resources: Resources)
     estimates = memory_estimates(cells, model, resources) if resources.gpus_per_worker else {}
     lines = [f"grid {spec.name}: {len(cells)} cell(s), model {spec.model}"]
     for cell in cells:
-        if not model.trains:
+        if not model.has_weights:
             needs = "no training (vote)"
         elif cell.training.epochs_for(cell.cell.task) == 0:
             needs = f"zero-shot, no optimizer: {resources.workers_per_trial} worker(s) x ({asks})"
@@ -188,7 +188,7 @@ def describe(spec: GridSpec, cells: list, model: ModelRef, resources: Resources)
             needs = per_trial
         if cell.key in estimates:
             needs += f"; GPU memory about {estimates[cell.key].describe()}"
-        elif resources.gpus_per_worker and model.trains:
+        elif resources.gpus_per_worker and model.has_weights:
             needs += "; GPU memory unknown (the model's config cannot be read)"
         lines.append(f"  {cell.key}: {needs}")
     return "\n".join(lines)
@@ -221,7 +221,7 @@ def render_cells(cells: list, shards: dict, model: ModelRef, work: Workdir, cach
     cache lacks them: what the trials read. `vote` cells render nothing."""
     from grid.render import render_grid
 
-    if not model.trains:
+    if not model.has_weights:
         return {}
     remote = cache if is_uri(cache) else None
     return render_grid(cells, shards, model, work.cache if remote else Path(cache).resolve(), remote, address,

@@ -591,7 +591,7 @@ def run_trial(config: dict, plan) -> None:
     client = MlflowClient(tracking_uri=plan.tracking_uri)
     client.update_run(run_id, status="RUNNING")
     try:
-        if not plan.model.trains:
+        if not plan.model.has_weights:
             with system_metrics(plan.tracking_uri, run_id):
                 MlflowLog(plan.tracking_uri, run_id).tags(environment_tags(None))
                 metrics = run_vote(grid_cell, plan, run_id)

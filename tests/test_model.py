@@ -49,7 +49,7 @@ def test_the_kind_is_read_from_the_name_alone(tmp_path, monkeypatch):
     # A folder here, or a name that reads as a path, is a local folder, located absolutely.
     assert ModelRef.named("my-model") == ModelRef("my-model", LOCAL, str(tmp_path / "my-model"))
     assert ModelRef.named("./not-yet").kind == LOCAL and ModelRef.named("./not-yet").path == str(tmp_path / "not-yet")
-    assert [ModelRef.named(name).trains for name in ("tiny", "vote", "my-model")] == [True, False, True]
+    assert [ModelRef.named(name).has_weights for name in ("tiny", "vote", "my-model")] == [True, False, True]
 
 
 def test_a_seq2seq_folder_resolves_as_encoder_decoder_and_loads_so(t5):
