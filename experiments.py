@@ -173,24 +173,20 @@ def custom_resources(text: str) -> dict:
     return value
 
 
-def load_tokens(model) -> tuple:
+def load_tokens(name) -> tuple:
     """(token counting for the budget, whether the model is decoder-only): the
     model's tokenizer, or whitespace words."""
+    from grid.model import TINY, VOTE, ModelRef
     from lamp.prompts import TokenizerTokens, WhitespaceTokens
 
-    if model is None:
+    if name is None:
         return WhitespaceTokens(), False
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        raise LampError(f"cannot load a tokenizer from {model!r}: {str(error).splitlines()[0]}") from None
-    try:
-        decoder_only = not AutoConfig.from_pretrained(model).is_encoder_decoder
-    except (OSError, ValueError):  # a tokenizer folder alone: read as a seq2seq model's
-        decoder_only = False
-    return TokenizerTokens(tokenizer), decoder_only
+    model = ModelRef.named(name)
+    if model.kind in (TINY, VOTE):
+        raise LampError(f"render --model {name}: name a hub id or a local model folder (`tiny` and `vote` are "
+                        "made by a grid: `prepare --grid` renders its cells)")
+    model = model.resolved()
+    return TokenizerTokens(model.tokenizer()), model.decoder_only
 
 
 def cmd_render(args) -> int:
@@ -249,9 +245,8 @@ def cmd_prepare(args) -> int:
     spec = grid_spec(args)
     cells, cache = spec.cells(), args.cache or str(work.cache)
     work.root.mkdir(parents=True, exist_ok=True)
-    _, local_model, model_path, shards = prepare_grid(spec, cells, args.data or spec.data, work, cache,
-                                                      args.address, args.users)
-    render_cells(cells, shards, local_model, model_path, work, cache, args.address, args.workers)
+    _, model, shards = prepare_grid(spec, cells, args.data or spec.data, work, cache, args.address, args.users)
+    render_cells(cells, shards, model, work, cache, args.address, args.workers)
     return 0
 
 
@@ -404,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-retriever", help="Mixed: where the input halves come from")
     p.add_argument("--output-retriever", help="Mixed: where the output halves come from")
     p.add_argument("--recipe", default="lamp", help="lamp (the default) or study: the study's code, reproduced")
-    p.add_argument("--model", help="count tokens with this model's tokenizer (default: words); the study recipe "
-                   "needs one")
+    p.add_argument("--model", help="count tokens with this model's tokenizer: a hub id or a local model folder "
+                   "(default: words); the study recipe needs one")
     p.add_argument("--max-tokens", type=int, default=MAX_PROMPT_TOKENS,
                    help=f"the prompt budget, a grid's max_prompt_tokens (default {MAX_PROMPT_TOKENS})")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")

@@ -22,6 +22,7 @@ import torch
 from report import write_result  # bench/report.py: scripts run from bench/
 from transformers import AutoModelForSeq2SeqLM
 
+from grid.model import ModelRef
 from grid.render import cell_table
 from grid.shards import prepare
 from grid.tiny import build_tiny_model
@@ -55,12 +56,13 @@ def main():
         tasks = ["LaMP_2", "LaMP_4"]
         write_synthetic(work / "data", tasks, users=200, seed=0, profile_size=60)
         model_path = build_tiny_model(work / "data", tasks, work / "tiny")
+        tiny = ModelRef.named(str(model_path)).resolved()
         examples = []
         for shards in prepare(work / "data", work / "cache", retrievers=["BM25"]):
             if shards.split != "train":
                 continue
             for cell in (Cell(shards.task), Cell(shards.task, "BM25", 1), Cell(shards.task, "BM25", 4)):
-                table = cell_table(shards, cell, str(model_path))
+                table = cell_table(shards, cell, tiny)
                 examples += zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist())
         random.Random(0).shuffle(examples)
         # Prompts over 512 tokens would be cut by the study's way; compare on those that fit.

@@ -178,6 +178,7 @@ def child_new(job: dict) -> dict:
     import transformers  # noqa: F401 (imported before any timing, on both paths)
 
     from grid.cluster import ensure_ray
+    from grid.model import ModelRef
     from grid.render import cell_table, render_grid
     from grid.shards import prepare
     from grid.spec import GridCell, Training
@@ -196,7 +197,7 @@ def child_new(job: dict) -> dict:
             Path(job["cache_single"], s.task, f"{s.setting}-{s.split}").mkdir(parents=True, exist_ok=True)
     cells = {label: GridCell(Cell(**fields), "tiny", Training(max_prompt_tokens=MAX_TOKENS))
              for label, fields in cell_specs()}
-    model, paths = job["model"], {}
+    model, paths = ModelRef.named(job["model"]).resolved(), {}
     phases = [("k80_alone", [K80], job["cache_single"]),
               ("fig_b", [label for label in cells if label.startswith("LaMP_2/")], job["cache"]),
               ("lamp3", [label for label in cells if label.startswith("LaMP_3/")], job["cache"])]
@@ -205,7 +206,7 @@ def child_new(job: dict) -> dict:
         actors = ProcessPeaks(b"RenderCells")
         actors.start()
         start = time.perf_counter()
-        renders = render_grid([cells[label] for label in labels], shards, model, model, Path(cache).resolve(),
+        renders = render_grid([cells[label] for label in labels], shards, model, Path(cache).resolve(),
                               log=log)
         seconds = time.perf_counter() - start
         rows = {label: {split: renders[cells[label].key][split].stats["rows"] for split in SPLITS}

@@ -32,6 +32,8 @@ near a GPU's size will not fit: leave headroom.
 import copy
 from dataclasses import dataclass
 
+from grid.model import auto_class, decoder_only
+
 GB = 1e9  # describe() prints decimal gigabytes, the unit its label says
 
 # Bytes per parameter for (weights, gradients, optimizer states), by precision (ZeRO, section 3.1).
@@ -87,7 +89,7 @@ def _first_set(config, names: tuple) -> int:
 
 def model_shape(config) -> ModelShape:
     """The layer counts, hidden size, heads and vocabulary a T5, GPT-2 or Llama config states."""
-    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    encoder_decoder = not decoder_only(config)
     hidden = _first_set(config, HIDDEN_NAMES)
     heads = _first_set(config, HEAD_NAMES)
     # T5 states its head size (d_kv, also read as head_dim), Llama its KV heads; GPT-2 neither.
@@ -104,13 +106,12 @@ def model_shape(config) -> ModelShape:
 
 def count_parameters(model_config) -> int:
     """Parameters of the model a Hugging Face config describes, counted on torch's meta
-    device (AutoModelForSeq2SeqLM for encoder-decoder configs, else AutoModelForCausalLM
-    .from_config), so no weights are loaded or downloaded."""
+    device (the Auto class that loads it, .from_config), so no weights are loaded or
+    downloaded."""
     # Imported here: the rest of this module is arithmetic, cheap to import for a dry run.
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    auto = AutoModelForSeq2SeqLM if getattr(model_config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    auto = auto_class(decoder_only(model_config))
     with torch.device("meta"):  # shapes only: a 7B model costs no memory here
         model = auto.from_config(copy.deepcopy(model_config))  # from_config may set fields on its config
     # parameters() yields a tied matrix (e.g. embeddings shared with the LM head) once, as memory holds it once.

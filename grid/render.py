@@ -54,6 +54,7 @@ from grid.shards import (
     read_in_order,
     to_example,
 )
+from grid.model import HUB, ModelRef
 from grid.storage import is_published, join, open_input
 from lamp.errors import LampError
 from lamp.prompts import MAX_PROMPT_TOKENS, TokenizerTokens, WhitespaceTokens, render_prompts
@@ -79,19 +80,21 @@ def rendering_code() -> str:
     return digest(*(Path(m.__file__).read_bytes() for m in modules), Path(__file__).read_bytes())
 
 
-def tokenizer_digest(model: str) -> str:
-    """A hash of the model's tokenizer: its folder's files but the weights, or, for
-    a hub id, the tokenizer as loaded and saved again."""
-    folder = Path(model)
-    if not folder.is_dir():
-        from transformers import AutoTokenizer
-
+def tokenizer_digest(model: ModelRef) -> str:
+    """A hash of the (resolved) model's tokenizer: its folder's files but the weights,
+    or, for a hub id, the tokenizer as loaded and saved again."""
+    if model.kind == HUB:
         folder = Path(tempfile.mkdtemp(prefix="lamp-grid-tokenizer-"))
         try:
-            AutoTokenizer.from_pretrained(model).save_pretrained(folder)
-            return tokenizer_digest(str(folder))
+            model.tokenizer().save_pretrained(folder)
+            return folder_digest(folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+    return folder_digest(Path(model.path))
+
+
+def folder_digest(folder: Path) -> str:
+    """A hash of a tokenizer folder: its files but the weights."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(WEIGHTS))
     return digest(*((p.relative_to(folder).as_posix(), file_digest(p)) for p in files))
 
@@ -294,15 +297,11 @@ class RenderCells:
     output as one sequence and learns only the output.
     """
 
-    def __init__(self, jobs: dict, model: str | None):
+    def __init__(self, jobs: dict, model: ModelRef | None):
         self.jobs, self.by_path, self.prompts = jobs, {}, {}
         self.tokenizer = self.decoder_only = None
         if model is not None:
-            from transformers import AutoTokenizer
-
-            from grid.storage import local_model
-
-            self.tokenizer, self.decoder_only = AutoTokenizer.from_pretrained(local_model(model)), decoder_only(model)
+            self.tokenizer, self.decoder_only = model.tokenizer(), model.decoder_only
         self.tokens = TokenizerTokens(self.tokenizer) if self.tokenizer else WhitespaceTokens()
         self.schema = pa.unify_schemas([PROMPT_SCHEMA, TOKEN_SCHEMA]) if self.tokenizer else PROMPT_SCHEMA
 
@@ -355,26 +354,18 @@ class RenderCells:
                 "labels": [[-100] * len(p) + a + eos for p, a in zip(prompt_ids, answers)]}
 
 
-def cell_table(shards: SplitShards, cell, model: str | None = None, limit: int | None = None,
+def cell_table(shards: SplitShards, cell, model: ModelRef | None = None, limit: int | None = None,
                max_tokens: int = MAX_PROMPT_TOKENS, splits: dict | None = None) -> pa.Table:
-    """The cell's rendered examples (and token ids, given a model) as an Arrow table,
-    rendered in this process by the code the pipeline runs."""
+    """The cell's rendered examples (and token ids, given a resolved model) as an
+    Arrow table, rendered in this process by the code the pipeline runs."""
     if model is not None:
-        max_tokens = lamp.cell.prompt_tokens(cell.recipe, decoder_only(model), max_tokens)
+        max_tokens = lamp.cell.prompt_tokens(cell.recipe, model.decoder_only, max_tokens)
     path = str(shards.examples)
     render = RenderCells({path: (shards, splits or {}, [(0, Render(cell, shards.split, limit, max_tokens))])}, model)
     with pq.ParquetFile(open_input(path)) as examples:
         tables = [render(pa.Table.from_batches([batch]).append_column("path", pa.array([path] * batch.num_rows)))
                   for batch in examples.iter_batches(BATCH)]
     return pa.concat_tables([t.drop_columns(["render"]) for t in tables if t.num_rows])
-
-
-def decoder_only(model: str) -> bool:
-    from transformers import AutoConfig
-
-    from grid.storage import local_model
-
-    return not AutoConfig.from_pretrained(local_model(model)).is_encoder_decoder
 
 
 # --- the pipeline and the cache ---------------------------------------------------------
@@ -400,7 +391,7 @@ def renderer_memory(renders: list) -> int:
     return (1 << 30) + held + sum(3 * sum(row_group_bytes(path)) for path in whole)
 
 
-def write_renders(todo: dict, shards: dict, model: str, workers: int, progress) -> None:
+def write_renders(todo: dict, shards: dict, model: ModelRef, workers: int, progress) -> None:
     """Renders every Render of `todo` ((task, split) -> {final directory: Render}) in one
     Ray Data pass over the splits' examples, each into its own Parquet file with its
     statistics beside it, and renames each directory into place when it is complete."""
@@ -467,27 +458,24 @@ def remove_dead_builds(directory: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def render_grid(cells: list, shards: dict, model: str, node_model: str, cache: Path, remote: str | None = None,
+def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote: str | None = None,
                 address: str | None = None, workers: int | None = None, log=print) -> dict:
     """Renders every split of every cell that the cache lacks; returns, per cell key,
     its Rendered splits ({"dev": ..., "train": ...}; train only where it trains).
 
-    shards: task -> {split: SplitShards}; model: the tokenizer's local folder or hub
-    id, node_model: the same as every node reaches it; cache: the local (staging)
-    cache; remote: the cache's URI where it is at one, renders published there."""
+    shards: task -> {split: SplitShards}; model: the grid's model, resolved (not
+    `vote`); cache: the local (staging) cache; remote: the cache's URI where it is at
+    one, renders published there."""
     from tqdm import tqdm
 
     from grid.cluster import ensure_ray
     from grid.shards import default_workers, published
 
     tokenizer, code = tokenizer_digest(model), rendering_code()
-    is_decoder = decoder_only(model)
     wanted, groups, result = {}, set(), {}  # wanted: (task, split) -> {directory: Render}
     for grid_cell in cells:
         cell, training = grid_cell.cell, grid_cell.training
-        if grid_cell.model == "vote":
-            continue
-        max_tokens = lamp.cell.prompt_tokens(cell.recipe, is_decoder, training.max_prompt_tokens)
+        max_tokens = lamp.cell.prompt_tokens(cell.recipe, model.decoder_only, training.max_prompt_tokens)
         places = {}
         for split, limit in [("dev", training.limit_dev)] + [("train", training.limit_train)] * bool(
                 training.epochs_for(cell.task)):
@@ -513,7 +501,7 @@ def render_grid(cells: list, shards: dict, model: str, node_model: str, cache: P
                        for rows in [pq.read_metadata(open_input(shards[task][split].examples)).num_rows]
                        for render in renders.values())
         with tqdm(total=examples, unit="example", desc=f"render {rendered} cell(s)") as progress:
-            write_renders(todo, shards, node_model, workers or default_workers(), progress)
+            write_renders(todo, shards, model, workers or default_workers(), progress)
     log(f"render: {rendered} cell(s) rendered, {len(groups) - rendered} cached")
 
     def located(directory: Path) -> Rendered:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from grid.environment import code_state, recorded
+from grid.model import ModelRef
 from grid.spec import GridCell, GridSpec, Resources, varying_axes
 from grid.storage import is_uri, local_data
 from lamp.errors import LampError
@@ -28,7 +29,7 @@ class RunPlan:
     run_ids: list
     shards: dict  # task -> {"train": SplitShards, "dev": SplitShards}
     renders: dict  # cell key -> {"dev": Rendered, "train": Rendered}: what the trials read
-    model_path: str | None
+    model: ModelRef  # resolved, as trials on every node load it
     tracking_uri: str
     storage: str
     resources: Resources
@@ -57,6 +58,11 @@ class Workdir:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
+
+    @property
+    def models(self) -> Path:
+        """Models built here: the tiny model of each set of tasks and data."""
+        return self.root / "models"
 
     @property
     def mirror(self) -> Path:
@@ -100,35 +106,10 @@ def resolve_data(data: str, spec: GridSpec, workdir: Workdir, users: int, log) -
     return local
 
 
-def resolve_model(model: str, data: Path, spec: GridSpec, workdir: Workdir, log) -> str | None:
-    """A loadable model folder or hub id; `tiny` is built once; `vote` needs none."""
-    if model == "vote":
-        return None
-    if model == "tiny":
-        from grid.shards import digest
-        from grid.tiny import TINY_CONFIG, build_tiny_model
-
-        # One per set of tasks and data: its tokenizer is trained on their texts.
-        folder = workdir.root / "models" / f"tiny-{digest(sorted(spec.tasks), data, sorted(TINY_CONFIG.items()))}"
-        if not (folder / "config.json").exists():
-            log(f"building the tiny model into {folder}")
-        return str(build_tiny_model(data, spec.tasks, folder))
-    from transformers import AutoConfig
-
-    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
-        raise LampError(f"no such model folder: {model}")
-    try:
-        AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        raise LampError(f"cannot load model {model!r} (a local folder or hub id): "
-                        f"{str(error).splitlines()[0]}") from None
-    return str(Path(model).resolve()) if Path(model).exists() else model
-
-
-def check_batches(cells: list, resources: Resources) -> None:
+def check_batches(cells: list, model: ModelRef, resources: Resources) -> None:
     """A cell's batch is the global batch, split evenly over its trial's workers."""
     for cell in cells:
-        if cell.model != "vote" and cell.training.batch_size % resources.workers_per_trial:
+        if model.has_weights and cell.training.batch_size % resources.workers_per_trial:
             raise LampError(f"{cell.key}: batch_size {cell.training.batch_size} cannot be split evenly over "
                             f"{resources.workers_per_trial} workers per trial; the batch is the global one, so "
                             "choose a worker count that divides it")
@@ -146,36 +127,21 @@ def check_gpu_share(resources: Resources) -> None:
                         "(--gpus-per-worker 1), or run one worker per trial")
 
 
-def model_config(model: str):
-    """The Hugging Face config of a grid's model, or None where it cannot be read
-    (`vote`; a hub id with no network; a folder that is not there yet)."""
-    if model == "vote":
-        return None
-    from transformers import AutoConfig, T5Config
-
-    if model == "tiny":
-        from grid.tiny import TINY_CONFIG, TOKENIZER_VOCAB
-
-        return T5Config(vocab_size=TOKENIZER_VOCAB, **TINY_CONFIG)
-    try:
-        return AutoConfig.from_pretrained(model)
-    except (OSError, ValueError):
-        return None
-
-
-def memory_estimates(cells: list, resources: Resources) -> dict:
+def memory_estimates(cells: list, model: ModelRef, resources: Resources) -> dict:
     """cell key -> MemoryEstimate of one of its GPUs (ZeRO stage, batch and prompt
-    length as the cell asks; bf16, as on the GPUs that have it natively)."""
+    length as the cell asks; bf16, as on the GPUs that have it natively). Empty where
+    the model's config cannot be read (`vote`; a hub id with no network; a folder
+    that is not there yet)."""
     from grid.memory import count_parameters, estimate_memory
 
-    configs, estimates = {}, {}
+    try:
+        config = model.config()
+    except LampError:
+        config = None
+    if config is None:
+        return {}
+    params, estimates = count_parameters(config), {}
     for cell in cells:
-        if cell.model not in configs:
-            config = model_config(cell.model)
-            configs[cell.model] = config and (config, count_parameters(config))
-        if not configs[cell.model]:
-            continue
-        config, params = configs[cell.model]
         shared = dict(prompt_tokens=cell.training.max_prompt_tokens, beams=cell.training.beams,
                       output_tokens=get_task(cell.cell.task).max_new_tokens, workers=resources.workers_per_trial,
                       gpus_per_worker=resources.gpus_per_worker, zero_stage=resources.zero_stage, bf16=True)
@@ -191,7 +157,7 @@ def memory_estimates(cells: list, resources: Resources) -> dict:
     return estimates
 
 
-def check_memory(cells: list, resources: Resources, log) -> None:
+def check_memory(cells: list, model: ModelRef, resources: Resources, log) -> None:
     """Refuse a cell whose estimated memory is more than the GPUs it asks for hold."""
     from grid.cluster import gpu_memory
 
@@ -201,20 +167,20 @@ def check_memory(cells: list, resources: Resources, log) -> None:
     if memory is None:
         return
     room = memory * min(1.0, resources.gpus_per_worker)  # a fraction of a GPU shares it
-    for key, estimate in memory_estimates(cells, resources).items():
+    for key, estimate in memory_estimates(cells, model, resources).items():
         if estimate.total > room:
             raise LampError(f"{key} needs about {estimate.describe()}, more than the {room / 1e9:.1f} GB each "
                             f"worker gets ({resources.gpus_per_worker:g} of a {memory / 1e9:.1f} GB GPU): use a "
                             "higher --zero-stage, more --workers-per-trial, a smaller batch or shorter prompts")
 
 
-def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
+def describe(spec: GridSpec, cells: list, model: ModelRef, resources: Resources) -> str:
     asks = ", ".join(f"{amount:g} {name}" for name, amount in resources.per_worker().items())
     per_trial = f"{resources.workers_per_trial} worker(s) x ({asks}), DeepSpeed ZeRO-{resources.zero_stage}"
-    estimates = memory_estimates(cells, resources) if resources.gpus_per_worker else {}
+    estimates = memory_estimates(cells, model, resources) if resources.gpus_per_worker else {}
     lines = [f"grid {spec.name}: {len(cells)} cell(s), model {spec.model}"]
     for cell in cells:
-        if cell.model == "vote":
+        if not model.has_weights:
             needs = "no training (vote)"
         elif cell.training.epochs_for(cell.cell.task) == 0:
             needs = f"zero-shot, no optimizer: {resources.workers_per_trial} worker(s) x ({asks})"
@@ -222,7 +188,7 @@ def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
             needs = per_trial
         if cell.key in estimates:
             needs += f"; GPU memory about {estimates[cell.key].describe()}"
-        elif resources.gpus_per_worker and cell.model != "vote":
+        elif resources.gpus_per_worker and model.has_weights:
             needs += "; GPU memory unknown (the model's config cannot be read)"
         lines.append(f"  {cell.key}: {needs}")
     return "\n".join(lines)
@@ -231,14 +197,11 @@ def describe(spec: GridSpec, cells: list, resources: Resources) -> str:
 def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: str, address: str | None = None,
                  users: int = SYNTHETIC_USERS, log=print) -> tuple:
     """The data, the model and the rankings of a grid's cells, computed once. Returns
-    (data directory, model as this process loads it, model as every node reaches
-    it, task -> {split: SplitShards})."""
-    from grid.cluster import model_for_nodes
+    (data directory, the model resolved (a ModelRef), task -> {split: SplitShards})."""
     from grid.shards import prepare
 
     data_dir = resolve_data(data, spec, work, users, log).resolve()
-    local_model = resolve_model(spec.model, data_dir, spec, work, log)
-    model_path = model_for_nodes(local_model, cache, log)
+    model = ModelRef.named(spec.model).resolved(data_dir, spec.tasks, work.models, log).for_nodes(cache, log)
     # Rankings for the `lamp` cells only: the `study` recipe retrieves as the study did, when it renders.
     ranked = [c.cell for c in cells if c.cell.recipe == "lamp"]
     shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
@@ -249,20 +212,20 @@ def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: s
     for s in shard_list:
         if s.setting == "user" or s.split not in shards.get(s.task, {}):
             shards.setdefault(s.task, {})[s.split] = s
-    return data_dir, local_model, model_path, shards
+    return data_dir, model, shards
 
 
-def render_cells(cells: list, shards: dict, local_model: str | None, model_path: str | None, work: Workdir,
-                 cache: str, address: str | None = None, workers: int | None = None, log=print) -> dict:
+def render_cells(cells: list, shards: dict, model: ModelRef, work: Workdir, cache: str, address: str | None = None,
+                 workers: int | None = None, log=print) -> dict:
     """Every cell's rendered splits (cell key -> {split: Rendered}), rendered where the
     cache lacks them: what the trials read. `vote` cells render nothing."""
     from grid.render import render_grid
 
-    if local_model is None:
+    if not model.has_weights:
         return {}
     remote = cache if is_uri(cache) else None
-    return render_grid(cells, shards, local_model, model_path, work.cache if remote else Path(cache).resolve(),
-                       remote, address, workers, log)
+    return render_grid(cells, shards, model, work.cache if remote else Path(cache).resolve(), remote, address,
+                       workers, log)
 
 
 def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None = None,
@@ -282,10 +245,11 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     from grid.shards import digest
 
     cells = [c for c in spec.cells() if only in (None, c.key)]
-    check_batches(cells, resources)
+    model = ModelRef.named(spec.model)
+    check_batches(cells, model, resources)
     check_gpu_share(resources)
     if dry_run:
-        log(describe(spec, cells, resources))
+        log(describe(spec, cells, model, resources))
         return []
     # Absolute paths: trials run in Ray workers whose working directory is not ours.
     work = Workdir(Path(workdir).resolve())
@@ -302,13 +266,13 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     tracking.close_dead_runs(client, experiment, log)
     ensure_ray(address, log, verbose)
     check_fits(resources, log)
-    check_memory(cells, resources, log)
+    check_memory(cells, model, resources, log)
     cache = cache or str(work.cache)
     storage = storage if storage is None or is_uri(storage) else str(Path(storage).resolve())
     storage = storage or work.storage
     trial_tracking_uri = for_other_nodes(tracking_uri, client.get_experiment(experiment).artifact_location,
                                          cache, storage, log)
-    data_dir, local_model, model_path, shards = prepare_grid(spec, cells, data, work, cache, address, users, log)
+    data_dir, model, shards = prepare_grid(spec, cells, data, work, cache, address, users, log)
     fingerprints = {task: digest(parts["train"].examples, parts["dev"].examples) for task, parts in shards.items()}
 
     record = {"lamp_grid.command": command, "lamp_grid.data": str(data_dir), "lamp_grid.tasks": ",".join(spec.tasks),
@@ -329,12 +293,11 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
             results = summarize(by_key, cells, fingerprints)
             results_table(client, results, None, log)
             return results
-        renders = render_cells(pending, shards, local_model, model_path, work, cache, address, log=log)
+        renders = render_cells(pending, shards, model, work, cache, address, log=log)
         parent = tracking.start_parent(client, experiment, spec.name, record, rerun_of)
         run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name,
                                          renders.get(c.key, {}), record, rerun_of) for c in pending]
-        plan = RunPlan(pending, run_ids, shards, renders, model_path, trial_tracking_uri, storage, resources,
-                       log_model)
+        plan = RunPlan(pending, run_ids, shards, renders, model, trial_tracking_uri, storage, resources, log_model)
         name = f"{spec.name}-{parent[:8]}"
         path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
         from grid.progress import CellProgress

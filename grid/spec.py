@@ -36,6 +36,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from grid.model import TINY, ModelRef
 from lamp.cell import Cell
 from lamp.errors import LampError
 from lamp.tasks import get_task
@@ -170,7 +171,7 @@ class GridSpec:
     name: str
     tasks: tuple
     axes: tuple
-    model: str = "tiny"
+    model: str = TINY  # as the user gave it (grid/model.py reads it)
     data: str = "synthetic"  # a LaMP directory, or `synthetic`
     seeds: tuple = (0,)
     training: Training = field(default_factory=Training)
@@ -224,7 +225,7 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
     if bad:
         raise LampError(f"{where}: training: unknown setting {sorted(bad)[0]!r}; valid: {', '.join(sorted(valid))}")
     seeds = raw.get("seeds", [0])
-    return GridSpec(name=str(raw["name"]), tasks=tasks, axes=tuple(blocks), model=str(raw.get("model", "tiny")),
+    return GridSpec(name=str(raw["name"]), tasks=tasks, axes=tuple(blocks), model=str(raw.get("model", TINY)),
                     data=str(raw.get("data", "synthetic")), recipe=str(raw.get("recipe", "lamp")),
                     seeds=tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])),
                     training=Training(**{k: training_value(k, v, where) for k, v in training.items()}))
@@ -276,7 +277,7 @@ def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, **traini
         spec = replace(spec, recipe=recipe, axes=tuple({n: v for n, v in block.items() if n != "recipe"}
                                                        for block in spec.axes))
     base = spec.training
-    if model == "tiny" and spec.model != "tiny":
+    if model and ModelRef.named(model).kind == TINY and ModelRef.named(spec.model).kind != TINY:
         from grid.tiny import TINY_TRAINING
 
         base = replace(base, **{**TINY_TRAINING, "epochs": 0 if base.epochs == 0 else TINY_TRAINING["epochs"]})

@@ -71,16 +71,6 @@ def local_data(path, into: Path, log=print) -> Path:
     return local
 
 
-def local_model(model: str) -> str:
-    """A model folder or hub id this process can load: a folder at a URI (a model
-    published to the shard cache) is copied to this node once."""
-    import tempfile
-
-    if not is_uri(model):
-        return model
-    return str(local_data(model, Path(tempfile.gettempdir()) / "lamp-grid" / "models", log=lambda _: None))
-
-
 def join(uri: str, *parts) -> str:
     return "/".join([uri.rstrip("/"), *map(str, parts)])
 

@@ -78,16 +78,35 @@ def train_tokenizer(texts, vocab_size: int = TOKENIZER_VOCAB):
                                    unk_token="<unk>")
 
 
+def tiny_config(vocab_size: int = TOKENIZER_VOCAB):
+    """The tiny model's T5 config; by default at the tokenizer's largest vocabulary
+    (what a grid's memory estimate reads before the model is built)."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocab_size, **TINY_CONFIG)
+
+
+def tiny_model(data_dir, tasks, models_dir, log=print) -> Path:
+    """The tiny model of a grid's tasks and data directory, built once into models_dir:
+    one per set of tasks and data, since its tokenizer is trained on their texts."""
+    from grid.shards import digest
+
+    folder = Path(models_dir) / f"tiny-{digest(sorted(tasks), data_dir, sorted(TINY_CONFIG.items()))}"
+    if not (folder / "config.json").exists():
+        log(f"building the tiny model into {folder}")
+    return build_tiny_model(data_dir, tasks, folder)
+
+
 def build_tiny_model(data_dir, tasks, out_dir) -> Path:
     """Writes the tiny model folder once (atomically) and returns its path."""
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
     tokenizer = train_tokenizer(training_texts(data_dir, tasks))
-    config = T5Config(vocab_size=len(tokenizer), **TINY_CONFIG)
+    config = tiny_config(len(tokenizer))
     torch.manual_seed(0)  # the same weights from the same data, every time
     model = T5ForConditionalGeneration(config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -233,28 +233,19 @@ def main_metric(task: str, golds: list, predictions: list) -> float:
 # --- the Ray Train worker loop ----------------------------------------------------------
 
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoConfig, AutoTokenizer
-
-    decoder_only = not AutoConfig.from_pretrained(model_path).is_encoder_decoder
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+def load_tokenizer(model_ref):
+    """The model's tokenizer (model_ref: a grid.model.ModelRef), with a pad token for
+    decoding in batches: a causal LM's may have none, and its eos pads then."""
+    tokenizer = model_ref.tokenizer()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, decoder_only
-
-
-def model_class(decoder_only: bool):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    return AutoModelForCausalLM if decoder_only else AutoModelForSeq2SeqLM
+    return tokenizer
 
 
 def train_cell(config: dict) -> None:
     """Runs on every Train worker: fine-tune, select, evaluate; rank 0 logs."""
     import ray.train
     import torch
-
-    from grid.storage import local_model
 
     device = worker_device(config)
     import deepspeed  # after worker_device(): it picks its accelerator at import
@@ -266,9 +257,9 @@ def train_cell(config: dict) -> None:
     torch.manual_seed(settings["seed"])
     crash_once(config)
 
-    model_path = local_model(config["model_path"])
-    tokenizer, decoder_only = load_tokenizer(model_path)
-    model = model_class(decoder_only).from_pretrained(model_path)
+    model_ref, decoder_only = config["model"], config["model"].decoder_only
+    tokenizer = load_tokenizer(model_ref)
+    model = model_ref.load()
     n_params = sum(p.numel() for p in model.parameters())
     use_bf16 = native_bf16(device)
     epochs, batch_size = settings["epochs"], settings["batch_size"]
@@ -396,7 +387,7 @@ def train_cell(config: dict) -> None:
         log.metrics(final)
         log.results(task, ids, golds, predictions, dev_rows, ds_config)
         if config["log_model"] and best_state is not None:
-            best_model = model_class(decoder_only).from_pretrained(model_path)
+            best_model = model_ref.load()
             best_model.load_state_dict(best_state)
             log.model(best_model, tokenizer)
         if first_step:  # the fixed cost of a trial, around the training steps
@@ -415,22 +406,20 @@ def zero_shot_cell(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from grid.storage import local_model
-
     device = worker_device(config)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object gather of the predictions uses the current device
     settings, task = config["settings"], config["settings"]["task"]
     rank = ray.train.get_context().get_world_rank()
     crash_once(config)
-    model_path = local_model(config["model_path"])
-    tokenizer, decoder_only = load_tokenizer(model_path)
+    model_ref, decoder_only = config["model"], config["model"].decoder_only
+    tokenizer = load_tokenizer(model_ref)
     dtype = torch.bfloat16 if native_bf16(device) else torch.float32
     devices = ray.train.torch.get_devices()
     spread = device.type == "cuda" and len(devices) > 1
     placement = {"device_map": "auto", "max_memory": spread_over(devices, lambda d: torch.cuda.get_device_properties(
         d).total_memory)} if spread else {}
-    model = model_class(decoder_only).from_pretrained(model_path, dtype=dtype, **placement)
+    model = model_ref.load(dtype=dtype, **placement)
     if not spread:
         model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -602,7 +591,7 @@ def run_trial(config: dict, plan) -> None:
     client = MlflowClient(tracking_uri=plan.tracking_uri)
     client.update_run(run_id, status="RUNNING")
     try:
-        if grid_cell.model == "vote":
+        if not plan.model.has_weights:
             with system_metrics(plan.tracking_uri, run_id):
                 MlflowLog(plan.tracking_uri, run_id).tags(environment_tags(None))
                 metrics = run_vote(grid_cell, plan, run_id)
@@ -629,7 +618,7 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
     rendered = plan.renders[grid_cell.key]
     settings = {**asdict(training), "task": cell.task, "seed": cell.seed, "recipe": cell.recipe,
                 "epochs": training.epochs_for(cell.task)}
-    config = {"settings": settings, "model_path": plan.model_path, "run_id": run_id, "trial_start": trial_start,
+    config = {"settings": settings, "model": plan.model, "run_id": run_id, "trial_start": trial_start,
               "tracking_uri": plan.tracking_uri, "zero_stage": plan.resources.zero_stage,
               "best_dir": join(plan.storage, trial_id, "best"), "log_model": plan.log_model,
               "dev": rendered["dev"], "threads": plan.resources.threads()}

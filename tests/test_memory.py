@@ -137,6 +137,16 @@ def test_reads_shapes_of_t5_gpt2_and_llama():
     assert (llama.kv_width, llama.vocab) == (2 * 64, 1000)
 
 
+def test_a_model_neither_causal_nor_seq2seq_is_refused_as_a_grid_refuses_it():
+    from transformers import ViTConfig
+
+    from lamp.errors import LampError
+
+    for read in (model_shape, count_parameters):
+        with pytest.raises(LampError, match="is a vit model, which transformers loads neither as a causal LM"):
+            read(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
+
+
 # --- training -------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from grid.model import ModelRef
 from grid.render import render_grid, selection_fraction
 from grid.shards import prepare
 from grid.spec import GridCell, Training
@@ -59,7 +60,8 @@ def models(data, tmp_path_factory):
     decoder = root / "decoder"
     train_tokenizer(training_texts(data, ["LaMP_2"]), TOKENIZER_VOCAB).save_pretrained(decoder)
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(decoder)
-    return {"t5": str(build_tiny_model(data, ["LaMP_2"], root / "tiny")), "decoder": str(decoder)}
+    return {"t5": ModelRef.named(str(build_tiny_model(data, ["LaMP_2"], root / "tiny"))).resolved(),
+            "decoder": ModelRef.named(str(decoder)).resolved()}
 
 
 def grid_cells(cells, model, **training):
@@ -73,7 +75,7 @@ def rendered(shards, models):
     out = {}
     for name, cells in (("t5", LAMP_CELLS + STUDY_CELLS), ("decoder", DECODER_CELLS)):
         messages = []
-        renders = render_grid(grid_cells(cells, name, epochs=0), by_task, models[name], models[name], cache,
+        renders = render_grid(grid_cells(cells, name, epochs=0), by_task, models[name], cache,
                               log=messages.append)
         out[name] = renders, messages
     return out
@@ -94,7 +96,7 @@ def test_a_cached_render_is_what_render_prints(data, models, rendered, model, ce
     renders, _ = rendered[model]
     key = GridCell(cell, model, Training(max_prompt_tokens=MAX_TOKENS, epochs=0)).key
     rows = pq.read_table(renders[key]["dev"].path).to_pylist()
-    done = run_cli("render", "--data", data, *render_args(cell), "--model", models[model],
+    done = run_cli("render", "--data", data, *render_args(cell), "--model", models[model].path,
                    "--max-tokens", MAX_TOKENS, "--json")
     assert done.returncode == 0, done.stderr
     expected = [json.loads(line) for line in done.stdout.splitlines()]
@@ -114,7 +116,7 @@ def test_rendering_again_or_with_other_training_settings_renders_nothing(shards,
     _, first = rendered["t5"]
     assert first == [f"render: {len(LAMP_CELLS + STUDY_CELLS)} cell(s) rendered, 0 cached"]
     again = []
-    render_grid(grid_cells(LAMP_CELLS + STUDY_CELLS, "t5", epochs=0), by_task, models["t5"], models["t5"], cache,
+    render_grid(grid_cells(LAMP_CELLS + STUDY_CELLS, "t5", epochs=0), by_task, models["t5"], cache,
                 log=again.append)
     assert again == [f"render: 0 cell(s) rendered, {len(LAMP_CELLS + STUDY_CELLS)} cached"]
     # Another lr, and another seed of a cell whose prompts no seed changes: the same render.
@@ -122,20 +124,20 @@ def test_rendering_again_or_with_other_training_settings_renders_nothing(shards,
     variants = grid_cells([bm25], "t5", epochs=0, lr=1e-3) + [
         GridCell(Cell(**{**bm25.__dict__, "seed": 7}), "t5", Training(max_prompt_tokens=MAX_TOKENS, epochs=0))]
     reused = []
-    renders = render_grid(variants, by_task, models["t5"], models["t5"], cache, log=reused.append)
+    renders = render_grid(variants, by_task, models["t5"], cache, log=reused.append)
     assert reused == ["render: 0 cell(s) rendered, 1 cached"]
     assert len({r["dev"].directory for r in renders.values()}) == 1
     # A longer budget changes the prompts: a render of its own.
     longer = []
-    render_grid(grid_cells([bm25], "t5", epochs=0, max_prompt_tokens=MAX_TOKENS * 2), by_task, models["t5"],
-                models["t5"], cache, log=longer.append)
+    render_grid(grid_cells([bm25], "t5", epochs=0, max_prompt_tokens=MAX_TOKENS * 2), by_task, models["t5"], cache,
+                log=longer.append)
     assert longer == ["render: 1 cell(s) rendered, 0 cached"]
 
 
 def test_a_training_cell_renders_train_with_its_held_out_users_marked(shards, models):
     cache, by_task = shards
     [cell] = grid_cells([LAMP_CELLS[1]], "t5", epochs=1, limit_train=30)
-    renders = render_grid([cell], by_task, models["t5"], models["t5"], cache, log=lambda _: None)[cell.key]
+    renders = render_grid([cell], by_task, models["t5"], cache, log=lambda _: None)[cell.key]
     train = pq.read_table(renders["train"].path).to_pylist()
     assert [r["row"] for r in train] == list(range(30))
     assert all(r["selection"] == selection_fraction(r["user"]) for r in train)

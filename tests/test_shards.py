@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from grid.model import ModelRef
 from grid.render import cell_table
 from grid.shards import (
     RANKER_BASE,
@@ -85,7 +86,7 @@ def tiny(data, tmp_path_factory):
 
 def test_a_rendered_cell_carries_token_ids_given_a_model(shards, tiny):
     _, shard_list = shards
-    rows = cell_table(dev(shard_list), CELLS[0], model=str(tiny)).to_pylist()[:3]
+    rows = cell_table(dev(shard_list), CELLS[0], model=ModelRef.named(str(tiny)).resolved()).to_pylist()[:3]
     for row in rows:
         assert len(row["input_ids"]) > len(row["prompt"].split()) / 2
         assert row["input_ids"][-1] == 1 and row["labels"][-1] == 1  # T5's </s>
@@ -112,7 +113,7 @@ def test_study_cells_render_from_the_cache_as_render_does(data, shards, tiny, ce
     assert done.returncode == 0, done.stderr
     expected = [json.loads(line) for line in done.stdout.splitlines()]
     splits = {s.split: s for s in shard_list}
-    rows = cell_table(splits["dev"], cell, str(tiny), max_tokens=128, splits=splits).to_pylist()
+    rows = cell_table(splits["dev"], cell, ModelRef.named(str(tiny)).resolved(), max_tokens=128, splits=splits).to_pylist()
     assert [(r["id"], r["prompt"], r["retrieved"], r["input_ids"], r["input_cut"]) for r in rows] == \
         [(e["id"], e["prompt"], e["retrieved"], e["input_ids"], e["input_cut"]) for e in expected]
     assert all(len(r["input_ids"]) <= 128 for r in rows) and any(r["retrieved"] for r in rows)

@@ -12,7 +12,7 @@ import random
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, T5Config
 
 from experiments import main
 from lamp.cell import Cell
@@ -94,7 +94,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, data):
-    """A word-level tokenizer saved as a model folder: every word of the data, and </s>."""
+    """A word-level tokenizer saved as a T5 model's folder: every word of the data, and </s>."""
     words = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     texts = [q for task in DATA.values() for q in (task[0], *(str(v) for item in task[2] for v in item.values()))]
     texts += [item["description"] for item in LONG_PROFILE] + list(LAMP_2_TAGS)
@@ -108,6 +108,7 @@ def model(tmp_path_factory, data):
                                         unk_token="<unk>", model_max_length=512)
     folder = tmp_path_factory.mktemp("words")
     tokenizer.save_pretrained(folder)
+    T5Config(vocab_size=len(words)).save_pretrained(folder)
     return folder
 
 

@@ -11,6 +11,7 @@ from grid.trial import (
     all_reduce,
     deepspeed_config,
     generate,
+    load_tokenizer,
     micro_batch,
     native_bf16,
     portable_config,
@@ -163,3 +164,19 @@ def test_a_logged_models_config_says_whether_its_head_is_tied_as_its_weights_do(
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids, decoder_input_ids=ids[:, :3]).logits,
                            untied(input_ids=ids, decoder_input_ids=ids[:, :3]).logits)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
+    from transformers import GPT2Config
+
+    from grid.model import ModelRef
+    from grid.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["the cat sat", "a dog ran"] * 5, vocab_size=300)
+    tokenizer.pad_token = None  # as GPT-2's and Llama's come
+    tokenizer.save_pretrained(tmp_path)
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
+    model = ModelRef.named(str(tmp_path)).resolved()
+    assert model.tokenizer().pad_token_id is None
+    padded = load_tokenizer(model)
+    assert padded.pad_token_id == padded.eos_token_id == 1
