@@ -190,8 +190,9 @@ def load_tokens(name) -> tuple:
 
 
 def cmd_render(args) -> int:
-    from lamp.cell import Cell, model_inputs, prompt_tokens
+    from lamp.cell import Cell
     from lamp.data import find_splits, read_examples
+    from lamp.recipes import get_recipe
     from lamp.retrieval import ItemPool
 
     cell = Cell(args.task, args.retriever, 0 if args.retriever == "none" else args.k, args.ablation,
@@ -206,17 +207,18 @@ def cmd_render(args) -> int:
     tokens, decoder_only = load_tokens(args.model)
     examples = list(read_examples(splits[args.split]))
     pool, users = None, {}
-    if cell.needs_pool and cell.recipe == "lamp":
+    recipe = get_recipe(cell.recipe)
+    if cell.needs_pool and recipe.reads_rankings:
         pool = ItemPool(examples)
     elif cell.needs_pool:  # the study drew users from train and dev
         users = {name: examples if name == args.split else list(read_examples(splits[name]))
                  for name in ("train", "dev") if name in splits}
-    max_tokens = prompt_tokens(cell.recipe, decoder_only, args.max_tokens)
+    max_tokens = recipe.prompt_tokens(decoder_only, args.max_tokens)
     prompts = cell.render_split(examples, tokens, max_tokens, pool, users.get("train", ()), users.get("dev", ()),
                                 args.limit)
     texts, ids = [p.text for p in prompts], None
     if args.model:  # what the model reads
-        texts, ids = model_inputs(tokens.tokenizer, cell.task, cell.recipe, texts, max_tokens, decoder_only)
+        texts, ids = recipe.model_inputs(tokens.tokenizer, cell.task, texts, max_tokens, decoder_only)
     for n, (example, prompt) in enumerate(zip(examples, prompts)):
         retrieved = [item["id"] for item in prompt.items]
         if args.json:

@@ -38,9 +38,11 @@ import pyarrow.parquet as pq
 
 import lamp.cell
 import lamp.prompts
+import lamp.recipes
+import lamp.recipes.lamp
+import lamp.recipes.study
 import lamp.retrieval
 import lamp.seeding
-import lamp.study
 import lamp.tasks
 from grid.shards import (
     SEEDED,
@@ -57,10 +59,9 @@ from grid.shards import (
 from grid.model import HUB, ModelRef
 from grid.storage import is_published, join, open_input
 from lamp.errors import LampError
-from lamp.prompts import MAX_PROMPT_TOKENS, TokenizerTokens, WhitespaceTokens, render_prompts
+from lamp.prompts import MAX_PROMPT_TOKENS, TokenizerTokens, WhitespaceTokens
+from lamp.recipes import get_recipe
 from lamp.retrieval import ranked_sides, select
-from lamp.study import Replay, study_prompt
-from lamp.tasks import get_task
 
 RENDER_FORMAT = "1"
 BATCH = 64  # examples per map_batches call: one tokenizer call renders them all
@@ -76,7 +77,8 @@ TOKEN_SCHEMA = pa.schema([(name, pa.list_(pa.int32())) for name in ("prompt_ids"
 
 def rendering_code() -> str:
     """The rendering code's own source: a change to it invalidates stored renders."""
-    modules = (lamp.cell, lamp.prompts, lamp.retrieval, lamp.seeding, lamp.study, lamp.tasks)
+    modules = (lamp.cell, lamp.prompts, lamp.recipes, lamp.recipes.lamp, lamp.recipes.study, lamp.retrieval,
+               lamp.seeding, lamp.tasks)
     return digest(*(Path(m.__file__).read_bytes() for m in modules), Path(__file__).read_bytes())
 
 
@@ -111,7 +113,7 @@ def prompt_seed(cell) -> int | None:
     """The seed, where it changes a prompt: random draws or the random order. A BM25
     cell's prompts are the same for every seed, so its seeds share one render."""
     sides = {cell.retriever, cell.input_retriever, cell.output_retriever}
-    return cell.seed if cell.recipe == "study" or cell.order == "random" or sides & SEEDED else None
+    return cell.seed if get_recipe(cell.recipe).seeds_every_render or cell.order == "random" or sides & SEEDED else None
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class Render:
         """The cache directories it reads: its split's examples and rankings, and for
         the study's other-user draws both splits' examples."""
         shards, cell = splits[self.split], self.cell
-        if cell.recipe == "study":
+        if not get_recipe(cell.recipe).reads_rankings:
             return [Path(str(s.examples)).parent.name for s in (splits.values() if cell.needs_pool else [shards])]
         by_input = cell.ablation == "decouple"
         rankings = [shards.ranking(ranking_name(side, by_input), cell.seed)
@@ -235,8 +237,8 @@ class CellPrompts:
     its other-user retrievers draw from)."""
 
     def __init__(self, shards: SplitShards, cell, splits: dict | None = None):
-        self.cell, self.spec = cell, get_task(cell.task)
-        if cell.recipe == "study":
+        self.cell, self.recipe = cell, get_recipe(cell.recipe)
+        if not self.recipe.reads_rankings:
             users = {}
             if cell.needs_pool:
                 if splits is None:
@@ -244,7 +246,8 @@ class CellPrompts:
                                     "it needs both splits' shards")
                 users = {name: split_examples(str(split.examples)) for name, split in splits.items()}
             examples = users.get(shards.split) or split_examples(str(shards.examples))
-            self.study_items = Replay(cell, users.get("train", ()), users.get("dev", ())).split(examples)
+            self.study_items = self.recipe.retrieve(cell, examples, train=users.get("train", ()),
+                                                    dev=users.get("dev", ()))
             return
         by_input = cell.ablation == "decouple"
         self.sides = ranked_sides(cell.retriever, cell.input_retriever, cell.output_retriever)
@@ -264,7 +267,7 @@ class CellPrompts:
         """The items the cell retrieves for the example at `row`: `lamp` most relevant
         first, `study` in its prompt order."""
         cell = self.cell
-        if cell.recipe == "study":
+        if not self.recipe.reads_rankings:
             return self.study_items[row]
         # Only the ranks the window can reach are looked up: a ranking holds the whole pool.
         reach = lamp.retrieval.reach(cell.retriever, cell.k, cell.rank_offset, len(example.profile))
@@ -278,13 +281,8 @@ class CellPrompts:
 
     def render(self, rows: list, examples: list, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> list:
         """The prompts of the examples at `rows`: what Cell.render_split gives."""
-        cell = self.cell
-        if cell.recipe == "study":
-            tokenizer = lamp.cell.study_tokenizer(tokens)
-            return [study_prompt(cell.task, e.input, self.study_items[row], cell.ablation, tokenizer, max_tokens)
-                    for row, e in zip(rows, examples)]
-        cases = [(e.id, e.input, self.retrieved(row, e)) for row, e in zip(rows, examples)]
-        return render_prompts(self.spec, cases, cell.ablation, cell.order, cell.seed, tokens, max_tokens)
+        items = [self.retrieved(row, e) for row, e in zip(rows, examples)]
+        return self.recipe.prompts(self.cell, examples, items, tokens, max_tokens)
 
 
 class RenderCells:
@@ -339,8 +337,8 @@ class RenderCells:
                "input_cut": [p.input_cut for p in rendered]}
         if self.tokenizer is not None:
             cell = render.cell
-            out["prompt"], prompt_ids = lamp.cell.model_inputs(self.tokenizer, cell.task, cell.recipe, out["prompt"],
-                                                               render.max_tokens, self.decoder_only)
+            out["prompt"], prompt_ids = get_recipe(cell.recipe).model_inputs(self.tokenizer, cell.task, out["prompt"],
+                                                                             render.max_tokens, self.decoder_only)
             out.update(self.token_ids(prompt_ids, out["output"]))
         return out
 
@@ -359,7 +357,7 @@ def cell_table(shards: SplitShards, cell, model: ModelRef | None = None, limit: 
     """The cell's rendered examples (and token ids, given a resolved model) as an
     Arrow table, rendered in this process by the code the pipeline runs."""
     if model is not None:
-        max_tokens = lamp.cell.prompt_tokens(cell.recipe, model.decoder_only, max_tokens)
+        max_tokens = get_recipe(cell.recipe).prompt_tokens(model.decoder_only, max_tokens)
     path = str(shards.examples)
     render = RenderCells({path: (shards, splits or {}, [(0, Render(cell, shards.split, limit, max_tokens))])}, model)
     with pq.ParquetFile(open_input(path)) as examples:
@@ -386,7 +384,7 @@ def renderer_memory(renders: list) -> int:
         shards = splits[render.split]
         # The batch's row group, and the few remembered for other users' items.
         held = max(held, 3 * (1 + REMEMBERED_ROW_GROUPS) * max(row_group_bytes(shards.examples)))
-        if render.cell.recipe == "study":
+        if not get_recipe(render.cell.recipe).reads_rankings:
             whole |= {str(s.examples) for s in (splits.values() if render.cell.needs_pool else [shards])}
     return (1 << 30) + held + sum(3 * sum(row_group_bytes(path)) for path in whole)
 
@@ -475,7 +473,7 @@ def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote:
     wanted, groups, result = {}, set(), {}  # wanted: (task, split) -> {directory: Render}
     for grid_cell in cells:
         cell, training = grid_cell.cell, grid_cell.training
-        max_tokens = lamp.cell.prompt_tokens(cell.recipe, model.decoder_only, training.max_prompt_tokens)
+        max_tokens = get_recipe(cell.recipe).prompt_tokens(model.decoder_only, training.max_prompt_tokens)
         places = {}
         for split, limit in [("dev", training.limit_dev)] + [("train", training.limit_train)] * bool(
                 training.epochs_for(cell.task)):

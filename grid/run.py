@@ -17,6 +17,7 @@ from grid.model import ModelRef
 from grid.spec import GridCell, GridSpec, Resources, varying_axes
 from grid.storage import is_uri, local_data
 from lamp.errors import LampError
+from lamp.recipes import get_recipe
 from lamp.tasks import get_task
 
 SYNTHETIC_USERS = 1500  # per task: enough for the tiny model to learn the demo's signal
@@ -202,8 +203,8 @@ def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: s
 
     data_dir = resolve_data(data, spec, work, users, log).resolve()
     model = ModelRef.named(spec.model).resolved(data_dir, spec.tasks, work.models, log).for_nodes(cache, log)
-    # Rankings for the `lamp` cells only: the `study` recipe retrieves as the study did, when it renders.
-    ranked = [c.cell for c in cells if c.cell.recipe == "lamp"]
+    # Rankings for the cells whose recipe reads them (`lamp`): `study` retrieves as the study did, when it renders.
+    ranked = [c.cell for c in cells if get_recipe(c.cell.recipe).reads_rankings]
     shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
                          retrievers=sorted({c.retriever for c in ranked} - {"none"}), seeds=list(spec.seeds),
                          address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),

@@ -33,7 +33,7 @@ from grid.environment import environment_tags
 from grid.order import TrainRows, global_batches, pad, worker_share
 from grid.tracking import system_metrics
 from lamp.metrics import aggregate, score_examples
-from lamp.study import CHAT_NEW_TOKENS, chat_answer
+from lamp.recipes import get_recipe
 from lamp.tasks import get_task
 
 SAMPLE_PROMPTS = 20
@@ -145,12 +145,8 @@ def generate(model, device, tokenizer, rows: list, settings: dict, beams: int, d
     length (sorted, then put back), so that little of a batch is padding."""
     import torch
 
-    spec = get_task(settings["task"])
-    decoding = {"num_beams": beams, "max_new_tokens": spec.max_new_tokens}
-    # The study's Llama-2-7b-chat: sampling beam search, 128 new tokens, its own reading of the answer.
-    chat = decoder_only and settings["recipe"] == "study"
-    if chat:
-        decoding = {"num_beams": 4, "do_sample": True, "max_new_tokens": CHAT_NEW_TOKENS}
+    recipe = get_recipe(settings["recipe"])
+    decoding = recipe.decoding(settings["task"], beams, decoder_only)
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
     predictions = [None] * len(rows)
@@ -166,7 +162,7 @@ def generate(model, device, tokenizer, rows: list, settings: dict, beams: int, d
             if decoder_only:
                 out = out[:, input_ids.shape[1]:]
             for i, text in zip(picked, tokenizer.batch_decode(out, skip_special_tokens=True)):
-                predictions[i] = chat_answer(text) if chat else text.strip()
+                predictions[i] = recipe.answer(text, decoder_only)
     return predictions
 
 

@@ -21,14 +21,12 @@ import pyarrow.compute as pc
 
 from lamp.errors import LampError
 from lamp.seeding import example_rng
-from lamp.study import check_study_cell
 from lamp.tasks import get_task
 
 RETRIEVERS = ("none", "BM25", "Random", "Full_Random", "RanBM25", "Mixed")
 MIXED_SIDES = ("BM25", "Random", "Full_Random")
 ABLATIONS = ("both", "only_output", "decouple", "only_input")
 ORDERS = ("start", "end", "middle", "random")
-RECIPES = ("lamp", "study")  # SPEC §7a: ours, and the study's code reproduced
 
 # LaMP_1's input quotes the paper title and the two references (SPEC §1). Greedy
 # groups between the fixed phrases keep titles that themselves contain quotes.
@@ -358,10 +356,11 @@ def retrieve(task: str, example, retriever: str, k: int | float, *, ablation: st
 
 def check_cell(task: str, retriever: str, k: int | float, ablation: str = "both", order: str = "start",
                rank_offset: int | float = 0, input_retriever: str | None = None,
-               output_retriever: str | None = None, recipe: str = "lamp") -> None:
-    """Refuse, in one line, a grid cell that cannot run, before any work starts."""
+               output_retriever: str | None = None, offset_share: bool = False) -> None:
+    """Refuse, in one line, a grid cell that cannot run, before any work starts.
+    offset_share: whether rank_offset may also be a share of the profile (the study's may)."""
     spec = get_task(task)
-    for what, value, valid in (("recipe", recipe, RECIPES), ("retriever", retriever, RETRIEVERS),
+    for what, value, valid in (("retriever", retriever, RETRIEVERS),
                                ("ablation", ablation, ABLATIONS), ("order", order, ORDERS)):
         if value not in valid:
             raise LampError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
@@ -371,10 +370,9 @@ def check_cell(task: str, retriever: str, k: int | float, ablation: str = "both"
         raise LampError(f"k must be >= 0, got {k}")
     if not isinstance(k, numbers.Integral) and not 0 < k < 1:
         raise LampError(f"a fractional k must lie in (0, 1) of the profile, got {k}; give whole k as an integer")
-    # The study's offset may also be a share of the profile.
-    share = recipe == "study" and isinstance(rank_offset, float) and 0 < rank_offset < 1
+    share = offset_share and isinstance(rank_offset, float) and 0 < rank_offset < 1
     if isinstance(rank_offset, bool) or not (isinstance(rank_offset, numbers.Integral) or share) or rank_offset < 0:
-        raise LampError(f"rank_offset must be a whole number >= 0{' or a share in (0, 1)' if recipe == 'study' else ''}"
+        raise LampError(f"rank_offset must be a whole number >= 0{' or a share in (0, 1)' if offset_share else ''}"
                         f", got {rank_offset!r}")
     if spec.input_half is None and ablation != "both":
         raise LampError(f"{task} items have only an output half: ablation must be 'both', got {ablation!r}")
@@ -388,5 +386,3 @@ def check_cell(task: str, retriever: str, k: int | float, ablation: str = "both"
         for side, name in (("input_retriever", input_retriever), ("output_retriever", output_retriever)):
             if name not in MIXED_SIDES:
                 raise LampError(f"Mixed needs {side} in {', '.join(MIXED_SIDES)}, got {name!r}")
-    if recipe == "study":
-        check_study_cell(task, retriever, k, ablation, order, rank_offset, input_retriever, output_retriever)

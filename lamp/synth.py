@@ -55,8 +55,7 @@ from tqdm import tqdm
 
 from lamp.errors import LampError
 from lamp.seeding import example_rng
-from lamp.study import AVERAGE_USERS
-from lamp.tasks import LAMP_2_TAGS, get_task
+from lamp.tasks import LAMP_2_TAGS, LAMP_PROFILE_SIZE, get_task
 
 TOPIC_WORDS = {
     "space": "planet orbit rocket galaxy astronaut comet starship nebula asteroid lunar "
@@ -156,12 +155,8 @@ LAMP_QUESTIONS = {
     # docs/LAMP_PHASE1_COMPLETION_SUMMARY.md (train 10,437, dev 1,500, test 1,496).
     "LaMP_7": (10437, 1500),
 }
-# Mean profile items per user: the study's AVERAGE_NUM (Bingo-W/Personalisation-in-LLM,
-# data_process/datasets.py at d498d21), LaMP's mean profile sizes rounded, which
-# lamp.study keeps as AVERAGE_USERS (it samples that many users per example).
-LAMP_PROFILE_SIZE = AVERAGE_USERS
 # Mean words of the task input (instruction and content, as the data set writes
-# it) and of the output (generation tasks), from the same table of the paper.
+# it) and of the output (generation tasks), from the paper's table of statistics.
 # UNCONFIRMED, all of them: recalled and rounded to whole words; no source
 # reachable here quotes the table's length columns. Check before relying on them.
 LAMP_INPUT_WORDS = {"LaMP_1": 51, "LaMP_2": 92, "LaMP_3": 145, "LaMP_4": 30, "LaMP_5": 153, "LaMP_7": 30}

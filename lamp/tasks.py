@@ -188,6 +188,12 @@ TASKS = {
     )
 }
 
+# Mean profile items per user, LaMP's own statistic rounded: the study's
+# AVERAGE_NUM (Bingo-W/Personalisation-in-LLM, data_process/datasets.py at d498d21).
+# The study samples that many users per example for RanBM25; synth draws
+# profiles of that mean size.
+LAMP_PROFILE_SIZE = {"LaMP_1": 91, "LaMP_2": 159, "LaMP_3": 188, "LaMP_4": 287, "LaMP_5": 90, "LaMP_7": 18}
+
 
 def get_task(name: str) -> TaskSpec:
     """The spec of a task by name, or a clear error naming the valid ones."""

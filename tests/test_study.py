@@ -18,8 +18,8 @@ from experiments import main
 from lamp.cell import Cell
 from lamp.data import Example
 from lamp.errors import LampError
-from lamp.study import AVERAGE_USERS, Replay, chat_answer, chat_input
-from lamp.tasks import LAMP_2_TAGS, TASKS
+from lamp.recipes.study import Replay, chat_answer, chat_input
+from lamp.tasks import LAMP_2_TAGS, LAMP_PROFILE_SIZE, TASKS
 from tests.cli import run_cli
 
 LAMP_2_INPUT = TASKS["LaMP_2"].input_template.format("alpha beta gamma delta comedy")
@@ -268,7 +268,7 @@ def test_ranbm25_ranks_a_fake_profile_of_the_fixed_size():
     cell = Cell("LaMP_2", "RanBM25", 500, recipe="study")
     drawn = Replay(cell, train, dev).split(dev)
     # 159 users drawn, 159 of their items kept, then BM25 over them (k beyond: all of them).
-    assert [len(items) for items in drawn] == [AVERAGE_USERS["LaMP_2"]] * 3
+    assert [len(items) for items in drawn] == [LAMP_PROFILE_SIZE["LaMP_2"]] * 3
 
 
 @pytest.mark.parametrize("cell, message", [

@@ -9,7 +9,6 @@ from lamp.errors import LampError
 from lamp.synth import (
     LAMP_INPUT_WORDS,
     LAMP_OUTPUT_WORDS,
-    LAMP_PROFILE_SIZE,
     LAMP_QUESTIONS,
     MIN_SPLIT_USERS,
     content_words,
@@ -17,7 +16,7 @@ from lamp.synth import (
     write_like_lamp,
     write_synthetic,
 )
-from lamp.tasks import LAMP_2_TAGS, TASKS
+from lamp.tasks import LAMP_2_TAGS, LAMP_PROFILE_SIZE, TASKS
 from tests.cli import run_cli
 
 

@@ -40,12 +40,13 @@ import numpy as np
 
 from lamp.errors import LampError
 from lamp.prompts import Prompt, order_layout
+from lamp.retrieval import check_cell
+from lamp.tasks import LAMP_PROFILE_SIZE, get_task
 
 PROCESSES = 24  # process_num
 BATCH = 1000  # process_batch_size
 CHAT_TOKENS = 3000  # input_max_length for Llama-2-7b-chat (utils/parser.py)
 CHAT_NEW_TOKENS = 128  # Eval_Llama2.py's max_new_tokens, with do_sample=True and num_beams=4
-AVERAGE_USERS = {"LaMP_1": 91, "LaMP_2": 159, "LaMP_3": 188, "LaMP_4": 287, "LaMP_5": 90, "LaMP_7": 18}
 
 # BM25 (retrival_models/bm25.py): the query is the text after the last of these,
 # the documents the input half's words then the output half's (`decouple`: the
@@ -81,27 +82,6 @@ ABLATION = {
     ("LaMP_5", "input"): ("The previous papers are ", "abstract", "", 0, 7, 0),
 }
 SHOWN_HALF = {"only_output": "output", "decouple": "output", "only_input": "input"}
-
-
-def check_study_cell(task: str, retriever: str, k, ablation: str, order: str, rank_offset,
-                     input_retriever: str | None, output_retriever: str | None) -> None:
-    """Refuse a cell the study's code never built, or cannot run, in one line."""
-    if ablation != "both" and (task, SHOWN_HALF[ablation]) not in ABLATION:
-        raise LampError(f"recipe study has no {ablation} prompts for {task} (it ablated LaMP_2-5 only)")
-    if ablation != "both" and order != "start":
-        raise LampError(f"recipe study's {ablation} prompts ignore the order; give order start, not {order!r}")
-    if rank_offset and retriever not in ("BM25", "RanBM25"):
-        raise LampError(f"recipe study takes a rank offset for BM25 and RanBM25 only, not {retriever}")
-    if isinstance(k, float) and retriever not in ("BM25", "RanBM25"):
-        raise LampError(f"recipe study draws a whole number of items for {retriever} (random.sample); "
-                        f"a fractional k ({k}) is for BM25 and RanBM25")
-    if retriever == "Mixed":
-        if ablation != "both":
-            raise LampError("recipe study runs Mixed with ablation both only (its argument parser asserts it)")
-        for side in (input_retriever, output_retriever):
-            if side not in ("BM25", "Random"):
-                raise LampError(f"recipe study's Mixed takes BM25 or Random on each side, not {side!r} "
-                                "(its Full_Random side calls the user sampler with an argument missing)")
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -213,7 +193,8 @@ class Replay:
         if cell.retriever == "Full_Random":
             return self.sample_users(rng, cell.k, len(batch), cell.k)
         if cell.retriever == "RanBM25":
-            fakes = self.sample_users(rng, AVERAGE_USERS[task], len(batch), AVERAGE_USERS[task])
+            # AVERAGE_NUM: as many users, and items, as LaMP's mean profile holds.
+            fakes = self.sample_users(rng, LAMP_PROFILE_SIZE[task], len(batch), LAMP_PROFILE_SIZE[task])
             return [bm25(task, e.input, fake, cell.k, cell.ablation, cell.rank_offset) for e, fake in zip(batch, fakes)]
         if cell.retriever == "Random":
             return [random_in_user(rng, profile, cell.k) for profile in profiles]
@@ -336,3 +317,74 @@ def chat_answer(generated: str) -> str:
     """Eval_Llama2's reading of a generation: the first line after the last `Answer:`, unquoted."""
     return generated.split("Answer:")[-1].strip().split("\n")[0].strip().strip('"')
 
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def study_tokenizer(tokens):
+    """The study cut its prompts with the model's own tokenizer: there is no study prompt without one."""
+    if not hasattr(tokens, "tokenizer"):
+        raise LampError("recipe study builds its prompts with a model's tokenizer: name a model (--model)")
+    return tokens.tokenizer
+
+
+class StudyRecipe:
+    """The study's code, reproduced: the Recipe of lamp.recipes."""
+
+    name = "study"
+    reads_rankings = False  # its draws run through whole splits in file order, as it renders
+    seeds_every_render = True  # its renders are never shared across seeds: every draw runs through one seeded stream
+
+    def check(self, cell) -> None:
+        """Refuses, in one line, a cell the study's code never built, or cannot run."""
+        check_cell(cell.task, cell.retriever, cell.k, cell.ablation, cell.order, cell.rank_offset,
+                   cell.input_retriever, cell.output_retriever, offset_share=True)
+        retriever, ablation = cell.retriever, cell.ablation
+        if ablation != "both" and (cell.task, SHOWN_HALF[ablation]) not in ABLATION:
+            raise LampError(f"recipe study has no {ablation} prompts for {cell.task} (it ablated LaMP_2-5 only)")
+        if ablation != "both" and cell.order != "start":
+            raise LampError(f"recipe study's {ablation} prompts ignore the order; give order start, not {cell.order!r}")
+        if cell.rank_offset and retriever not in ("BM25", "RanBM25"):
+            raise LampError(f"recipe study takes a rank offset for BM25 and RanBM25 only, not {retriever}")
+        if isinstance(cell.k, float) and retriever not in ("BM25", "RanBM25"):
+            raise LampError(f"recipe study draws a whole number of items for {retriever} (random.sample); "
+                            f"a fractional k ({cell.k}) is for BM25 and RanBM25")
+        if retriever == "Mixed":
+            if ablation != "both":
+                raise LampError("recipe study runs Mixed with ablation both only (its argument parser asserts it)")
+            for side in (cell.input_retriever, cell.output_retriever):
+                if side not in ("BM25", "Random"):
+                    raise LampError(f"recipe study's Mixed takes BM25 or Random on each side, not {side!r} "
+                                    "(its Full_Random side calls the user sampler with an argument missing)")
+
+    def retrieve(self, cell, examples: list, limit: int | None = None, pool=None, train: list = (),
+                 dev: list = ()) -> list:
+        """The items of examples[:limit], in prompt order: the draws replayed over the
+        whole split; other users' items drawn from train's and dev's examples."""
+        return Replay(cell, train, dev).split(examples)[:limit]
+
+    def prompts(self, cell, examples: list, items: list, tokens, max_tokens: int) -> list:
+        tokenizer = study_tokenizer(tokens)
+        return [study_prompt(cell.task, example.input, shown, cell.ablation, tokenizer, max_tokens)
+                for example, shown in zip(examples, items)]
+
+    def prompt_tokens(self, decoder_only: bool, max_tokens: int) -> int:
+        """The study built its Llama-2 prompts for 3000 tokens."""
+        return CHAT_TOKENS if decoder_only else max_tokens
+
+    def model_inputs(self, tokenizer, task: str, prompts: list, max_tokens: int, decoder_only: bool) -> tuple:
+        """Prompts cut to max_tokens by the tokenizer, as the study's were; a
+        decoder-only model reads them as the study's Llama-2-7b-chat did."""
+        if decoder_only:
+            texts = [chat_input(task, prompt, tokenizer) for prompt in prompts]
+            return texts, tokenizer(texts)["input_ids"]
+        return prompts, tokenizer(prompts, max_length=max_tokens, truncation=True)["input_ids"]
+
+    def decoding(self, task: str, beams: int, decoder_only: bool) -> dict:
+        """A decoder-only model decodes as the study's Llama-2-7b-chat did: sampling beam search, 128 new tokens."""
+        if decoder_only:
+            return {"num_beams": 4, "do_sample": True, "max_new_tokens": CHAT_NEW_TOKENS}
+        return {"num_beams": beams, "max_new_tokens": get_task(task).max_new_tokens}
+
+    def answer(self, generated: str, decoder_only: bool) -> str:
+        return chat_answer(generated) if decoder_only else generated.strip()
