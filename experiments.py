@@ -21,82 +21,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from grid.tiny import TINY_TRAINING
+from grid.spec import NAMED_GRIDS
 from lamp.errors import LampError
 from lamp.prompts import MAX_PROMPT_TOKENS
 from lamp.tasks import TASKS, get_task
 
 WORKDIR = "lamp-grid-work"
-
-# The named experiments: each a grid a user runs by name (`run NAME`), in the
-# schema of grid/spec.py (a YAML file with the same keys works too). The
-# study's analyses run on real LaMP (`data`, the download folder) with
-# Flan-T5-base, three seeds and the study's own recipe (SPEC §7a), so that the
-# published values drawn beside ours compare like with like;
-# `--data synthetic --model tiny` gives any of them a quick look.
-RETRIEVERS = ["none", "Full_Random", "RanBM25", "Random", "BM25"]
-STUDY = {"model": "google/flan-t5-base", "data": "LaMP", "seeds": [0, 1, 2], "recipe": "study"}
-FIG_B_K = [1, 2, 3, 4, 16, 32, 48, 64, 80]
-GRIDS = {
-    "demo": {
-        "name": "demo",
-        "tasks": ["LaMP_2", "LaMP_4"],
-        "model": "tiny",
-        "axes": [
-            {"retriever": RETRIEVERS, "k": [4]},
-            {"retriever": ["BM25"], "ablation": ["only_output"], "k": [4]},
-        ],
-        # The tiny model's schedule, on prompts of at most 160 tokens so that a laptop runs it in
-        # minutes: LaMP_2's task input alone is about 95 of them, and 4 items share the rest.
-        "training": {**TINY_TRAINING, "max_prompt_tokens": 160},
-    },
-    # (a) Personalization matters more than relevance: LaMP_4, ROUGE-L against no profile.
-    "paper-fig-a": {"name": "paper-fig-a", "tasks": ["LaMP_4"], **STUDY,
-                    "axes": [{"retriever": RETRIEVERS, "k": [4]}]},
-    # (b) Output halves carry it: LaMP_2 F1 against k, full items and output halves only.
-    "paper-fig-b": {"name": "paper-fig-b", "tasks": ["LaMP_2"], **STUDY,
-                    "axes": [{"retriever": ["BM25"], "ablation": ["both", "only_output"], "k": FIG_B_K}]},
-    # (b) under both recipes: does the fall at large k for full items come from the
-    # study's truncation (its prompts lose items and the task input past 512 tokens)?
-    "paper-fig-b-recipes": {"name": "paper-fig-b-recipes", "tasks": ["LaMP_2"], **STUDY,
-                            "axes": [{"recipe": ["study", "lamp"], "retriever": ["BM25"],
-                                      "ablation": ["both", "only_output"], "k": FIG_B_K}]},
-    # (c) Position matters: LaMP_5 ROUGE-L against the share of the profile, by where the best items sit.
-    "paper-fig-c": {"name": "paper-fig-c", "tasks": ["LaMP_5"], **STUDY,
-                    "axes": [{"retriever": ["BM25"], "order": ["start", "end", "middle"],
-                              "k": [0.1, 0.2, 0.3, 0.4, 0.5]}]},
-    # Which half of a retrieved item does the work, on every task the study ablated.
-    "paper-ablation": {"name": "paper-ablation", "tasks": ["LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5"], **STUDY,
-                       "axes": [{"retriever": ["none"]},
-                                {"retriever": ["BM25"], "ablation": ["both", "only_output", "only_input",
-                                                                     "decouple"], "k": [4]}]},
-    # Real inputs and real outputs, with their pairing broken; the study's sides are
-    # BM25 and Random (its Full_Random side cannot run), Random/Random its default.
-    "paper-mixed": {"name": "paper-mixed", "tasks": ["LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5"], **STUDY,
-                    "axes": [{"retriever": ["none"]}] + [
-                        {"retriever": ["Mixed"], "input_retriever": [inputs], "output_retriever": [outputs], "k": [4]}
-                        for inputs, outputs in (("Random", "Random"), ("BM25", "Random"), ("Random", "BM25"))]},
-    # No fine-tuning: the study's bigger models as they come, with and without a profile, on every task.
-    **{f"paper-zero-shot{suffix}": {
-        "name": f"paper-zero-shot{suffix}", "tasks": ["LaMP_1", "LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7"],
-        **STUDY, "model": model, "seeds": [0], "axes": [{"retriever": RETRIEVERS, "k": [4]}],
-        "training": {"epochs": 0}} for suffix, model in (("", "google/flan-t5-xl"), ("-xxl", "google/flan-t5-xxl"))},
-}
-
-FIG_B = {"both": {1: .563, 2: .575, 3: .591, 4: .572, 16: .576, 32: .578, 48: .566, 64: .543, 80: .541},
-         "only_output": {1: .580, 2: .577, 3: .599, 4: .602, 16: .571, 32: .582, 48: .617, 64: .603, 80: .626}}
-# What the study reports (SPEC §9), drawn beside ours in `report`: changes in
-# points and F1/ROUGE-L in percent there, fractions here, as our metrics are.
-PUBLISHED = {
-    "paper-fig-a": {"LaMP_4": {"change": {"Full_Random": -0.001, "RanBM25": -0.002, "Random": 0.009,
-                                          "BM25": 0.017}}},
-    "paper-fig-b": {"LaMP_2": {"curves": FIG_B}},
-    "paper-fig-b-recipes": {"LaMP_2": {"curves": {f"{line} study": values for line, values in FIG_B.items()}}},
-    "paper-fig-c": {"LaMP_5": {"curves": {
-        "start": {0.1: .410, 0.2: .411, 0.3: .412, 0.4: .410, 0.5: .411},
-        "end": {0.1: .406, 0.2: .396, 0.3: .388, 0.4: .384, 0.5: .386},
-        "middle": {0.1: .406, 0.2: .409, 0.3: .401, 0.4: .394, 0.5: .390}}}},
-}
 
 
 def cmd_synth(args) -> int:
@@ -294,8 +224,8 @@ def print_results(results: list, tracking_uri: str, grid: str) -> None:
 def cmd_list(args) -> int:
     from grid.spec import load_grid
 
-    for name in GRIDS:
-        spec = load_grid(name, GRIDS)
+    for name in NAMED_GRIDS:
+        spec = load_grid(name)
         cells = spec.cells()
         print(f"{name:<16} {len(cells):>3} cells ({len(cells) // len(spec.seeds)} settings x {len(spec.seeds)} "
               f"seed(s)); {', '.join(spec.tasks)}; model {spec.model}; data {spec.data}")
@@ -313,17 +243,19 @@ def cmd_report(args) -> int:
     uri = args.tracking_uri or Workdir(Path(args.workdir).resolve()).tracking_uri
     client = tracking.connect(uri)
     if args.grid:
-        spec = with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, recipe=args.recipe)
-        name, cells = spec.name, spec.cells()
+        spec = with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe)
+        name, cells, published = spec.name, spec.cells(), spec.published
     else:
-        name, cells = args.experiment, None
+        name, cells, published = args.experiment, None, {}
+    if not published and name in NAMED_GRIDS:  # none of its own (`--experiment paper-fig-b`): the named grid's
+        published = load_grid(name).published
     experiment = tracking.find_experiment(client, name)
     if experiment is None:
         raise LampError(f"no MLflow experiment {name!r} in {uri}: run the grid first")
     results = read_results(client, experiment, cells)
     rows, note = compare_cells(client, results), environment_note(results)
     out = Path(args.out)
-    files = write_report(rows, out, f"lamp-grid report: {name}", uri, PUBLISHED.get(name), note)
+    files = write_report(rows, out, f"lamp-grid report: {name}", uri, published, note)
     print(format_table(rows) + (f"\n{note}" if note else ""))
     parent = tracking.newest_parent(client, experiment.experiment_id)
     if parent is not None:
@@ -355,7 +287,7 @@ def grid_spec(args):
     """The grid named on the command line, with the overrides given."""
     from grid.spec import load_grid, with_overrides
 
-    return with_overrides(load_grid(args.grid, GRIDS), model=args.model, seeds=args.seeds, recipe=args.recipe,
+    return with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
                           epochs=args.epochs, limit_train=args.limit_train, limit_dev=args.limit_dev)
 
 
@@ -414,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("prepare", help="convert LaMP files to Parquet and rank every example once; with "
                          "--grid, also render every cell of the grid (what `run` does before its trials)")
-    p.add_argument("--grid", help=f"a named grid ({', '.join(GRIDS)}) or a YAML file: prepare and render its cells")
+    p.add_argument("--grid", help=f"a named grid ({', '.join(NAMED_GRIDS)}) or a YAML file: prepare and render its "
+                   "cells")
     p.add_argument("--data", help="a directory (or s3://, gs:// URI) holding LaMP_k task folders, or `synthetic` "
                    "(required without --grid; default: the grid's)")
     p.add_argument("--users", type=int, default=SYNTHETIC_USERS,
@@ -431,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_prepare)
 
     p = verbs.add_parser("run", help="run a grid: fine-tune and evaluate every cell, tracked in MLflow")
-    p.add_argument("grid", help=f"a named grid ({', '.join(GRIDS)}) or a YAML file")
+    p.add_argument("grid", help=f"a named grid ({', '.join(NAMED_GRIDS)}) or a YAML file")
     p.add_argument("--data", help="a LaMP directory or URI (s3://...), or `synthetic` (default: the grid's)")
     p.add_argument("--users", type=int, default=SYNTHETIC_USERS,
                    help="with --data synthetic: users per task, written once into the work directory")
@@ -460,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_list)
 
     p = verbs.add_parser("report", help="tables, confidence intervals and figures of a grid's finished runs")
-    p.add_argument("grid", nargs="?", help=f"a named grid ({', '.join(GRIDS)}) or a YAML file")
+    p.add_argument("grid", nargs="?", help=f"a named grid ({', '.join(NAMED_GRIDS)}) or a YAML file")
     p.add_argument("--experiment", help="an MLflow experiment name instead: every cell it has runs of")
     p.add_argument("--model", help="the model the grid was run with, if not its own (e.g. tiny)")
     p.add_argument("--seeds", nargs="+", type=int, help="the seeds it was run with, if not its own")
