@@ -1,7 +1,7 @@
 """Grid specs: the axes of an experiment, expanded into cells and checked up front.
 
-A grid is a dict (a named grid in experiments.py) or a YAML file of the same
-schema:
+A grid is a YAML file: a named one (grid/named/NAME.yaml, run by its name) or
+a user's, both read by `load_grid`:
 
     name: my-grid
     tasks: [LaMP_2, LaMP_4]
@@ -24,6 +24,11 @@ schema:
         retriever: [BM25]
         k: [1, 80]
     training: {epochs: 2}            # overrides of the study's defaults (SPEC §8)
+    published:                       # what the study reports, drawn beside ours by `report`
+      source: Wu et al. 2024 (arXiv 2406.17803), its headline figure, panel (b)
+      LaMP_2:                        # per task: a change against `none` per retriever,
+        curves:                      # or a curve per line of a figure, k -> metric
+          only_output: {1: 0.580, 2: 0.577}
 
 Axes left out of a block take their default (recipe lamp, k 0, ablation both,
 order start, rank_offset 0). `none` ignores k, ablation and order, so it is one
@@ -45,6 +50,12 @@ AXES = ("recipe", "retriever", "k", "ablation", "order", "rank_offset", "input_r
 # The recipe's default is the grid's own (GridSpec.recipe).
 AXIS_DEFAULTS = {"retriever": "none", "k": 0, "ablation": "both", "order": "start", "rank_offset": 0,
                  "input_retriever": None, "output_retriever": None}
+NAMED = Path(__file__).parent / "named"
+# The named grids, in the order `list` shows them: the demo, then the study's analyses.
+NAMED_GRIDS = ("demo", "paper-fig-a", "paper-fig-b", "paper-fig-b-recipes", "paper-fig-c", "paper-ablation",
+               "paper-mixed", "paper-zero-shot", "paper-zero-shot-xxl")
+
+
 def varying_axes(cells: list) -> dict:
     """Each axis (and the model and seed) that takes more than one value over the cells: name -> how many."""
     counts = {name: len({c.params()[name] for c in cells}) for name in ("task", *AXES, "model", "seed")}
@@ -176,6 +187,7 @@ class GridSpec:
     seeds: tuple = (0,)
     training: Training = field(default_factory=Training)
     recipe: str = "lamp"  # the default of blocks that do not name one
+    published: dict = field(default_factory=dict)  # task -> the study's values (`report` draws them beside ours)
 
     def cells(self) -> list:
         """Every cell, checked, in a stable order; duplicates (e.g. `none` x ablations) once."""
@@ -200,7 +212,7 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
     """A GridSpec from a dict, or a clear error naming what is wrong."""
     if not isinstance(raw, dict):
         raise LampError(f"{where}: a grid is a mapping with name, tasks and axes")
-    known = {"name", "tasks", "axes", "model", "data", "seeds", "training", "recipe"}
+    known = {"name", "tasks", "axes", "model", "data", "seeds", "training", "recipe", "published"}
     unknown = set(raw) - known
     if unknown:
         raise LampError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
@@ -228,7 +240,20 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
     return GridSpec(name=str(raw["name"]), tasks=tasks, axes=tuple(blocks), model=str(raw.get("model", TINY)),
                     data=str(raw.get("data", "synthetic")), recipe=str(raw.get("recipe", "lamp")),
                     seeds=tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])),
-                    training=Training(**{k: training_value(k, v, where) for k, v in training.items()}))
+                    training=Training(**{k: training_value(k, v, where) for k, v in training.items()}),
+                    published=read_published(raw.get("published", {}), where))
+
+
+def read_published(published: dict, where: str) -> dict:
+    """The study's values per task, their source read and set aside: a published
+    number without one is refused, as a reader could not check it."""
+    if not isinstance(published, dict) or published and not isinstance(published.get("source"), str):
+        raise LampError(f"{where}: published: a mapping with a source (where the values come from) and, "
+                        "per task, the values")
+    for task, values in published.items():
+        if task != "source" and not (isinstance(values, dict) and set(values) <= {"change", "curves"}):
+            raise LampError(f"{where}: published: {task}: a mapping of change and/or curves")
+    return {get_task(task).name: values for task, values in published.items() if task != "source"}
 
 
 def training_value(name: str, value, where: str):
@@ -252,13 +277,11 @@ def training_value(name: str, value, where: str):
                         f"got {value!r}") from None
 
 
-def load_grid(name_or_path: str, named: dict) -> GridSpec:
-    """A named grid, or a YAML file with the same schema."""
-    if name_or_path in named:
-        return parse_grid(named[name_or_path], f"grid {name_or_path!r}")
-    path = Path(name_or_path)
+def load_grid(name_or_path: str) -> GridSpec:
+    """A named grid (grid/named/NAME.yaml), or a user's YAML file of the same schema."""
+    path = NAMED / f"{name_or_path}.yaml" if name_or_path in NAMED_GRIDS else Path(name_or_path)
     if not path.is_file():
-        raise LampError(f"unknown grid {name_or_path!r}: not a named grid ({', '.join(named)}) "
+        raise LampError(f"unknown grid {name_or_path!r}: not a named grid ({', '.join(NAMED_GRIDS)}) "
                         "and no such YAML file")
     import yaml
 

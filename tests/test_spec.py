@@ -58,6 +58,8 @@ def test_invalid_cells_are_refused_with_the_cell_named():
     ({"tasks": ["LaMP_6"]}, "not public"),
     ({"axes": []}, "non-empty list"),
     ({"colour": "red"}, "unknown key"),
+    ({"published": {"LaMP_2": {"curves": {}}}}, "published: a mapping with a source"),
+    ({"published": {"source": "a paper", "LaMP_2": {"bars": {}}}}, "published: LaMP_2: a mapping of change"),
 ])
 def test_bad_specs_are_refused(change, message):
     with pytest.raises(LampError, match=message):
@@ -67,22 +69,22 @@ def test_bad_specs_are_refused(change, message):
 def test_yaml_files_and_overrides(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("name: y\ntasks: [LaMP_4]\naxes:\n  - retriever: [BM25]\n    k: [1, 2]\n")
-    loaded = with_overrides(load_grid(str(path), {}), model="vote", seeds=[3], epochs=0)
+    loaded = with_overrides(load_grid(str(path)), model="vote", seeds=[3], epochs=0)
     assert [c.key for c in loaded.cells()] == ["LaMP_4/lamp/BM25/k=1/both/start/offset=0/seed=3/vote",
                                               "LaMP_4/lamp/BM25/k=2/both/start/offset=0/seed=3/vote"]
     assert loaded.training.epochs_for("LaMP_4") == 0
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(LampError, match="malformed YAML"):
-        load_grid(str(tmp_path / "bad.yaml"), {})
+        load_grid(str(tmp_path / "bad.yaml"))
     with pytest.raises(LampError, match="unknown grid"):
-        load_grid("nope", {"demo": {}})
+        load_grid("nope")
 
 
 def test_training_settings_take_their_types_from_yaml_text(tmp_path):
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text("name: g\ntasks: [LaMP_2]\naxes: [{retriever: [none]}]\n"
                          "training: {lr: 1e-3, epochs: 2, limit_dev: null}\n")
-    training = load_grid(str(grid_file), {}).training
+    training = load_grid(str(grid_file)).training
     assert training.lr == 0.001 and training.epochs == 2 and training.limit_dev is None
 
 
