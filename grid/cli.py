@@ -21,17 +21,23 @@ import shlex
 import sys
 from pathlib import Path
 
-from grid.spec import NAMED_GRIDS
+from grid import tracking
+from grid.reference import reference_prompts
+from grid.run import SYNTHETIC_USERS, Workdir, prepare_grid, render_cells, run_grid
+from grid.shards import prepare
+from grid.spec import NAMED_GRIDS, Resources, load_grid, with_overrides
+from grid.storage import local_data
+from lamp.cell import Cell
+from lamp.data import find_splits, read_outputs, summarize_split
 from lamp.errors import LampError
 from lamp.prompts import MAX_PROMPT_TOKENS
+from lamp.synth import write_like_lamp, write_synthetic
 from lamp.tasks import TASKS, get_task
 
 WORKDIR = "lamp-grid-work"
 
 
 def cmd_synth(args) -> int:
-    from lamp.synth import write_like_lamp, write_synthetic
-
     if args.like_lamp:
         given = [name for name, value in (("--users", args.users), ("--profile-size", args.profile_size))
                  if value is not None]
@@ -51,10 +57,6 @@ def cmd_synth(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from grid.run import Workdir
-    from grid.storage import local_data
-    from lamp.data import find_splits, summarize_split
-
     ok = True
     for split in find_splits(local_data(args.data, Workdir(Path(args.workdir).resolve()).mirror), args.tasks):
         label = f"{split.task} {split.setting}-based {split.split}"
@@ -71,8 +73,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from lamp.data import read_outputs
-    from lamp.metrics import evaluate
+    from lamp.metrics import evaluate  # deferred: rouge_score and nltk take seconds to import
 
     get_task(args.task)
     golds = read_outputs(args.golds, args.task)
@@ -104,8 +105,6 @@ def custom_resources(text: str) -> dict:
 
 
 def cmd_render(args) -> int:
-    from grid.reference import reference_prompts
-    from lamp.cell import Cell
 
     cell = Cell(args.task, args.retriever, 0 if args.retriever == "none" else args.k, args.ablation,
                 args.order, args.rank_offset, args.seed, args.input_retriever, args.output_retriever, args.recipe)
@@ -123,9 +122,6 @@ def cmd_render(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from grid.run import Workdir, prepare_grid, render_cells
-    from grid.shards import prepare
-    from grid.storage import local_data
 
     work = Workdir(Path(args.workdir).resolve())
     if args.grid is None:
@@ -144,8 +140,6 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from grid.run import Workdir, run_grid
-    from grid.spec import Resources
 
     spec = grid_spec(args)
     resources = Resources(workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
@@ -165,8 +159,6 @@ def cmd_run(args) -> int:
 def print_results(results: list, tracking_uri: str, grid: str) -> None:
     """After the results table (run_grid logs it): the cells that did not finish, and
     where to compare them: the grid's view of its cells in the MLflow UI."""
-    from grid import tracking
-
     for r in results:
         if r.status != "FINISHED":
             print(f"{r.status}: {r.cell.key}")
@@ -180,8 +172,6 @@ def print_results(results: list, tracking_uri: str, grid: str) -> None:
 
 
 def cmd_list(args) -> int:
-    from grid.spec import load_grid
-
     for name in NAMED_GRIDS:
         spec = load_grid(name)
         cells = spec.cells()
@@ -191,10 +181,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from grid import tracking
+    # deferred: the report's metrics import rouge_score and nltk, seconds on every command
     from grid.report import compare_cells, environment_note, format_table, read_results, write_report
-    from grid.run import Workdir
-    from grid.spec import load_grid, with_overrides
 
     if bool(args.grid) == bool(args.experiment):
         raise LampError("report: name a GRID (named or YAML) or an --experiment, one of the two")
@@ -224,8 +212,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_rerun(args) -> int:
-    from grid.rerun import rerun
-    from grid.run import Workdir
+    from grid.rerun import rerun  # deferred: it imports the report's metrics (rouge_score, nltk)
 
     work = Workdir(Path(args.workdir).resolve())
     return rerun(args.run_id, args.tracking_uri or work.tracking_uri, work.root, args.address, args.verbose)
@@ -243,19 +230,21 @@ def add_grid_overrides(p) -> None:
 
 def grid_spec(args):
     """The grid named on the command line, with the overrides given."""
-    from grid.spec import load_grid, with_overrides
-
     return with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
                           epochs=args.epochs, limit_train=args.limit_train, limit_dev=args.limit_dev)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from grid.run import SYNTHETIC_USERS
-
     parser = argparse.ArgumentParser(prog="lamp-grid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    add_data_verbs(verbs)
+    add_grid_verbs(verbs)
+    return parser
 
+
+def add_data_verbs(verbs) -> None:
+    """The verbs on LaMP files and one cell: synth, validate, evaluate, render."""
     p = verbs.add_parser("synth", help="write synthetic LaMP data in the official layout")
     p.add_argument("--out", required=True, help="directory to write LaMP_k/<split>/ files into")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="LaMP_k")
@@ -302,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=cmd_render)
 
+
+def add_grid_verbs(verbs) -> None:
+    """The verbs on a grid: prepare, run, list, report, rerun."""
     p = verbs.add_parser("prepare", help="convert LaMP files to Parquet and rank every example once; with "
                          "--grid, also render every cell of the grid (what `run` does before its trials)")
     p.add_argument("--grid", help=f"a named grid ({', '.join(NAMED_GRIDS)}) or a YAML file: prepare and render its "
@@ -369,7 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="a Ray cluster to run on (default: a local one)")
     p.add_argument("--verbose", action="store_true", help="show everything, as `run --verbose` does")
     p.set_defaults(run=cmd_rerun)
-    return parser
 
 
 def main(argv=None) -> int:
