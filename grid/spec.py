@@ -36,6 +36,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from grid.tiny import TINY_TRAINING
 from lamp.cell import Cell
 from lamp.errors import LampError
 from lamp.tasks import get_task
@@ -277,8 +278,6 @@ def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, **traini
                                                        for block in spec.axes))
     base = spec.training
     if model == "tiny" and spec.model != "tiny":
-        from grid.tiny import TINY_TRAINING
-
         base = replace(base, **{**TINY_TRAINING, "epochs": 0 if base.epochs == 0 else TINY_TRAINING["epochs"]})
     changes = {k: v for k, v in training.items() if v is not None}
     return replace(spec, model=model or spec.model, seeds=tuple(seeds) if seeds else spec.seeds,

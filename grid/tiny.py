@@ -6,9 +6,6 @@ tests and the demo exercise the real code and never touch a hub.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tokenizers import (
@@ -21,6 +18,7 @@ from tokenizers import (
     trainers,
 )
 
+from grid.storage import build_atomically
 from lamp.data import find_splits, read_examples
 from lamp.prompts import ITEM_SEPARATOR
 from lamp.retrieval import document_text
@@ -80,23 +78,17 @@ def train_tokenizer(texts, vocab_size: int = TOKENIZER_VOCAB):
 
 def build_tiny_model(data_dir, tasks, out_dir) -> Path:
     """Writes the tiny model folder once (atomically) and returns its path."""
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    def build(tmp: Path) -> None:
+        import torch  # heavy: only where a tiny model is built
+        from transformers import T5Config, T5ForConditionalGeneration
 
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists():
-        return out_dir
-    tokenizer = train_tokenizer(training_texts(data_dir, tasks))
-    config = T5Config(vocab_size=len(tokenizer), **TINY_CONFIG)
-    torch.manual_seed(0)  # the same weights from the same data, every time
-    model = T5ForConditionalGeneration(config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        model.save_pretrained(tmp)
+        tokenizer = train_tokenizer(training_texts(data_dir, tasks))
+        config = T5Config(vocab_size=len(tokenizer), **TINY_CONFIG)
+        torch.manual_seed(0)  # the same weights from the same data, every time
+        T5ForConditionalGeneration(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "lamp_grid.json").write_text(json.dumps({"built_from": str(data_dir), "tasks": list(tasks)}))
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    out_dir = Path(out_dir)
+    build_atomically(out_dir, build)
     return out_dir
