@@ -115,8 +115,8 @@ def map_and_write(paths: list, mapper, arguments: dict, finals: dict, parts, nam
     bytes), and writes what they give, in order, into outputs: parts(batch) is
     {key: that output's rows of the batch}, numbered from 0 in a `row` column, and
     appended to the Parquet file `name` in a temporary directory for finals[key].
-    When all rows are written, finish(key, directory, rows) may add to each; then
-    each directory is renamed to its final place. progress: a bar (tqdm) counting
+    When all rows are written (every output has some), finish(key, directory,
+    rows) may add to each; then each directory is renamed to its final place. progress: a bar (tqdm) counting
     the rows written, in place of Ray Data's own."""
     import ray  # heavy: imported where Ray runs
 
@@ -140,9 +140,10 @@ def map_and_write(paths: list, mapper, arguments: dict, finals: dict, parts, nam
                 writers[key].write_table(part)
                 if progress is not None:
                     progress.update(part.num_rows)
+        empty = [final for key, final in finals.items() if key not in writers]
+        if empty:
+            raise LampError(f"{empty[0]}: no rows to write")
         for key, final in finals.items():
-            if key not in writers:
-                raise LampError(f"{final}: no rows to write")
             writers.pop(key).close()
             if finish is not None:
                 finish(key, tmp[key], rows[key])
