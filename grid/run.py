@@ -17,13 +17,11 @@ from grid.cluster import check_fits, ensure_ray, for_other_nodes, gpu_memory, mo
 from grid.environment import code_state
 from grid.memory import count_parameters, estimate_memory
 from grid.render import render_grid
-from grid.report import compare_cells, environment_note, format_table, results_markdown
 from grid.shards import prepare
 from grid.spec import GridSpec, Resources, varying_axes
 from grid.storage import digest, is_uri, local_data
 from grid.tiny import TINY_CONFIG, TOKENIZER_VOCAB, build_tiny_model
 from grid.tracking import summarize
-from grid.trial import run_trial
 from lamp.data import find_splits
 from lamp.errors import LampError
 from lamp.synth import write_synthetic
@@ -317,6 +315,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         name = f"{spec.name}-{parent[:8]}"
         path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
         from grid.progress import CellProgress  # heavy: it imports Ray Tune
+        from grid.trial import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
 
         tuner = new_tuner(trainable(run_trial, plan=plan), [c.key for c in pending], name, plan.storage,
                           max_concurrent or trials_that_fit(resources), retries,
@@ -367,6 +366,13 @@ def grid_description(spec: GridSpec, cells: list, command: str) -> str:
 
 def results_table(client, results: list, parent: str | None, log) -> None:
     """The grid's results table: logged, and, with a parent run, its description."""
+    from grid.report import (  # heavy: its metrics import rouge_score and nltk (seconds)
+        compare_cells,
+        environment_note,
+        format_table,
+        results_markdown,
+    )
+
     rows = compare_cells(client, results)
     note = environment_note(results)
     log("\n" + format_table(rows) + (f"\n{note}" if note else ""))
@@ -403,6 +409,8 @@ def new_tuner(trial, names: list, name: str, storage: str, max_concurrent: int |
 def restore(plan_file: Path, client, spec: GridSpec, log):
     """The interrupted Tune experiment of this grid, its plan, and its MLflow runs reopened."""
     from ray import tune
+
+    from grid.trial import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
 
     if not plan_file.exists():
         raise LampError(f"--resume: no interrupted run of grid {spec.name!r} in {plan_file.parent}")
