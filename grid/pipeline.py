@@ -116,8 +116,8 @@ def map_and_write(paths: list, mapper, arguments: dict, finals: dict, parts, nam
     {key: that output's rows of the batch}, numbered from 0 in a `row` column, and
     appended to the Parquet file `name` in a temporary directory for finals[key].
     When all rows are written (every output has some), finish(key, directory,
-    rows) may add to each; then each directory is renamed to its final place. progress: a bar (tqdm) counting
-    the rows written, in place of Ray Data's own."""
+    rows) may add to each; then each directory is renamed to its final place.
+    progress: a bar (tqdm) counting the rows written, in place of Ray Data's own."""
     import ray  # heavy: imported where Ray runs
 
     context = ray.data.DataContext.get_current()
