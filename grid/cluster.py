@@ -12,6 +12,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from grid.environment import CPU_KERNELS
+from grid.storage import is_uri
+from grid.tracking import check_server
 from lamp.errors import LampError
 
 # For every Ray worker of ours. A trial's Ray Train controller polls its workers
@@ -295,9 +297,6 @@ def for_other_nodes(tracking_uri: str, artifacts: str, cache: str, storage: str,
     Returns the tracking URI the trials use."""
     import ray
 
-    from grid.storage import is_uri
-    from grid.tracking import check_server
-
     if not spans_other_nodes():
         return tracking_uri
     here = ray.util.get_node_ip_address()
@@ -325,33 +324,3 @@ def for_other_nodes(tracking_uri: str, artifacts: str, cache: str, storage: str,
                       {"the MLflow server": f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/search"
                                             "?max_results=1"})
     return tracking_uri
-
-
-def model_for_nodes(model_path: str | None, cache: str, log) -> str | None:
-    """A local model folder (the tiny model, or a user's) as trials on other nodes
-    can load it: published into the shard cache, which every node reaches.
-    A hub id is left as it is: each node downloads it."""
-    if model_path is None or not Path(model_path).is_dir() or not spans_other_nodes():
-        return model_path
-    from pyarrow import fs
-
-    from grid.shards import build_atomically, digest
-    from grid.storage import is_uri, join, publish
-
-    folder = Path(model_path)
-    listing = sorted((f.relative_to(folder).as_posix(), f.stat().st_size) for f in folder.rglob("*") if f.is_file())
-    name = f"{folder.name}-{digest(listing)}"
-    if is_uri(cache):
-        target = join(cache, "models", name)
-        if publish(folder, target):
-            log(f"published the model {folder} to {target}")
-        return target
-    target = Path(cache) / "models" / name
-
-    def copy(tmp: Path) -> None:
-        fs.copy_files(str(folder), str(tmp), source_filesystem=fs.LocalFileSystem(),
-                      destination_filesystem=fs.LocalFileSystem())
-
-    if build_atomically(target, copy):
-        log(f"copied the model {folder} into the shard cache, {target}")
-    return str(target)

@@ -20,6 +20,8 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from grid.storage import write_atomically  # noqa: E402
+
 LABEL_AXES = ("retriever", "input_retriever", "output_retriever", "k", "ablation", "order", "rank_offset", "recipe")
 
 
@@ -70,9 +72,7 @@ def over_seeds(rows) -> bool:
 
 
 def save(fig, ax, path) -> None:
-    """Legend, layout, and the PNG written whole (temp file + rename), as the report's pages are."""
-    from grid.report import write_atomically
-
+    """Legend, layout, and the PNG written whole, as the report's pages are."""
     ax.legend(fontsize=7)
     fig.tight_layout()
     png = io.BytesIO()

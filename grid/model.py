@@ -14,9 +14,12 @@ The name stays as the user gave it: it is what MLflow records and what cell
 keys end with.
 """
 
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from grid.storage import build_atomically, digest, is_uri, join, local_data, publish
+from grid.tiny import tiny_config, tiny_model
 from lamp.errors import LampError
 
 HUB, LOCAL, TINY, VOTE = "hub", "local", "tiny", "vote"  # the kinds; `tiny` and `vote` are also their names
@@ -55,22 +58,18 @@ class ModelRef:
             return self
         model = self
         if self.kind == TINY:
-            from grid.tiny import tiny_model
-
             model = replace(self, path=str(tiny_model(data, tasks, models_dir, log)))
         elif self.kind == LOCAL and not Path(self.path).is_dir():
             raise LampError(f"no such model folder: {self.name}")
         return replace(model, node_path=model.path, decoder_only=decoder_only(model.config(), self.name))
 
-    def for_nodes(self, cache: str, log=print) -> "ModelRef":
-        """As trials on the cluster's other nodes load it: a folder (the tiny model, or a
-        user's) is published into the shard cache, which every node reaches. A hub id is
-        left as it is: each node downloads it."""
-        if self.kind not in (LOCAL, TINY):
+    def for_nodes(self, cache: str, other_nodes: bool, log=print) -> "ModelRef":
+        """As trials load it where the cluster has other nodes (other_nodes): a folder
+        (the tiny model, or a user's) is published into the shard cache, which every
+        node reaches. A hub id is left as it is: each node downloads it."""
+        if self.kind not in (LOCAL, TINY) or not other_nodes:
             return self
-        from grid.cluster import model_for_nodes
-
-        return replace(self, node_path=model_for_nodes(self.path, cache, log))
+        return replace(self, node_path=published_folder(Path(self.path), cache, log))
 
     def config(self):
         """Its Hugging Face config; None for `vote`. The tiny model's, until it is
@@ -78,8 +77,6 @@ class ModelRef:
         if self.kind == VOTE:
             return None
         if self.kind == TINY and self.path is None:
-            from grid.tiny import tiny_config
-
             return tiny_config()
         from transformers import AutoConfig
 
@@ -92,10 +89,6 @@ class ModelRef:
     def on_this_node(self) -> str:
         """The folder or hub id this node loads: a folder at a URI (published to the
         shard cache) is copied to this node once."""
-        import tempfile
-
-        from grid.storage import is_uri, local_data
-
         if not is_uri(self.node_path):
             return self.node_path
         return str(local_data(self.node_path, Path(tempfile.gettempdir()) / "lamp-grid" / "models", lambda _: None))
@@ -138,3 +131,26 @@ def auto_class(decoder_only: bool):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     return AutoModelForCausalLM if decoder_only else AutoModelForSeq2SeqLM
+
+
+def published_folder(folder: Path, cache: str, log) -> str:
+    """A model folder copied into the shard cache (a directory or URI), under a name
+    from its files' names and sizes: where trials on every node load it."""
+    from pyarrow import fs  # deferred: only a multi-node grid publishes a folder
+
+    listing = sorted((f.relative_to(folder).as_posix(), f.stat().st_size) for f in folder.rglob("*") if f.is_file())
+    name = f"{folder.name}-{digest(listing)}"
+    if is_uri(cache):
+        target = join(cache, "models", name)
+        if publish(folder, target):
+            log(f"published the model {folder} to {target}")
+        return target
+    target = Path(cache) / "models" / name
+
+    def copy(tmp: Path) -> None:
+        fs.copy_files(str(folder), str(tmp), source_filesystem=fs.LocalFileSystem(),
+                      destination_filesystem=fs.LocalFileSystem())
+
+    if build_atomically(target, copy):
+        log(f"copied the model {folder} into the shard cache, {target}")
+    return str(target)

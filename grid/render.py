@@ -26,9 +26,7 @@ leaves nothing that looks complete.
 import functools
 import hashlib
 import json
-import os
 import shutil
-import socket
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,20 +42,29 @@ import lamp.recipes.study
 import lamp.retrieval
 import lamp.seeding
 import lamp.tasks
+from tqdm import tqdm
+
+from grid.cluster import ensure_ray
+from grid.pipeline import (
+    ACTOR_BASE,
+    PYTHON_PER_ARROW,
+    REMEMBERED_ROW_GROUPS,
+    RowGroups,
+    fit_actors,
+    map_and_write,
+)
 from grid.shards import (
     SEEDED,
     ProfileItems,
     SplitShards,
-    check_order,
-    digest,
-    file_digest,
+    default_workers,
     load_examples,
+    published,
     ranking_name,
-    read_in_order,
     to_example,
 )
 from grid.model import HUB, ModelRef
-from grid.storage import is_published, join, open_input
+from grid.storage import digest, file_digest, is_published, join, open_input
 from lamp.errors import LampError
 from lamp.prompts import MAX_PROMPT_TOKENS, TokenizerTokens, WhitespaceTokens
 from lamp.recipes import get_recipe
@@ -65,8 +72,8 @@ from lamp.retrieval import ranked_sides, select
 
 RENDER_FORMAT = "1"
 BATCH = 64  # examples per map_batches call: one tokenizer call renders them all
-REMEMBERED_ROW_GROUPS = 4
 READ_CPUS = 0.01
+TOKENIZER_BYTES = 512 << 20  # a renderer's tokenizer and the libraries it brings, over ACTOR_BASE
 # Tokenizer files: what a render depends on in a model folder (not its weights).
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
 PROMPT_SCHEMA = pa.schema([("render", pa.int32()), ("row", pa.int64()), ("id", pa.string()), ("user", pa.string()),
@@ -188,38 +195,6 @@ class Rendered:
         return table.filter(below if held_out else pa.compute.invert(below)).drop_columns(["selection"])
 
 
-# --- reading rows of a Parquet file --------------------------------------------------
-
-
-class RowReader:
-    """Rows of a rankings file by row number, read a row group at a time; the last
-    few row groups are remembered. Row numbers are positions: rankings are written
-    in row order. (Profile items are read as Arrow, by grid.shards.ProfileItems.)"""
-
-    def __init__(self, path, columns: list):
-        self.file = pq.ParquetFile(open_input(path))
-        self.columns = columns
-        sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
-        self.starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        self.groups = {}  # row group index -> its rows as Python lists, newest last
-
-    def group_of(self, row: int) -> int:
-        import bisect
-
-        return bisect.bisect_right(self.starts, row) - 1
-
-    def read(self, group: int) -> dict:
-        if group not in self.groups:
-            if len(self.groups) == REMEMBERED_ROW_GROUPS:
-                del self.groups[next(iter(self.groups))]
-            self.groups[group] = self.file.read_row_group(group, columns=self.columns).to_pydict()
-        return self.groups[group]
-
-    def value(self, row: int, column: str):
-        group = self.group_of(row)
-        return self.read(group)[column][row - self.starts[group]]
-
-
 # --- rendering ---------------------------------------------------------------------
 
 
@@ -251,7 +226,7 @@ class CellPrompts:
             return
         by_input = cell.ablation == "decouple"
         self.sides = ranked_sides(cell.retriever, cell.input_retriever, cell.output_retriever)
-        self.rankings = {side: RowReader(join(str(shards.ranking(ranking_name(side, by_input), cell.seed)),
+        self.rankings = {side: RowGroups(join(str(shards.ranking(ranking_name(side, by_input), cell.seed)),
                                               "ranking.parquet"), ["row", "cand_row", "cand_pos"])
                          for side in self.sides}
         # Other users' items (Full_Random, RanBM25) live in other rows of the split.
@@ -272,10 +247,10 @@ class CellPrompts:
         # Only the ranks the window can reach are looked up: a ranking holds the whole pool.
         reach = lamp.retrieval.reach(cell.retriever, cell.k, cell.rank_offset, len(example.profile))
         ranked = {}
-        for side, reader in self.rankings.items():
-            assert reader.value(row, "row") == row, f"{cell.task}: ranking rows out of order"
-            ranked[side] = self.items(row, example, reader.value(row, "cand_row")[:reach],
-                                      reader.value(row, "cand_pos")[:reach])
+        for side, rankings in self.rankings.items():
+            ranking = rankings.row(row)
+            assert ranking["row"] == row, f"{cell.task}: ranking rows out of order"
+            ranked[side] = self.items(row, example, ranking["cand_row"][:reach], ranking["cand_pos"][:reach])
         return select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
                       cell.input_retriever, cell.output_retriever)
 
@@ -371,10 +346,10 @@ def cell_table(shards: SplitShards, cell, model: ModelRef | None = None, limit: 
 
 def renderer_memory(renders: list) -> int:
     """Bytes a renderer asks Ray for, given its (Render, the task's SplitShards by
-    split) pairs: a base for Python, the tokenizer and the libraries, and a few
-    decoded row groups of the examples (Parquet's metadata gives their decoded
-    sizes; Python objects take about three times Arrow's bytes). A `study`
-    renderer also holds the splits its draws run through."""
+    split) pairs: ACTOR_BASE and the tokenizer, and, as Python objects, its batch's
+    row group of the examples and the few remembered for other users' items
+    (Parquet's metadata gives their decoded sizes). A `study` renderer also holds
+    the splits its draws run through."""
     def row_group_bytes(path) -> list:
         meta = pq.read_metadata(open_input(path))
         return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)] or [0]
@@ -382,78 +357,39 @@ def renderer_memory(renders: list) -> int:
     held, whole = 0, set()
     for render, splits in renders:
         shards = splits[render.split]
-        # The batch's row group, and the few remembered for other users' items.
-        held = max(held, 3 * (1 + REMEMBERED_ROW_GROUPS) * max(row_group_bytes(shards.examples)))
+        held = max(held, PYTHON_PER_ARROW * (1 + REMEMBERED_ROW_GROUPS) * max(row_group_bytes(shards.examples)))
         if not get_recipe(render.cell.recipe).reads_rankings:
             whole |= {str(s.examples) for s in (splits.values() if render.cell.needs_pool else [shards])}
-    return (1 << 30) + held + sum(3 * sum(row_group_bytes(path)) for path in whole)
+    return ACTOR_BASE + TOKENIZER_BYTES + held + sum(PYTHON_PER_ARROW * sum(row_group_bytes(path)) for path in whole)
 
 
-def write_renders(todo: dict, shards: dict, model: ModelRef, workers: int, progress) -> None:
+def write_renders(todo: dict, shards: dict, model: ModelRef, workers: int, progress, log=print) -> None:
     """Renders every Render of `todo` ((task, split) -> {final directory: Render}) in one
     Ray Data pass over the splits' examples, each into its own Parquet file with its
-    statistics beside it, and renames each directory into place when it is complete."""
-    import ray
-
-    places, jobs = [], {}
+    statistics beside it; each directory appears when complete."""
+    places, jobs = {}, {}  # places: a Render's index -> its final directory
     for (task, split), renders in todo.items():
         entries = []
         for directory, render in renders.items():
             entries.append((len(places), render))
-            places.append(directory)
+            places[len(places)] = directory
         jobs[str(shards[task][split].examples)] = (shards[task][split], shards[task], entries)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # rows stay in file order, as the rankings are
-    ctx.enable_progress_bars = False  # our bar counts cells and examples
-    # Renderers reserve a sliver of CPU and the memory they use: their number
-    # bounds the CPUs they take, and Ray's own read tasks keep a whole CPU free.
-    # A block per row group, so that every renderer gets a share.
-    ds = read_in_order(list(jobs))
     memory = renderer_memory([(render, job[1]) for job in jobs.values() for _, render in job[2]])
-    ds = ds.map_batches(RenderCells, batch_size=BATCH, batch_format="pyarrow", num_cpus=0.01, memory=memory,
-                        compute=ray.data.ActorPoolStrategy(size=workers),
-                        fn_constructor_kwargs=dict(jobs=jobs, model=model))
-    tmp = [Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}.tmp-{socket.gethostname()}-{os.getpid()}-"))
-           for d in places]
-    writers, counts = {}, [{"rows": 0, "items": 0, "cut": 0} for _ in places]
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for index in pa.compute.unique(batch.column("render")).to_pylist():
-                part = batch.filter(pa.compute.equal(batch.column("render"), index)).drop_columns(["render"])
-                check_order(part.column("row"), counts[index]["rows"], places[index])
-                if index not in writers:
-                    writers[index] = pq.ParquetWriter(tmp[index] / "rendered.parquet", part.schema)
-                writers[index].write_table(part)
-                counts[index]["rows"] += part.num_rows
-                counts[index]["items"] += pa.compute.sum(pa.compute.list_value_length(part.column("retrieved"))).as_py()
-                counts[index]["cut"] += pa.compute.sum(part.column("input_cut").cast("int64")).as_py()
-                progress.update(part.num_rows)
-        for index, directory in enumerate(places):
-            if index not in writers:
-                raise LampError(f"{directory}: the render gave no rows")
-            writers.pop(index).close()
-            rows, items, cut = counts[index]["rows"], counts[index]["items"], counts[index]["cut"]
-            stats = {"rows": rows, "items_shown": items / rows, "input_cut_share": cut / rows}
-            (tmp[index] / "stats.json").write_text(json.dumps(stats))
-            os.replace(tmp[index], directory)
-    finally:
-        for writer in writers.values():
-            writer.close()
-        for directory in tmp:
-            shutil.rmtree(directory, ignore_errors=True)
+    workers, memory = fit_actors(workers, memory, "renderer", log)
 
+    def renders(batch: pa.Table) -> dict:
+        return {index: batch.filter(pa.compute.equal(batch.column("render"), index)).drop_columns(["render"])
+                for index in pa.compute.unique(batch.column("render")).to_pylist()}
 
-def remove_dead_builds(directory: Path) -> None:
-    """Removes what a killed render on this host left in `directory`: the temporary
-    directories of processes that are gone (their names say whose they are)."""
-    host = socket.gethostname()
-    for path in directory.glob(".render-*.tmp-*"):
-        owner, pid, _ = path.name.split(".tmp-", 1)[1].rsplit("-", 2)
-        if owner == host:
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                shutil.rmtree(path, ignore_errors=True)
+    def stats(index: int, directory, rows: int) -> None:
+        written = pq.read_table(directory / "rendered.parquet", columns=["retrieved", "input_cut"])
+        items = pa.compute.sum(pa.compute.list_value_length(written.column("retrieved"))).as_py()
+        cut = pa.compute.sum(written.column("input_cut").cast("int64")).as_py()
+        stats = {"rows": rows, "items_shown": items / rows, "input_cut_share": cut / rows}
+        (directory / "stats.json").write_text(json.dumps(stats))
+
+    map_and_write(list(jobs), RenderCells, dict(jobs=jobs, model=model), places, renders, "rendered.parquet",
+                  batch_size=BATCH, memory=memory, workers=workers, finish=stats, progress=progress)
 
 
 def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote: str | None = None,
@@ -464,11 +400,6 @@ def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote:
     shards: task -> {split: SplitShards}; model: the grid's model, resolved (not
     `vote`); cache: the local (staging) cache; remote: the cache's URI where it is at
     one, renders published there."""
-    from tqdm import tqdm
-
-    from grid.cluster import ensure_ray
-    from grid.shards import default_workers, published
-
     tokenizer, code = tokenizer_digest(model), rendering_code()
     wanted, groups, result = {}, set(), {}  # wanted: (task, split) -> {directory: Render}
     for grid_cell in cells:
@@ -491,15 +422,13 @@ def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote:
             if (missing := {d: r for d, r in renders.items() if not done(d)})}
     unrendered = {d for renders in todo.values() for d in renders}
     rendered = sum(any(d in unrendered for d in group) for group in groups)
-    for directory in {d.parent for renders in todo.values() for d in renders}:
-        remove_dead_builds(directory)
     if todo:
         ensure_ray(address, log)
         examples = sum(min(render.limit or rows, rows) for (task, split), renders in todo.items()
                        for rows in [pq.read_metadata(open_input(shards[task][split].examples)).num_rows]
                        for render in renders.values())
         with tqdm(total=examples, unit="example", desc=f"render {rendered} cell(s)") as progress:
-            write_renders(todo, shards, model, workers or default_workers(), progress)
+            write_renders(todo, shards, model, workers or default_workers(), progress, log)
     log(f"render: {rendered} cell(s) rendered, {len(groups) - rendered} cached")
 
     def located(directory: Path) -> Rendered:

@@ -17,13 +17,15 @@ A cell that did not finish is listed with its status, never counted as a zero.
 import html
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from grid import tracking
+from grid.spec import GridCell
+from grid.storage import write_atomically
 from lamp.cell import Cell
 from lamp.errors import LampError
 from lamp.metrics import resampled_metric
@@ -290,22 +292,11 @@ def results_markdown(rows: list) -> str:
     return "\n".join(md)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_report(rows: list, out: Path, title: str, source: str, published: dict | None = None,
                  note: str = "") -> list:
     """report.md, report.html and the figures (PNG) in `out`; returns the files written.
     note: what the report should say first (environment_note)."""
-    from grid.figures import draw_figures, published_values
+    from grid.figures import draw_figures, published_values  # heavy: it imports matplotlib
 
     out.mkdir(parents=True, exist_ok=True)
     published = published or {}
@@ -341,10 +332,6 @@ def read_results(client, experiment, cells: list | None = None) -> list:
     """A CellResult per cell of the MLflow experiment (its newest FINISHED run,
     else its newest). cells: the grid's cells, listed even where no run exists;
     None: every cell the experiment has runs of."""
-    from grid import tracking
-    from grid.run import summarize
-    from grid.spec import GridCell
-
     by_key = tracking.cell_runs(client, experiment.experiment_id)
     if not by_key:
         raise LampError(f"MLflow experiment {experiment.name!r} has no cell runs")
@@ -355,4 +342,4 @@ def read_results(client, experiment, cells: list | None = None) -> list:
         models = sorted({runs[0].data.tags.get("model", "?") for runs in by_key.values()})
         raise LampError(f"MLflow experiment {experiment.name!r} has no run of this grid's cells with model "
                         f"{cells[0].model}; its runs used {', '.join(models)} (pass --model)")
-    return summarize(by_key, cells)
+    return tracking.summarize(by_key, cells)

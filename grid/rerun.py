@@ -12,7 +12,10 @@ that differs from it is named among the differences.
 import json
 import subprocess
 
+from grid import tracking
 from grid.environment import ROOT, describe_differences, recorded
+from grid.report import per_example
+from grid.run import run_grid
 from grid.spec import AXES, GridCell, GridSpec, Resources
 from lamp.errors import LampError
 
@@ -53,10 +56,6 @@ def cell_record(client, run_id: str, uri: str):
 
 def rerun(run_id: str, uri: str, workdir, address: str | None = None, verbose: bool = False, log=print) -> int:
     """Runs the cell of `run_id` again and prints how the new run compares; 0 when it finished."""
-    from grid import tracking
-    from grid.report import per_example
-    from grid.run import run_grid
-
     client = tracking.connect(uri)
     old, spec, resources = cell_record(client, run_id, uri)
     (result,) = run_grid(spec, spec.data, workdir, tracking_uri=uri, address=address, resources=resources,

@@ -9,15 +9,23 @@ and Ray Tune runs one trial per cell that is not already FINISHED.
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from grid.environment import code_state, recorded
+from grid import tracking
+from grid.cluster import check_fits, ensure_ray, for_other_nodes, gpu_memory, spans_other_nodes, trials_that_fit
+from grid.environment import code_state
+from grid.memory import count_parameters, estimate_memory
 from grid.model import ModelRef
-from grid.spec import GridCell, GridSpec, Resources, varying_axes
-from grid.storage import is_uri, local_data
+from grid.render import render_grid
+from grid.shards import prepare
+from grid.spec import GridSpec, Resources, varying_axes
+from grid.storage import digest, is_uri, local_data
+from grid.tracking import summarize
+from lamp.data import find_splits
 from lamp.errors import LampError
 from lamp.recipes import get_recipe
+from lamp.synth import write_synthetic
 from lamp.tasks import get_task
 
 SYNTHETIC_USERS = 1500  # per task: enough for the tiny model to learn the demo's signal
@@ -35,16 +43,6 @@ class RunPlan:
     storage: str
     resources: Resources
     log_model: bool = False  # log each cell's best model as an MLflow `transformers` model
-
-
-@dataclass
-class CellResult:
-    """A cell's outcome: the newest run of it with this data and settings."""
-    cell: GridCell
-    status: str  # an MLflow run status, or MISSING
-    metrics: dict  # final dev metrics, "dev_<metric>"
-    run_id: str | None
-    environment: dict = field(default_factory=dict)  # its code and environment, as the run recorded them
 
 
 @dataclass
@@ -88,11 +86,7 @@ class Workdir:
 
 def resolve_data(data: str, spec: GridSpec, workdir: Workdir, users: int, log) -> Path:
     """The data directory; `synthetic` is written once into the work directory."""
-    from lamp.data import find_splits
-
     if data == "synthetic":
-        from lamp.synth import write_synthetic
-
         missing = [t for t in spec.tasks if not (workdir.data / t / "dev" / "dev_outputs.json").exists()]
         if missing:
             log(f"writing synthetic data for {', '.join(missing)} into {workdir.data}")
@@ -133,8 +127,6 @@ def memory_estimates(cells: list, model: ModelRef, resources: Resources) -> dict
     length as the cell asks; bf16, as on the GPUs that have it natively). Empty where
     the model's config cannot be read (`vote`; a hub id with no network; a folder
     that is not there yet)."""
-    from grid.memory import count_parameters, estimate_memory
-
     try:
         config = model.config()
     except LampError:
@@ -160,8 +152,6 @@ def memory_estimates(cells: list, model: ModelRef, resources: Resources) -> dict
 
 def check_memory(cells: list, model: ModelRef, resources: Resources, log) -> None:
     """Refuse a cell whose estimated memory is more than the GPUs it asks for hold."""
-    from grid.cluster import gpu_memory
-
     if not resources.gpus_per_worker:
         return
     memory = gpu_memory(log)
@@ -199,10 +189,9 @@ def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: s
                  users: int = SYNTHETIC_USERS, log=print) -> tuple:
     """The data, the model and the rankings of a grid's cells, computed once. Returns
     (data directory, the model resolved (a ModelRef), task -> {split: SplitShards})."""
-    from grid.shards import prepare
-
     data_dir = resolve_data(data, spec, work, users, log).resolve()
-    model = ModelRef.named(spec.model).resolved(data_dir, spec.tasks, work.models, log).for_nodes(cache, log)
+    model = ModelRef.named(spec.model).resolved(data_dir, spec.tasks, work.models, log)
+    model = model.for_nodes(cache, spans_other_nodes(), log)
     # Rankings for the cells whose recipe reads them (`lamp`): `study` retrieves as the study did, when it renders.
     ranked = [c.cell for c in cells if get_recipe(c.cell.recipe).reads_rankings]
     shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
@@ -220,8 +209,6 @@ def render_cells(cells: list, shards: dict, model: ModelRef, work: Workdir, cach
                  workers: int | None = None, log=print) -> dict:
     """Every cell's rendered splits (cell key -> {split: Rendered}), rendered where the
     cache lacks them: what the trials read. `vote` cells render nothing."""
-    from grid.render import render_grid
-
     if not model.has_weights:
         return {}
     remote = cache if is_uri(cache) else None
@@ -241,10 +228,6 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     rerun_of: a run id; the cells run again, FINISHED or not, under a parent named
     for that run, and the table is left to `rerun`. only: a cell key, the one cell
     of the grid to run (the grid's tasks still make its `tiny` model)."""
-    from grid import tracking
-    from grid.cluster import check_fits, ensure_ray, for_other_nodes, trials_that_fit
-    from grid.shards import digest
-
     cells = [c for c in spec.cells() if only in (None, c.key)]
     model = ModelRef.named(spec.model)
     check_batches(cells, model, resources)
@@ -301,8 +284,8 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         plan = RunPlan(pending, run_ids, shards, renders, model, trial_tracking_uri, storage, resources, log_model)
         name = f"{spec.name}-{parent[:8]}"
         path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
-        from grid.progress import CellProgress
-        from grid.trial import run_trial
+        from grid.progress import CellProgress  # heavy: it imports Ray Tune
+        from grid.trial import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
 
         tuner = new_tuner(trainable(run_trial, plan=plan), [c.key for c in pending], name, plan.storage,
                           max_concurrent or trials_that_fit(resources), retries,
@@ -353,8 +336,12 @@ def grid_description(spec: GridSpec, cells: list, command: str) -> str:
 
 def results_table(client, results: list, parent: str | None, log) -> None:
     """The grid's results table: logged, and, with a parent run, its description."""
-    from grid import tracking
-    from grid.report import compare_cells, environment_note, format_table, results_markdown
+    from grid.report import (  # heavy: its metrics import rouge_score and nltk (seconds)
+        compare_cells,
+        environment_note,
+        format_table,
+        results_markdown,
+    )
 
     rows = compare_cells(client, results)
     note = environment_note(results)
@@ -393,7 +380,7 @@ def restore(plan_file: Path, client, spec: GridSpec, log):
     """The interrupted Tune experiment of this grid, its plan, and its MLflow runs reopened."""
     from ray import tune
 
-    from grid.trial import run_trial
+    from grid.trial import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
 
     if not plan_file.exists():
         raise LampError(f"--resume: no interrupted run of grid {spec.name!r} in {plan_file.parent}")
@@ -407,20 +394,3 @@ def restore(plan_file: Path, client, spec: GridSpec, log):
             client.update_run(run_id, status="SCHEDULED")
     log(f"resuming grid {spec.name} from {path}")
     return plan, parent, tune.Tuner.restore(path, trainable=trainable(run_trial, plan=plan), resume_errored=True)
-
-
-def summarize(by_key: dict, cells: list, fingerprints: dict | None = None) -> list:
-    """A CellResult per cell from its runs (tracking.cell_runs): its newest FINISHED
-    run, else its newest run. With fingerprints, only runs on that data (task ->
-    fingerprint) and with the cell's settings count."""
-    rows = []
-    for cell in cells:
-        runs = [r for r in by_key.get(cell.key, []) if fingerprints is None or (
-            r.data.tags.get("data_fingerprint") == fingerprints[cell.cell.task]
-            and r.data.tags.get("settings_hash") == cell.settings_hash)]
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        run = (finished or runs or [None])[0]
-        rows.append(CellResult(cell, run.info.status if run else "MISSING",
-                               {k: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("dev_")},
-                               run.info.run_id if run else None, recorded(run.data.tags) if run else {}))
-    return rows

@@ -22,10 +22,6 @@ so a killed `prepare` leaves nothing that looks complete, and a second
 `prepare` finds everything and does nothing.
 """
 
-import hashlib
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,10 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-import lamp.cell
 import lamp.retrieval
 import lamp.seeding
-from grid.storage import is_uri, join, open_input, publish
+from grid.cluster import check_nodes_reach, ensure_ray
+from grid.pipeline import ACTOR_BASE, PYTHON_PER_ARROW, REMEMBERED_ROW_GROUPS, RowGroups, fit_actors, map_and_write
+from grid.storage import build_atomically, digest, file_digest, is_uri, join, open_input, publish
 from lamp.data import Example, SplitFiles, find_splits, read_examples
 from lamp.errors import LampError
 from lamp.retrieval import MIXED_SIDES, ItemPool, pool_draw, rank, ranked_sides
@@ -50,9 +47,7 @@ RANKING_SCHEMA = pa.schema([("row", pa.int64()), ("cand_row", pa.list_(pa.int64(
 # Rankings that draw random numbers, and so are stored once per seed.
 SEEDED = {"Random", "Full_Random", "RanBM25", "RanBM25_input"}
 POOLED = {"Full_Random", "RanBM25"}
-REMEMBERED_ROW_GROUPS = 2  # row groups a ranker keeps decoded while reading other users' items
 CHUNK = 64  # examples a ranker turns into Python objects at a time
-RANKER_BASE = 512 << 20  # a ranker's Python, numpy, pyarrow and Ray (a Ray worker is ~250 MB), and slack
 PREFETCH_BYTES = 256 << 20  # other users' items (as Arrow) a ranker reads for one batch
 
 
@@ -73,21 +68,6 @@ def rankings_for(task: str, retrievers, by_input: bool = True) -> list:
             if has_input:
                 names.append(ranking_name(side, True))
     return list(dict.fromkeys(names))
-
-
-def digest(*parts) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    for part in parts:
-        h.update(str(part).encode() + b"\x1f")
-    return h.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_version() -> str:
@@ -164,25 +144,10 @@ def load_examples(path) -> list:
 
 class ProfileItems:
     """Profile items of examples.parquet by (row, position), read a row group at a
-    time (its `profile` column only); the last few row groups are remembered. Row
-    numbers are positions in the file: it is written in row order."""
+    time (its `profile` column only)."""
 
-    def __init__(self, path, remembered: int = REMEMBERED_ROW_GROUPS):
-        self.file = pq.ParquetFile(open_input(path))
-        meta = self.file.metadata
-        self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self.remembered, self.groups = remembered, {}  # row group -> its profile ListArray, newest last
-
-    def profiles(self, group: int) -> pa.ListArray:
-        if group in self.groups:
-            self.groups[group] = self.groups.pop(group)
-        else:
-            if len(self.groups) >= self.remembered:
-                del self.groups[next(iter(self.groups))]
-            # One thread: a ranker runs per CPU.
-            table = self.file.read_row_group(group, columns=["profile"], use_threads=False)
-            self.groups[group] = table.column(0).combine_chunks()
-        return self.groups[group]
+    def __init__(self, path):
+        self.rows = RowGroups(path, ["profile"])
 
     def take(self, rows, positions) -> pa.ChunkedArray:
         """The items at (rows[i], positions[i]), rows in file order, as Arrow: a chunk
@@ -190,14 +155,14 @@ class ProfileItems:
         rows, positions = np.asarray(rows, dtype=np.int64), np.asarray(positions, dtype=np.int64)
         if (rows[1:] < rows[:-1]).any():
             raise ValueError("ProfileItems.take reads rows in file order")
-        groups = np.searchsorted(self.starts, rows, side="right") - 1
+        groups = self.rows.group_of(rows)
         parts = []
         for group in np.unique(groups).tolist():
             wanted = groups == group
-            profiles = self.profiles(group)
-            at = profiles.offsets.to_numpy()[rows[wanted] - self.starts[group]] + positions[wanted]
+            profiles = self.rows.group(group).column("profile").chunk(0)
+            at = profiles.offsets.to_numpy()[rows[wanted] - self.rows.starts[group]] + positions[wanted]
             parts.append(profiles.values.take(pa.array(at)))
-        return pa.chunked_array(parts, self.file.schema_arrow.field("profile").type.value_type)
+        return pa.chunked_array(parts, self.rows.file.schema_arrow.field("profile").type.value_type)
 
     def __call__(self, rows, positions) -> list[dict]:
         """The items at (rows[i], positions[i]), in that order, as `load_examples` gives them."""
@@ -352,8 +317,8 @@ def ranker_plan(examples, wanted, workers: int) -> tuple[int, int]:
     examples file's Parquet metadata, which gives each row group's decoded
     (uncompressed) bytes, per column, and its count of profile items.
 
-    A ranker holds, over a base for Python, numpy, pyarrow and Ray: its batch as
-    Arrow, CHUNK examples of it as Python objects (about 4x Arrow's bytes), and
+    A ranker holds, over ACTOR_BASE: its batch as Arrow, CHUNK examples of it as
+    Python objects (PYTHON_PER_ARROW times Arrow's bytes), and
     its results as Python lists and Arrow (~140 bytes a candidate). With other users' items
     it also holds the pool (12 bytes an item; laying it out peaks near 200 bytes
     an item, before any batch), the REMEMBERED_ROW_GROUPS decoded profile columns
@@ -365,7 +330,7 @@ def ranker_plan(examples, wanted, workers: int) -> tuple[int, int]:
     groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
     rows = sum(g.num_rows for g in groups)
     if not rows:
-        return CHUNK, RANKER_BASE
+        return CHUNK, ACTOR_BASE
     profile = [[c for c in range(g.num_columns) if g.column(c).path_in_schema.startswith("profile.")]
                for g in groups]
     profile_bytes = [sum(g.column(c).total_uncompressed_size for c in cs) for g, cs in zip(groups, profile)]
@@ -381,119 +346,34 @@ def ranker_plan(examples, wanted, workers: int) -> tuple[int, int]:
         batch = max(1, min(share, max(CHUNK, int(PREFETCH_BYTES // max(draws * item_bytes, 1)))))
         held = 12 * items + 150 * rows + REMEMBERED_ROW_GROUPS * max(profile_bytes) + batch * draws * item_bytes
         build = 200 * items + 150 * rows
-    steady = batch * row_bytes + 4 * CHUNK * row_bytes + 140 * batch * len(wanted) * max(mean_profile, 1)
-    return batch, int(RANKER_BASE + max(build, held + steady))
-
-
-def fit_rankers(workers: int, memory: int, log) -> tuple[int, int]:
-    """(rankers, memory each) that the cluster's nodes with CPUs can hold: an actor
-    pool asking for more than fits would wait for memory forever."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes()
-             if node.get("Alive") and node["Resources"].get("CPU", 0) > 0]
-    largest = max((node.get("memory", 0) for node in nodes), default=0)
-    if largest and memory > largest:
-        log(f"a ranker wants {memory / 2**30:.1f} GiB; the largest node has {largest / 2**30:.1f} GiB for Ray:"
-            " asking for that")
-        memory = int(largest)
-    fits = sum(int(node.get("memory", 0) // memory) for node in nodes) if largest else workers
-    if fits < workers:
-        log(f"{workers} rankers of {memory / 2**30:.1f} GiB do not fit the cluster's memory: running {fits}")
-    return max(1, min(workers, fits)), memory
-
-
-def read_in_order(paths: list):
-    """Examples files as a Ray Dataset in file and row order, one block per row group,
-    with each row's file in a `path` column. Ray Data's own Parquet reader does not
-    keep a file's row groups in order (seen with Ray 2.60, preserve_order set), and
-    what is written from these rows (rankings, renders) is read back by position."""
-    import ray.data
-
-    groups = [{"path": str(path), "group": group} for path in paths
-              for group in range(pq.ParquetFile(open_input(path)).num_row_groups)]
-    return ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(read_row_group, batch_size=1)
-
-
-def read_row_group(item: dict) -> pa.Table:
-    (path,), (group,) = item["path"], item["group"]
-    table = pq.ParquetFile(open_input(str(path))).read_row_group(int(group))
-    return table.append_column("path", pa.array([str(path)] * table.num_rows))
-
-
-def check_order(rows: pa.Array, expected: int, where) -> int:
-    """The row number after this batch's; refuses rows out of order (written by position, read back so)."""
-    if not pc.all(pc.equal(rows, pa.array(range(expected, expected + len(rows))))).as_py():
-        raise LampError(f"{where}: rows arrived out of order from Ray Data (expected rows from {expected} on)")
-    return expected + len(rows)
+    steady = (batch * row_bytes + PYTHON_PER_ARROW * CHUNK * row_bytes
+              + 140 * batch * len(wanted) * max(mean_profile, 1))
+    return batch, int(ACTOR_BASE + max(build, held + steady))
 
 
 def write_rankings(task: str, examples: str, wanted: dict, workers: int, log=print) -> None:
     """Computes the wanted rankings ((name, seed) -> final directory) in one Ray Data
-    pass over the split, streaming each into its own Parquet file, then publishes
-    each directory atomically."""
-    import ray
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    # Rankers ask Ray for the memory they use (ranker_plan: estimated from the
-    # file's metadata), so a node runs no more of them than it can hold.
+    pass over the split, streaming each into its own Parquet file; each directory
+    appears when complete."""
     batch_size, memory = ranker_plan(examples, wanted, workers)
-    workers, memory = fit_rankers(workers, memory, log)
-    # A block per row group, so that every worker gets a share of the split.
-    # Rankers reserve a sliver of CPU; their number bounds what they use. Ray
-    # Data's own tasks (listing and reading files) each need a whole free CPU on
-    # one node, and rankers holding a share of every node's CPUs would starve
-    # them: a hang. The sliver keeps them off nodes with no CPU for work (a head
-    # started with --num-cpus=0).
-    ds = read_in_order([examples]).map_batches(
-        RankExamples, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.01, memory=memory,
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        fn_constructor_kwargs=dict(task=task, examples_path=str(examples), wanted=list(wanted)))
-    tmp = {key: Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-           for key, final in wanted.items()}
-    writers = {key: pq.ParquetWriter(tmp[key] / "ranking.parquet", RANKING_SCHEMA) for key in wanted}
-    next_row = 0
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            next_row = check_order(batch.column("row"), next_row, examples)
-            for (name, seed), writer in writers.items():
-                columns = [batch.column("row")] + [batch.column(f"{name}/{seed}/{c}") for c in
-                                                   ("cand_row", "cand_pos", "score")]
-                writer.write_table(pa.Table.from_arrays(columns, schema=RANKING_SCHEMA))
-        for key, writer in writers.items():
-            writer.close()
-            os.replace(tmp[key], wanted[key])
-    finally:
-        for key in wanted:
-            writers[key].close()
-            shutil.rmtree(tmp[key], ignore_errors=True)
+    workers, memory = fit_actors(workers, memory, "ranker", log)
+
+    def rankings(batch: pa.Table) -> dict:
+        return {(name, seed): pa.Table.from_arrays([batch.column("row")] + [batch.column(f"{name}/{seed}/{c}")
+                                                                            for c in RANKING_SCHEMA.names[1:]],
+                                                   schema=RANKING_SCHEMA)
+                for name, seed in wanted}
+
+    map_and_write([examples], RankExamples, dict(task=task, examples_path=str(examples), wanted=list(wanted)),
+                  wanted, rankings, "ranking.parquet", batch_size=batch_size, memory=memory, workers=workers)
 
 
 # --- the cache -----------------------------------------------------------------------
 
 
-def build_atomically(final: Path, build) -> bool:
-    """Runs build(tmp_dir) and renames tmp_dir to `final`; False if `final` exists."""
-    if final.is_dir():
-        return False
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            return False  # another process (a worker on the same node) built it first
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return True
-
-
 def default_workers() -> int:
     """A ranker per CPU of the cluster."""
-    import ray
+    import ray  # heavy: imported where Ray runs
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
@@ -505,8 +385,6 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
     by_input=False leaves out the rankings over input halves (`decouple` only).
     cache_dir may be a URI (s3://...): the shards are then computed in stage_dir, a
     local directory, and published there, and the SplitShards name the published copies."""
-    from grid.cluster import check_nodes_reach, ensure_ray
-
     unknown = [r for r in retrievers if r not in lamp.retrieval.RETRIEVERS]
     if unknown:
         raise LampError(f"unknown retriever {unknown[0]!r}; valid: {', '.join(lamp.retrieval.RETRIEVERS)}")

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from grid.model import TINY, ModelRef
+from grid.tiny import TINY_TRAINING
 from lamp.cell import Cell
 from lamp.errors import LampError
 from lamp.tasks import get_task
@@ -301,8 +302,6 @@ def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, **traini
                                                        for block in spec.axes))
     base = spec.training
     if model and ModelRef.named(model).kind == TINY and ModelRef.named(spec.model).kind != TINY:
-        from grid.tiny import TINY_TRAINING
-
         base = replace(base, **{**TINY_TRAINING, "epochs": 0 if base.epochs == 0 else TINY_TRAINING["epochs"]})
     changes = {k: v for k, v in training.items() if v is not None}
     return replace(spec, model=model or spec.model, seeds=tuple(seeds) if seeds else spec.seeds,

@@ -6,9 +6,6 @@ tests and the demo exercise the real code and never touch a hub.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tokenizers import (
@@ -21,6 +18,7 @@ from tokenizers import (
     trainers,
 )
 
+from grid.storage import build_atomically, digest
 from lamp.data import find_splits, read_examples
 from lamp.prompts import ITEM_SEPARATOR
 from lamp.retrieval import document_text
@@ -81,7 +79,7 @@ def train_tokenizer(texts, vocab_size: int = TOKENIZER_VOCAB):
 def tiny_config(vocab_size: int = TOKENIZER_VOCAB):
     """The tiny model's T5 config; by default at the tokenizer's largest vocabulary
     (what a grid's memory estimate reads before the model is built)."""
-    from transformers import T5Config
+    from transformers import T5Config  # heavy: only where the tiny model is sized or built
 
     return T5Config(vocab_size=vocab_size, **TINY_CONFIG)
 
@@ -89,8 +87,6 @@ def tiny_config(vocab_size: int = TOKENIZER_VOCAB):
 def tiny_model(data_dir, tasks, models_dir, log=print) -> Path:
     """The tiny model of a grid's tasks and data directory, built once into models_dir:
     one per set of tasks and data, since its tokenizer is trained on their texts."""
-    from grid.shards import digest
-
     folder = Path(models_dir) / f"tiny-{digest(sorted(tasks), data_dir, sorted(TINY_CONFIG.items()))}"
     if not (folder / "config.json").exists():
         log(f"building the tiny model into {folder}")
@@ -99,23 +95,16 @@ def tiny_model(data_dir, tasks, models_dir, log=print) -> Path:
 
 def build_tiny_model(data_dir, tasks, out_dir) -> Path:
     """Writes the tiny model folder once (atomically) and returns its path."""
-    import torch
-    from transformers import T5ForConditionalGeneration
+    def build(tmp: Path) -> None:
+        import torch  # heavy: only where a tiny model is built
+        from transformers import T5ForConditionalGeneration
 
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists():
-        return out_dir
-    tokenizer = train_tokenizer(training_texts(data_dir, tasks))
-    config = tiny_config(len(tokenizer))
-    torch.manual_seed(0)  # the same weights from the same data, every time
-    model = T5ForConditionalGeneration(config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        model.save_pretrained(tmp)
+        tokenizer = train_tokenizer(training_texts(data_dir, tasks))
+        torch.manual_seed(0)  # the same weights from the same data, every time
+        T5ForConditionalGeneration(tiny_config(len(tokenizer))).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "lamp_grid.json").write_text(json.dumps({"built_from": str(data_dir), "tasks": list(tasks)}))
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    out_dir = Path(out_dir)
+    build_atomically(out_dir, build)
     return out_dir

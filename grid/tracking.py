@@ -14,7 +14,12 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from grid.environment import recorded
+from grid.spec import GridCell, varying_axes
 from lamp.errors import LampError
+from lamp.tasks import get_task
 
 VERSION = "0.1.0"
 OPEN = ("SCHEDULED", "RUNNING")
@@ -82,9 +87,6 @@ def share_cells_view(client, experiment: str, cells: list) -> None:
     axes that vary and each task's main dev metric as columns, and the data each run
     saw. MLflow keeps a view's columns in the browser alone, and shows no param or
     metric until asked; a shared view is kept in the experiment, for every reader."""
-    from grid.spec import varying_axes
-    from lamp.tasks import get_task
-
     params = list(varying_axes(cells)) or ["task"]
     metrics = dict.fromkeys(f"dev_{get_task(c.cell.task).main_metric}" for c in cells)
     columns = ([f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
@@ -119,6 +121,33 @@ def cell_runs(client, experiment: str) -> dict:
         if "lamp_grid.rerun_of" not in run.data.tags:
             runs.setdefault(run.data.tags["cell_key"], []).append(run)
     return runs
+
+
+@dataclass
+class CellResult:
+    """A cell's outcome: the newest run of it with this data and settings."""
+    cell: GridCell
+    status: str  # an MLflow run status, or MISSING
+    metrics: dict  # final dev metrics, "dev_<metric>"
+    run_id: str | None
+    environment: dict = field(default_factory=dict)  # its code and environment, as the run recorded them
+
+
+def summarize(by_key: dict, cells: list, fingerprints: dict | None = None) -> list:
+    """A CellResult per cell from its runs (cell_runs): its newest FINISHED run, else
+    its newest run. With fingerprints, only runs on that data (task -> fingerprint)
+    and with the cell's settings count."""
+    rows = []
+    for cell in cells:
+        runs = [r for r in by_key.get(cell.key, []) if fingerprints is None or (
+            r.data.tags.get("data_fingerprint") == fingerprints[cell.cell.task]
+            and r.data.tags.get("settings_hash") == cell.settings_hash)]
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        run = (finished or runs or [None])[0]
+        rows.append(CellResult(cell, run.info.status if run else "MISSING",
+                               {k: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("dev_")},
+                               run.info.run_id if run else None, recorded(run.data.tags) if run else {}))
+    return rows
 
 
 def newest_parent(client, experiment: str) -> str | None:

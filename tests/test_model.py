@@ -112,7 +112,7 @@ def test_vote_has_nothing_to_load():
 
 def test_a_hub_id_is_left_for_each_node_to_download():
     model = ModelRef("google/flan-t5-base", HUB, "google/flan-t5-base", "google/flan-t5-base", False)
-    assert model.for_nodes("/no/cache", log=None) == model
+    assert model.for_nodes("/no/cache", other_nodes=True, log=None) == model
     assert model.on_this_node() == "google/flan-t5-base"
 
 

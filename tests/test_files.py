@@ -1,0 +1,165 @@
+"""The I/O layer at the bottom of grid/: content hashing, atomic builds and writes,
+cleanup of dead builds (grid/storage.py); the row-group reader, the ordered
+map-and-write and the actor-memory fit (grid/pipeline.py)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from grid.pipeline import RowGroups, fit_actors, map_and_write
+from grid.storage import build_atomically, digest, file_digest, remove_dead_builds, write_atomically
+from lamp.errors import LampError
+from tests.cli import ROOT
+
+
+def test_a_digest_is_of_the_content_only(tmp_path):
+    assert digest("a", 1, [2]) == digest("a", 1, [2]) != digest("a", 1, [3])
+    assert digest("ab", "c") != digest("a", "bc")  # parts are kept apart
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.write_bytes(b"x" * 1000)
+    two.write_bytes(b"x" * 1000)
+    assert file_digest(one) == file_digest(two)
+    two.write_bytes(b"x" * 999 + b"y")
+    assert file_digest(one) != file_digest(two)
+
+
+def hidden(directory) -> list:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_a_build_that_fails_leaves_nothing_and_a_built_one_is_not_built_again(tmp_path):
+    final = tmp_path / "cache" / "entry"
+
+    def fail(tmp):
+        (tmp / "half.parquet").write_bytes(b"half")
+        raise RuntimeError("killed halfway")
+
+    with pytest.raises(RuntimeError):
+        build_atomically(final, fail)
+    assert not final.exists() and not hidden(final.parent)
+    assert build_atomically(final, lambda tmp: (tmp / "whole").write_text("whole"))
+    assert (final / "whole").read_text() == "whole" and not hidden(final.parent)
+    assert not build_atomically(final, fail)  # there already: build is not called
+
+
+KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+from grid.storage import build_atomically
+
+def build(tmp):
+    (tmp / "half").write_text("half")
+    time.sleep(60)
+
+build_atomically(Path(sys.argv[1]), build)
+"""
+
+
+def test_a_killed_build_leaves_no_result_and_the_next_build_removes_its_temporary(tmp_path):
+    final = tmp_path / "entry"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(final)], cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any((p / "half").exists() for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    (dead,) = hidden(tmp_path)
+    assert dead.startswith(f".entry.tmp-{socket.gethostname()}-{process.pid}-") and not final.exists()
+    assert build_atomically(final, lambda tmp: (tmp / "whole").write_text("whole"))
+    assert (final / "whole").read_text() == "whole" and not hidden(tmp_path)
+
+
+def test_only_dead_processes_temporaries_on_this_host_are_removed(tmp_path):
+    alive = tmp_path / f".a.tmp-{socket.gethostname()}-{os.getpid()}-x1"
+    elsewhere = tmp_path / ".b.tmp-another-host-1-x2"
+    unnamed = tmp_path / ".c.tmp-x3"  # no host or process in its name: whose it is cannot be told
+    for path in (alive, elsewhere, unnamed):
+        path.mkdir()
+    remove_dead_builds(tmp_path)
+    assert hidden(tmp_path) == [alive.name, elsewhere.name, unnamed.name]
+
+
+def test_a_file_written_atomically_is_replaced_whole(tmp_path):
+    path = tmp_path / "report.md"
+    write_atomically(path, b"first")
+    write_atomically(path, b"second")
+    assert path.read_bytes() == b"second" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def numbered(path, rows: int, group: int) -> None:
+    """A Parquet file of `rows` numbered rows, `group` rows per row group."""
+    pq.write_table(pa.table({"row": list(range(rows)), "value": [f"v{i}" for i in range(rows)]}), path,
+                   row_group_size=group)
+
+
+def test_row_groups_give_rows_by_number_remembering_a_few_groups(tmp_path):
+    path = tmp_path / "rows.parquet"
+    numbered(path, 25, 10)
+    rows = RowGroups(path, ["value"], remembered=2)
+    assert rows.group_of([0, 9, 10, 24]).tolist() == [0, 0, 1, 2]
+    assert [rows.row(i)["value"] for i in (24, 3, 12, 0)] == ["v24", "v3", "v12", "v0"]
+    assert list(rows.groups) == [1, 0] and rows.group(1).column_names == ["value"]
+
+
+class Doubled:
+    """A map_batches callable: each row twice over, as two outputs' rows."""
+
+    def __init__(self, fail_at=None):
+        self.fail_at = fail_at
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.fail_at is not None and self.fail_at in batch.column("row").to_pylist():
+            raise RuntimeError("a mapper failed")
+        return batch.drop_columns(["path"]).append_column("twice", pa.compute.multiply(batch.column("row"), 2))
+
+
+def halves(batch: pa.Table) -> dict:
+    return {"rows": batch.select(["row", "value"]), "twice": batch.select(["row", "twice"])}
+
+
+def test_the_ordered_map_and_write_keeps_each_files_rows_in_order(tmp_path, ray_local):
+    path = tmp_path / "a.parquet"
+    numbered(path, 300, 7)  # many small row groups: blocks for both actors, out of order if unordered
+    finals = {"rows": tmp_path / "out" / "rows", "twice": tmp_path / "out" / "twice"}
+    finished = {}
+
+    def finish(key, directory, rows):
+        finished[key] = rows
+        (directory / "rows.txt").write_text(str(rows))
+
+    map_and_write([path], Doubled, {}, finals, halves, "part.parquet", batch_size=5, memory=1 << 20,
+                  workers=2, finish=finish)
+    assert finished == {"rows": 300, "twice": 300}
+    assert pq.read_table(finals["rows"] / "part.parquet").equals(pq.read_table(path))
+    assert pq.read_table(finals["twice"] / "part.parquet").column("twice").to_pylist() == list(range(0, 600, 2))
+    assert (finals["twice"] / "rows.txt").read_text() == "300" and not hidden(tmp_path / "out")
+
+
+def test_a_failed_map_and_write_leaves_no_output(tmp_path, ray_local):
+    path = tmp_path / "a.parquet"
+    numbered(path, 60, 7)
+    finals = {"rows": tmp_path / "out" / "rows", "twice": tmp_path / "out" / "twice"}
+    with pytest.raises(Exception, match="a mapper failed"):
+        map_and_write([path], Doubled, {"fail_at": 50}, finals, halves, "part.parquet", batch_size=5,
+                      memory=1 << 20, workers=1)
+    assert not any(final.exists() for final in finals.values()) and not hidden(tmp_path / "out")
+    with pytest.raises(LampError, match="no rows"):
+        map_and_write([path], Doubled, {}, finals, lambda batch: {"rows": halves(batch)["rows"]}, "part.parquet",
+                      batch_size=5, memory=1 << 20, workers=1)
+    assert not any(final.exists() for final in finals.values()) and not hidden(tmp_path / "out")
+
+
+def test_actors_ask_for_no_more_memory_than_a_node_has_and_only_as_many_as_fit(ray_local):
+    memory = ray_local.cluster_resources()["memory"]
+    said = []
+    assert fit_actors(2, 1 << 20, "ranker", said.append) == (2, 1 << 20) and not said
+    assert fit_actors(3, int(memory * 0.6), "renderer", said.append) == (1, int(memory * 0.6))
+    assert said == [f"3 renderers of {memory * 0.6 / 2**30:.1f} GiB do not fit the cluster's memory: running 1"]
+    assert fit_actors(2, int(memory * 5), "ranker", print) == (1, int(memory))
