@@ -1,9 +1,11 @@
-"""`run`: a grid from spec to MLflow.
+"""`run`: a grid from spec to MLflow, in three steps, each a function.
 
-Everything that can be wrong is checked before any trial starts: the grid, the
-data, the model, the tracking store, the Ray cluster and whether a cell fits.
-Then the shards are prepared (a no-op when cached), the MLflow runs are made,
-and Ray Tune runs one trial per cell that is not already FINISHED.
+- preflight: everything that can be wrong is checked before any trial starts:
+  the grid, the tracking store, the Ray cluster and whether a cell fits.
+- plan: the data, the model and the rankings are prepared (a no-op when cached),
+  the pending cells rendered, their MLflow runs made, and the Tune trials set up.
+- execute: Ray Tune runs one trial per cell that is not already FINISHED, and
+  every run ends with a status, whatever stops it.
 """
 
 import json
@@ -216,6 +218,19 @@ def render_cells(cells: list, shards: dict, model: ModelRef, work: Workdir, cach
                        workers, log)
 
 
+@dataclass
+class Session:
+    """Where a run reads and writes, checked before any work: the work directory, the
+    MLflow store and the grid's experiment there, and the paths trials reach on any node."""
+    work: Workdir
+    client: object  # an MlflowClient of tracking_uri
+    tracking_uri: str
+    experiment: str  # its id
+    trial_tracking_uri: str  # the store as every node reaches it
+    cache: str
+    storage: str
+
+
 def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None = None,
              storage: str | None = None, cache: str | None = None, address: str | None = None,
              resources: Resources = Resources(),
@@ -235,12 +250,43 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     if dry_run:
         log(describe(spec, cells, model, resources))
         return []
+    command = command or f"python experiments.py run {spec.name}"
+    session = preflight(spec, cells, model, workdir, tracking_uri, storage, cache, address, resources, command,
+                        rerun_of, verbose, log)
+    data_dir, model, shards = prepare_grid(spec, cells, data, session.work, session.cache, address, users, log)
+    fingerprints = {task: digest(parts["train"].examples, parts["dev"].examples) for task, parts in shards.items()}
+    if resume:
+        plan, parent, tuner = restore(session.work.plan_file(spec.name), session.client, spec, log)
+    else:
+        by_key = tracking.cell_runs(session.client, session.experiment)
+        pending = pending_cells(cells, by_key, fingerprints, rerun_of, session.tracking_uri, log)
+        if not pending:
+            results = summarize(by_key, cells, fingerprints)
+            results_table(session.client, results, None, log)
+            return results
+        record = {"lamp_grid.command": command, "lamp_grid.data": str(data_dir),
+                  "lamp_grid.tasks": ",".join(spec.tasks),
+                  "lamp_grid.resources": json.dumps(asdict(resources), sort_keys=True), **code_state()}
+        plan, parent, tuner = plan_trials(spec, pending, session, shards, model, fingerprints, record, address,
+                                          resources, max_concurrent, retries, log_model, rerun_of, verbose, log)
+    execute(tuner, session.client, plan, parent, verbose)
+    if rerun_of:
+        return summarize({c.key: [session.client.get_run(r)] for c, r in zip(plan.cells, plan.run_ids)}, cells)
+    results = summarize(tracking.cell_runs(session.client, session.experiment), cells, fingerprints)
+    results_table(session.client, results, parent, log)
+    return results
+
+
+def preflight(spec: GridSpec, cells: list, model: ModelRef, workdir: Path, tracking_uri: str | None,
+              storage: str | None, cache: str | None, address: str | None, resources: Resources, command: str,
+              rerun_of: str | None, verbose: bool, log) -> Session:
+    """Everything that can be refused before any work: the tracking store and the
+    grid's experiment, the Ray cluster, and whether a cell fits it."""
     # Absolute paths: trials run in Ray workers whose working directory is not ours.
     work = Workdir(Path(workdir).resolve())
     work.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or work.tracking_uri
     client = tracking.connect(tracking_uri)
-    command = command or f"python experiments.py run {spec.name}"
     # A rerun's one cell says nothing of the grid: the experiment's description and view stay the grid's.
     experiment = tracking.experiment_id(client, spec.name,
                                         work.artifacts if tracking_uri.startswith("sqlite") else None,
@@ -256,44 +302,53 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     storage = storage or work.storage
     trial_tracking_uri = for_other_nodes(tracking_uri, client.get_experiment(experiment).artifact_location,
                                          cache, storage, log)
-    data_dir, model, shards = prepare_grid(spec, cells, data, work, cache, address, users, log)
-    fingerprints = {task: digest(parts["train"].examples, parts["dev"].examples) for task, parts in shards.items()}
+    return Session(work, client, tracking_uri, experiment, trial_tracking_uri, cache, storage)
 
-    record = {"lamp_grid.command": command, "lamp_grid.data": str(data_dir), "lamp_grid.tasks": ",".join(spec.tasks),
-              "lamp_grid.resources": json.dumps(asdict(resources), sort_keys=True), **code_state()}
-    plan_file = work.plan_file(spec.name)
-    if resume:
-        plan, parent, tuner = restore(plan_file, client, spec, log)
-    else:
-        by_key = tracking.cell_runs(client, experiment)
-        done = {(key, run.data.tags.get("data_fingerprint"), run.data.tags.get("settings_hash"))
-                for key, runs in by_key.items() for run in runs if run.info.status == "FINISHED"}
-        pending = cells if rerun_of else [c for c in cells
-                                          if (c.key, fingerprints[c.cell.task], c.settings_hash) not in done]
-        if not rerun_of:
-            log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
-                f"running {len(pending)}")
-        if not pending:
-            results = summarize(by_key, cells, fingerprints)
-            results_table(client, results, None, log)
-            return results
-        renders = render_cells(pending, shards, model, work, cache, address, log=log)
-        parent = tracking.start_parent(client, experiment, spec.name, record, rerun_of)
-        run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name,
-                                         renders.get(c.key, {}), record, rerun_of) for c in pending]
-        plan = RunPlan(pending, run_ids, shards, renders, model, trial_tracking_uri, storage, resources, log_model)
-        name = f"{spec.name}-{parent[:8]}"
-        path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
-        from grid.progress import CellProgress  # heavy: it imports Ray Tune
-        from grid.trial import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
 
-        tuner = new_tuner(trainable(run_trial, plan=plan), [c.key for c in pending], name, plan.storage,
-                          max_concurrent or trials_that_fit(resources), retries,
-                          [] if verbose else [CellProgress(pending, log)], verbose)
-        # What --resume needs to pick this run up again after an interruption.
-        plan_file.parent.mkdir(parents=True, exist_ok=True)
-        plan_file.write_bytes(pickle.dumps({"plan": plan, "parent": parent, "tune_path": path}))
+def pending_cells(cells: list, by_key: dict, fingerprints: dict, rerun_of: str | None, tracking_uri: str,
+                  log) -> list:
+    """The cells to run: those without a FINISHED run on the same data and settings
+    (every cell, for a rerun)."""
+    if rerun_of:
+        return cells
+    done = {(key, run.data.tags.get("data_fingerprint"), run.data.tags.get("settings_hash"))
+            for key, runs in by_key.items() for run in runs if run.info.status == "FINISHED"}
+    pending = [c for c in cells if (c.key, fingerprints[c.cell.task], c.settings_hash) not in done]
+    log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
+        f"running {len(pending)}")
+    return pending
 
+
+def plan_trials(spec: GridSpec, pending: list, session: Session, shards: dict, model: ModelRef,
+                fingerprints: dict, record: dict, address: str | None, resources: Resources,
+                max_concurrent: int | None, retries: int, log_model: bool, rerun_of: str | None, verbose: bool,
+                log) -> tuple:
+    """(RunPlan, parent run id, Tune tuner) for the pending cells: their renders, their
+    MLflow runs, and the plan that --resume picks up after an interruption."""
+    from grid.progress import CellProgress  # heavy: it imports Ray Tune
+    from grid.trial import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
+
+    client, experiment = session.client, session.experiment
+    renders = render_cells(pending, shards, model, session.work, session.cache, address, log=log)
+    parent = tracking.start_parent(client, experiment, spec.name, record, rerun_of)
+    run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name,
+                                     renders.get(c.key, {}), record, rerun_of) for c in pending]
+    plan = RunPlan(pending, run_ids, shards, renders, model, session.trial_tracking_uri, session.storage, resources,
+                   log_model)
+    name = f"{spec.name}-{parent[:8]}"
+    path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
+    tuner = new_tuner(trainable(run_trial, plan=plan), [c.key for c in pending], name, plan.storage,
+                      max_concurrent or trials_that_fit(resources), retries,
+                      [] if verbose else [CellProgress(pending, log)], verbose)
+    plan_file = session.work.plan_file(spec.name)
+    plan_file.parent.mkdir(parents=True, exist_ok=True)
+    plan_file.write_bytes(pickle.dumps({"plan": plan, "parent": parent, "tune_path": path}))
+    return plan, parent, tuner
+
+
+def execute(tuner, client, plan: RunPlan, parent: str, verbose: bool) -> None:
+    """Runs the trials; whatever ends them (done, failed, Ctrl-C), leaves no MLflow
+    run RUNNING: each cell's run and the parent get their final status."""
     # Tune's newer console output prints its experiment's settings and paths at any
     # verbosity; the older one is silent at 0. Set for fit() alone: a process (and its
     # children, a Ray head among them) keeps its environment.
@@ -316,11 +371,6 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         tracking.close_open_runs(client, plan.run_ids, "KILLED" if status == "KILLED" else "FAILED")
         finished = all(client.get_run(r).info.status == "FINISHED" for r in plan.run_ids)
         client.set_terminated(parent, "FINISHED" if finished else ("KILLED" if status == "KILLED" else "FAILED"))
-    if rerun_of:
-        return summarize({c.key: [client.get_run(r)] for c, r in zip(plan.cells, plan.run_ids)}, cells)
-    results = summarize(tracking.cell_runs(client, experiment), cells, fingerprints)
-    results_table(client, results, parent, log)
-    return results
 
 
 def grid_description(spec: GridSpec, cells: list, command: str) -> str:
