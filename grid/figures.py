@@ -1,12 +1,12 @@
 """The figures of SPEC §9, drawn from a report's rows, with the study's published
 values beside ours where a grid reproduces one of its figures.
 
-- change bars: each setting's change against `none`, with its paired interval;
-- metric vs k: a line per setting that differs only in k (whole numbers), with
+- change bars: each arm's change against `none`, with its paired interval;
+- metric vs k: a line per arm that differs only in k (whole numbers), with
   a band (over seeds with two or more, else over dev examples);
 - metric vs fraction: the same over fractional k.
 
-A setting is labelled by the axes on which it differs from the others drawn
+An arm is labelled by the axes on which it differs from the others drawn
 with it (e.g. `only_output`, or `Random`), which is also how published values
 (task -> {"change": {label: change}} or {"curves": {label: {k: value}}}) are
 matched to it.
@@ -37,7 +37,7 @@ def is_fraction(k) -> bool:
 
 
 def curves(rows: list, fractional: bool) -> dict:
-    """label -> rows along k, for settings that differ only in k (at least two k each)."""
+    """label -> rows along k, for arms that differ only in k (at least two k each)."""
     candidates = [r for r in rows if r.values and not r.baseline and is_fraction(r.cell.k) == fractional]
     lines = {}
     for row, label in zip(candidates, labels([r.cell for r in candidates], ignore=("k",))):
@@ -46,23 +46,23 @@ def curves(rows: list, fractional: bool) -> dict:
 
 
 def changes(rows: list) -> dict:
-    """label -> row, for settings with a change against `none`."""
+    """label -> row, for arms with a change against `none`."""
     compared = [r for r in rows if r.delta is not None]
     return dict(zip(labels([r.cell for r in compared]), compared))
 
 
 def published_values(rows: list, published: dict) -> dict:
-    """setting -> the study's value for it, as text, for the report's table."""
+    """arm -> the study's value for it, as text, for the report's table."""
     text = {}
     for label, row in changes(rows).items():
         if label in published.get("change", {}):
-            text[row.setting] = f"{published['change'][label]:+.4f} (change)"
+            text[row.arm] = f"{published['change'][label]:+.4f} (change)"
     for fractional in (False, True):
         for label, line in curves(rows, fractional).items():
             for row in line:
                 value = published.get("curves", {}).get(label, {}).get(row.cell.k)
                 if value is not None:
-                    text[row.setting] = f"{value:.4f}"
+                    text[row.arm] = f"{value:.4f}"
     return text
 
 

@@ -1,7 +1,7 @@
-"""What a grid found: per task, each setting's main dev metric, its change against
+"""What a grid found: per task, each arm's main dev metric, its change against
 the non-personalized cell, and whether that change is real.
 
-A *setting* is a cell without its seed; a row of the report is a setting, its
+An *arm* is a cell without its seed; a row of the report is an arm, its
 metric the mean over its seeds. Two kinds of interval:
 - over seeds: a t interval of the mean (two seeds or more);
 - over dev examples: a percentile bootstrap. A change against `none` is paired:
@@ -44,13 +44,13 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 @dataclass
 class Comparison:
-    setting: str
+    arm: str
     cell: Cell  # the axes (its seed is the first seed's)
     task: str
     metric: str
     values: dict  # seed -> main dev metric, of the seeds that FINISHED
     missing: dict = field(default_factory=dict)  # seed -> status, of the seeds that did not
-    baseline: bool = False  # the task's `none` setting, which the others are compared against
+    baseline: bool = False  # the task's `none` arm, which the others are compared against
     seeds_low: float | None = None  # 95% t interval of the mean over seeds
     seeds_high: float | None = None
     examples_low: float | None = None  # 95% bootstrap interval over dev examples
@@ -145,11 +145,11 @@ def seeds_interval(values: list) -> tuple:
 
 
 def compare_cells(client, results: list) -> list:
-    """A Comparison per setting (CellResults grouped over seeds); each against
-    the `none` setting of its task and model."""
+    """A Comparison per arm (CellResults grouped over seeds); each against
+    the `none` arm of its task and model."""
     groups = {}
     for result in results:
-        groups.setdefault(result.cell.setting, []).append(result)
+        groups.setdefault(result.cell.arm, []).append(result)
     cache = {}
 
     def examples(result):
@@ -158,34 +158,34 @@ def compare_cells(client, results: list) -> list:
         return cache[result.run_id]
 
     rows, finished = [], {}
-    for setting, group in groups.items():
+    for arm, group in groups.items():
         cell = group[0].cell
         metric = get_task(cell.cell.task).main_metric
-        finished[setting] = {r.cell.cell.seed: r for r in group if r.status == "FINISHED"}
-        prompts = {name: [r.metrics[f"dev_{name}"] for r in finished[setting].values() if f"dev_{name}" in r.metrics]
+        finished[arm] = {r.cell.cell.seed: r for r in group if r.status == "FINISHED"}
+        prompts = {name: [r.metrics[f"dev_{name}"] for r in finished[arm].values() if f"dev_{name}" in r.metrics]
                    for name in ("items_shown", "input_cut_share")}
-        rows.append(Comparison(setting, cell.cell, cell.cell.task, metric,
-                               values={s: r.metrics[f"dev_{metric}"] for s, r in finished[setting].items()},
+        rows.append(Comparison(arm, cell.cell, cell.cell.task, metric,
+                               values={s: r.metrics[f"dev_{metric}"] for s, r in finished[arm].items()},
                                missing={r.cell.cell.seed: r.status for r in group if r.status != "FINISHED"},
                                baseline=cell.cell.retriever == "none",
                                items_shown=float(np.mean(prompts["items_shown"])) if prompts["items_shown"] else None,
                                input_cut=(float(np.mean(prompts["input_cut_share"])) if prompts["input_cut_share"]
                                           else None)))
     # A cell is compared with the `none` cell of its task, model and recipe.
-    model = {setting: (group[0].cell.model, group[0].cell.cell.recipe) for setting, group in groups.items()}
-    baselines = {(r.task, model[r.setting]): r for r in rows if r.baseline and r.values}
+    model = {arm: (group[0].cell.model, group[0].cell.cell.recipe) for arm, group in groups.items()}
+    baselines = {(r.task, model[r.arm]): r for r in rows if r.baseline and r.values}
     for row in rows:
-        runs = finished[row.setting]
+        runs = finished[row.arm]
         if not runs:
             continue
         if len(runs) > 1:
             row.seeds_low, row.seeds_high = seeds_interval(list(row.values.values()))
         row.examples_low, row.examples_high = examples_interval(row.task, row.metric,
                                                                 [examples(r) for r in runs.values()])
-        base = baselines.get((row.task, model[row.setting]))
-        seeds = sorted(set(runs) & set(finished[base.setting])) if base is not None and base is not row else []
+        base = baselines.get((row.task, model[row.arm]))
+        seeds = sorted(set(runs) & set(finished[base.arm])) if base is not None and base is not row else []
         if seeds:
-            pairs = [(examples(runs[s]), examples(finished[base.setting][s])) for s in seeds]
+            pairs = [(examples(runs[s]), examples(finished[base.arm][s])) for s in seeds]
             row.delta, row.low, row.high, row.p_value = paired_statistics(row.task, row.metric, pairs)
     return rows
 
@@ -211,17 +211,17 @@ def prompt_text(row: Comparison) -> str:
 
 
 def format_table(rows: list) -> str:
-    """The console table: per task, each setting's metric, change against `none`,
+    """The console table: per task, each arm's metric, change against `none`,
     its 95% paired bootstrap CI over dev examples and p-value."""
     lines = []
     for task in dict.fromkeys(r.task for r in rows):
         lines.append(f"{header(task)}; the dev prompts' mean items shown and share of inputs cut; change "
                      "against `none`, 95% paired bootstrap CI over dev examples, p (paired permutation test)")
         mine = [r for r in rows if r.task == task]
-        width = max(len(r.setting) for r in mine)
+        width = max(len(r.arm) for r in mine)
         for r in mine:
             if not r.values:
-                lines.append(f"  {r.setting:<{width}}  missing ({missing_text(r)})")
+                lines.append(f"  {r.arm:<{width}}  missing ({missing_text(r)})")
                 continue
             if r.delta is None:
                 change = "(baseline)" if r.baseline else "(no `none` cell to compare with)"
@@ -230,7 +230,7 @@ def format_table(rows: list) -> str:
                 change = f"{r.delta:+.4f}  [{r.low:+.4f}, {r.high:+.4f}]  p={r.p_value:.4f}{verdict}"
             seeds = f"  ({len(r.values)} seeds)" if len(r.values) > 1 else ""
             missing = f"  missing: {missing_text(r)}" if r.missing else ""
-            lines.append(f"  {r.setting:<{width}}  {r.value:.4f}  {prompt_text(r)}  {change}{seeds}{missing}")
+            lines.append(f"  {r.arm:<{width}}  {r.value:.4f}  {prompt_text(r)}  {change}{seeds}{missing}")
     return "\n".join(lines)
 
 
@@ -265,16 +265,16 @@ def table_rows(rows: list, published: dict) -> list:
             "95% paired bootstrap CI", "p", "items shown", "inputs cut", "published"]]
     for r in rows:
         if not r.values:
-            out.append([r.setting, "0", f"missing ({missing_text(r)})", "", "", "", "", "", "", "", ""])
+            out.append([r.arm, "0", f"missing ({missing_text(r)})", "", "", "", "", "", "", "", ""])
             continue
         seeds = str(len(r.values)) + (f" (missing: {missing_text(r)})" if r.missing else "")
         change = "baseline" if r.baseline else ("" if r.delta is None else f"{r.delta:+.4f}"
                                                 + ("" if r.significant else " (not significant)"))
         p = "" if r.p_value is None else f"{r.p_value:.4f}"
-        out.append([r.setting, seeds, f"{r.value:.4f}", interval(r.seeds_low, r.seeds_high),
+        out.append([r.arm, seeds, f"{r.value:.4f}", interval(r.seeds_low, r.seeds_high),
                     interval(r.examples_low, r.examples_high), change, interval(r.low, r.high), p,
                     "" if r.items_shown is None else f"{r.items_shown:.1f}",
-                    "" if r.input_cut is None else f"{r.input_cut:.1%}", published.get(r.setting, "")])
+                    "" if r.input_cut is None else f"{r.input_cut:.1%}", published.get(r.arm, "")])
     return out
 
 

@@ -124,8 +124,9 @@ class GridCell:
         return self.name(with_seed=True)
 
     @property
-    def setting(self) -> str:
-        """The cell's name without its seed: what a report averages over seeds."""
+    def arm(self) -> str:
+        """The cell's name without its seed: an arm of the grid (docs/design.md), what a
+        report averages over seeds."""
         return self.name(with_seed=False)
 
     def name(self, with_seed: bool) -> str:

@@ -104,11 +104,11 @@ def test_a_cell_is_rebuilt_from_the_params_it_logs():
         assert GridCell.from_params(params, "run") == cell
 
 
-def test_a_setting_is_its_cells_across_seeds():
+def test_an_arm_is_its_cells_across_seeds():
     cells = spec().cells()
-    settings = {c.setting for c in cells}
-    assert len(settings) == len(cells) // 2  # two seeds
-    assert "LaMP_3/lamp/BM25/k=2/only_output/start/offset=0/tiny" in settings
+    arms = {c.arm for c in cells}
+    assert len(arms) == len(cells) // 2  # two seeds
+    assert "LaMP_3/lamp/BM25/k=2/only_output/start/offset=0/tiny" in arms
 
 
 def test_a_quick_look_with_the_tiny_model_takes_its_schedule():
