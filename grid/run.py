@@ -301,7 +301,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         name = f"{spec.name}-{parent[:8]}"
         path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
         from grid.progress import CellProgress
-        from grid.trial import run_trial
+        from grid.trial.driver import run_trial
 
         tuner = new_tuner(trainable(run_trial, plan=plan), [c.key for c in pending], name, plan.storage,
                           max_concurrent or trials_that_fit(resources), retries,
@@ -392,7 +392,7 @@ def restore(plan_file: Path, client, spec: GridSpec, log):
     """The interrupted Tune experiment of this grid, its plan, and its MLflow runs reopened."""
     from ray import tune
 
-    from grid.trial import run_trial
+    from grid.trial.driver import run_trial
 
     if not plan_file.exists():
         raise LampError(f"--resume: no interrupted run of grid {spec.name!r} in {plan_file.parent}")
