@@ -19,7 +19,6 @@ from pathlib import Path
 
 from grid.trial.weights import portable_config
 from lamp.errors import LampError
-from lamp.metrics import score_examples
 
 VERSION = "0.1.0"
 OPEN = ("SCHEDULED", "RUNNING")
@@ -205,6 +204,8 @@ class MlflowLog:
 
     def results(self, task: str, ids, golds, predictions, rows, ds_config) -> None:
         """Artifacts: LaMP-format predictions, per-example scores, sample prompts, the DeepSpeed config."""
+        from lamp.metrics import score_examples  # deferred: it imports sklearn, which most commands never need
+
         per_example = score_examples(task, golds, predictions)
         with tempfile.TemporaryDirectory() as directory:
             out = Path(directory)
