@@ -1,7 +1,7 @@
 """Benchmark: the floor of a grid's trials, Tune trials whose Ray Train run does no work.
 
 Each trial is what `run` makes of a cell, less the cell: `run`'s Tune trial
-driver (a sliver of CPU) fits `run`'s TorchTrainer (grid.trial.cell_trainer:
+driver (a sliver of CPU) fits `run`'s TorchTrainer (grid.trial.driver.cell_trainer:
 one worker of 0.5 CPU, a Ray Data train set, TuneReportCallback, checkpoints
 kept).
 The training function imports torch, DeepSpeed and transformers, as the real
@@ -36,7 +36,7 @@ from report import write_result  # bench/report.py: scripts run from bench/
 from grid.cluster import ensure_ray, trials_that_fit
 from grid.run import new_tuner, trainable
 from grid.spec import Resources
-from grid.trial import cell_trainer
+from grid.trial.driver import cell_trainer
 
 EPOCHS = 3
 
@@ -53,7 +53,7 @@ def train_nothing(config: dict) -> None:
 
 
 def empty_trial(config: dict, resources: Resources, storage: str) -> None:
-    """A trial as grid.trial.run_trial makes it, less the cell: the same Ray Train run."""
+    """A trial as grid.trial.driver.run_trial makes it, less the cell: the same Ray Train run."""
     train = pa.table({"input_ids": [[1] * 90] * 1000, "labels": [[1] * 10] * 1000})
     cell_trainer(train_nothing, {}, {"train": ray.data.from_arrow(train)}, resources,
                  tune.get_context().get_trial_id(), storage).fit()

@@ -326,7 +326,7 @@ def plan_trials(spec: GridSpec, pending: list, session: Session, shards: dict, m
     """(RunPlan, parent run id, Tune tuner) for the pending cells: their renders, their
     MLflow runs, and the plan that --resume picks up after an interruption."""
     from grid.progress import CellProgress  # heavy: it imports Ray Tune
-    from grid.trial import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
+    from grid.trial.driver import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
 
     client, experiment = session.client, session.experiment
     renders = render_cells(pending, shards, model, session.work, session.cache, address, log=log)
@@ -430,7 +430,7 @@ def restore(plan_file: Path, client, spec: GridSpec, log):
     """The interrupted Tune experiment of this grid, its plan, and its MLflow runs reopened."""
     from ray import tune
 
-    from grid.trial import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
+    from grid.trial.driver import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
 
     if not plan_file.exists():
         raise LampError(f"--resume: no interrupted run of grid {spec.name!r} in {plan_file.parent}")

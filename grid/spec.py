@@ -87,7 +87,7 @@ class Training:
     checkpoint_every: int = 1  # epochs between saved training states (what a retry resumes from)
     limit_train: int | None = None  # examples, for quick looks
     limit_dev: int | None = None
-    deterministic: bool = True  # torch's deterministic kernels (and cuBLAS's workspace) on the GPU: grid/trial.py
+    deterministic: bool = True  # torch's deterministic kernels (and cuBLAS's workspace) on the GPU: grid/trial/hardware.py
 
     def epochs_for(self, task: str) -> int:
         return get_task(task).epochs if self.epochs is None else self.epochs

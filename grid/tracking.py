@@ -11,13 +11,16 @@ what a dead invocation left open KILLED before it starts.
 
 import json
 import socket
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from grid.environment import recorded
 from grid.spec import GridCell, varying_axes
+from grid.trial.weights import portable_config
 from lamp.errors import LampError
 from lamp.tasks import get_task
 
@@ -199,6 +202,71 @@ def log_datasets(client, run_id: str, task: str, inputs: dict) -> None:
         Dataset(name=f"{task}-{context}", digest=data.digest, source_type="lamp-grid cache",
                 source=json.dumps({"uri": data.path}), profile=json.dumps({"num_rows": data.rows})),
         tags=[InputTag("mlflow.data.context", context)]) for context, data in inputs.items()])
+
+
+SAMPLE_PROMPTS = 20  # the prompts a cell keeps as an artifact, to read what the model saw
+
+
+class MlflowLog:
+    """Rank 0's writes to the cell's MLflow run."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri=uri), run_id
+
+    def tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def train_order(self, epoch: int, batches: list) -> None:
+        """The ids each optimizer step of the epoch trained on, the global batch in workers' rank order."""
+        self.client.log_dict(self.run_id, {"epoch": epoch, "batches": batches}, f"train_order/epoch-{epoch}.json")
+
+    def metrics(self, metrics: dict, step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def results(self, task: str, ids, golds, predictions, rows, ds_config) -> None:
+        """Artifacts: LaMP-format predictions, per-example scores, sample prompts, the DeepSpeed config."""
+        from lamp.metrics import score_examples  # deferred: it imports sklearn, which most commands never need
+
+        per_example = score_examples(task, golds, predictions)
+        with tempfile.TemporaryDirectory() as directory:
+            out = Path(directory)
+            (out / "predictions.json").write_text(json.dumps(
+                {"task": task, "golds": [{"id": i, "output": p} for i, p in zip(ids, predictions)]}))
+            (out / "per_example_scores.json").write_text(json.dumps(
+                [{"id": i, "gold": g, "prediction": p, **{k: v[n] for k, v in per_example.items()}}
+                 for n, (i, g, p) in enumerate(zip(ids, golds, predictions))]))
+            (out / "sample_prompts.json").write_text(json.dumps(
+                [{"id": r["id"], "prompt": r["prompt"], "retrieved": list(r["retrieved"]), "gold": r["output"]}
+                 for r in rows[:SAMPLE_PROMPTS]], indent=1))
+            (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+            for path in sorted(out.iterdir()):
+                self.client.log_artifact(self.run_id, str(path))
+
+    def model(self, model, tokenizer) -> None:
+        """The model as an MLflow `transformers` model, the run's `model` artifact:
+        `mlflow.transformers.load_model("runs:/<run id>/model", return_type="components")`."""
+        import mlflow.transformers
+        import torch
+        import transformers
+
+        portable_config(model)
+        with tempfile.TemporaryDirectory() as directory:
+            out = Path(directory) / "model"
+            # transformers 5 has one generation pipeline, text-generation (text2text is gone): a
+            # seq2seq model is saved under it and comes back whole as components. The requirements
+            # are named: MLflow's own guess imports torchvision, which nothing here needs.
+            mlflow.transformers.save_model(
+                {"model": model, "tokenizer": tokenizer}, str(out), task="text-generation",
+                pip_requirements=[f"transformers=={transformers.__version__}",
+                                  f"torch=={torch.__version__.split('+')[0]}"])
+            self.client.log_artifacts(self.run_id, str(out), "model")
 
 
 def describe_invocation(client, parent: str) -> None:

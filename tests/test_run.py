@@ -11,9 +11,7 @@ import time
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from grid.run import Workdir, run_grid
 from grid.spec import Resources, parse_grid

@@ -1,22 +1,16 @@
-"""The trial's pieces that decide hardware, batches, decoding and checkpoints, each
-checked on its own; the whole trial runs in test_run.py."""
+"""The trial's pieces (grid/trial/) that decide hardware, batches, decoding,
+checkpoints and a cell's end, each checked on its own; the whole trial runs in
+test_run.py."""
 
 import json
 
 import pytest
 import torch
 
-from grid.trial import (
-    BestWeights,
-    all_reduce,
-    deepspeed_config,
-    generate,
-    load_tokenizer,
-    micro_batch,
-    native_bf16,
-    portable_config,
-    spread_over,
-)
+from grid.trial.decoding import generate, load_tokenizer
+from grid.trial.hardware import all_reduce, deepspeed_config, micro_batch, native_bf16, spread_over
+from grid.trial.loop import Clock, finish
+from grid.trial.weights import BestEpoch, BestWeights, portable_config
 
 SETTINGS = {"batch_size": 6, "lr": 1e-3, "weight_decay": 0.0, "warmup": 0.1}
 
@@ -45,7 +39,7 @@ def worker_sees(config):
 
     import ray.train
 
-    from grid.trial import worker_device
+    from grid.trial.hardware import worker_device
 
     # What a CPU head ships in its job's environment must not decide for the worker.
     os.environ["DS_ACCELERATOR"] = config["shipped"]
@@ -119,6 +113,10 @@ def test_a_decoder_only_model_under_the_study_recipe_decodes_as_its_llama_2_did(
     assert all("\n" not in p and not p.startswith('"') and "Answer:" not in p for p in predictions)
 
 
+def files_in(directory) -> list:
+    return sorted(p.name for p in directory.iterdir())
+
+
 def test_best_weights_are_kept_per_epoch_and_pruned_to_what_states_point_to(tmp_path):
     best = BestWeights(str(tmp_path / "best"))
     for epoch in (0, 2, 3):
@@ -126,9 +124,65 @@ def test_best_weights_are_kept_per_epoch_and_pruned_to_what_states_point_to(tmp_
     assert best.load(2)["w"].tolist() == [2.0, 2.0]
     assert best.load(-1) is None
     best.keep_only({2, 3})
-    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["epoch-2.pt", "epoch-3.pt"]
+    assert files_in(tmp_path / "best") == ["epoch-2.pt", "epoch-3.pt"]
     uri = BestWeights((tmp_path / "best").as_uri())  # the same through a URI, as s3:// would be
     assert uri.load(3)["w"].tolist() == [3.0, 3.0]
+
+
+def test_the_best_epoch_is_the_one_that_improved_and_a_retry_reads_its_weights_back(tmp_path):
+    """Lower is better (LaMP_3's MAE): epoch 1 is the best. An epoch's file goes once
+    neither of the last two saved training states points to it."""
+    engine = type("Engine", (), {"module": torch.nn.Linear(2, 1)})()
+    best = BestEpoch(str(tmp_path / "best"), higher_is_better=False)
+    for epoch, metric in enumerate([0.9, 0.4, 0.6]):
+        with torch.no_grad():
+            engine.module.weight.fill_(float(epoch))
+        best.offer(metric, epoch, engine, zero_stage=0, rank=0)
+        if epoch == 0:
+            best.checkpointed(rank=0)
+    assert (best.metric, best.epoch, best.state["weight"].tolist()) == (0.4, 1, [[1.0, 1.0]])
+    assert files_in(tmp_path / "best") == ["epoch-0.pt", "epoch-1.pt"]
+    best.checkpointed(rank=0)  # a state that points to epoch 1; the one before, to epoch 0, may be the newest committed
+    assert files_in(tmp_path / "best") == ["epoch-0.pt", "epoch-1.pt"]
+    best.checkpointed(rank=0)
+    assert files_in(tmp_path / "best") == ["epoch-1.pt"]
+    retry = BestEpoch(str(tmp_path / "best"), higher_is_better=False)
+    retry.resume(best.as_saved())
+    assert (retry.metric, retry.epoch, retry.saved) == (0.4, 1, 1)
+    assert retry.state["weight"].tolist() == [[1.0, 1.0]]
+
+
+class RecordedLog:
+    """What finish() writes to a cell's run, kept in memory."""
+
+    def __init__(self):
+        self.metrics_logged, self.results_logged = [], []
+
+    def metrics(self, metrics: dict, step: int = 0) -> None:
+        self.metrics_logged.append(metrics)
+
+    def results(self, task, ids, golds, predictions, rows, ds_config) -> None:
+        self.results_logged.append((task, ids, golds, predictions, ds_config))
+
+
+def test_a_cell_ends_with_its_dev_metrics_then_its_measures_logged_by_rank_0_only():
+    rows = [{"id": "a", "output": "3"}, {"id": "b", "output": "5"}]
+    log = RecordedLog()
+    final = finish(log, "LaMP_3", rows, ["3", "4"], {"n_params": 7}, {"bf16": {"enabled": False}})
+    assert final == {"dev_MAE": 0.5, "dev_RMSE": pytest.approx(0.5 ** 0.5), "n_params": 7}
+    assert list(final) == ["dev_MAE", "dev_RMSE", "n_params"]
+    assert log.metrics_logged == [final]
+    assert log.results_logged == [("LaMP_3", ["a", "b"], ["3", "5"], ["3", "4"], {"bf16": {"enabled": False}})]
+    assert finish(None, "LaMP_3", rows, ["3", "4"], {}) == {"dev_MAE": 0.5, "dev_RMSE": pytest.approx(0.5 ** 0.5)}
+
+
+def test_training_speeds_count_the_steps_only_and_a_retry_that_trained_nothing_has_none():
+    clock = Clock(loop_start=100.0)
+    assert clock.speeds(torch.device("cpu")) == {}
+    clock.train_s, clock.checkpoint_s, clock.examples, clock.tokens, clock.loop_end = 2.0, 1.0, 8, 100, 104.0
+    assert clock.speeds(torch.device("cpu")) == {"train_s": 2.0, "train_examples_per_s": 4.0,
+                                                 "train_tokens_per_s": 50.0, "checkpoint_s": 1.0,
+                                                 "checkpoint_share": 0.25}
 
 
 def test_a_model_spread_over_gpus_takes_this_workers_gpus_only():
