@@ -178,6 +178,9 @@ def in_worker(holder: subprocess.Popen, args) -> list:
             str(ROOT), *map(str, args)]
 
 
+# --- a node's processes ----------------------------------------------------------------
+
+
 def netns_processes(link: Link, spare: int) -> list:
     """Every process in the worker's network namespace but `spare` (the namespace holder)."""
     inode = os.stat(f"/run/netns/{link.ns}").st_ino
