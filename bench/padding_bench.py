@@ -6,7 +6,7 @@ throughput counts real (non-pad) tokens. The prompts are a grid's worth of
 LaMP-shaped lengths: synthetic LaMP_2 and LaMP_4 train prompts of the cells
 none, BM25 k=1 and BM25 k=4, shuffled together.
 
-    python bench/padding_bench.py [--batches 30]
+    python bench/padding_bench.py [--batches 30] [--batch-size 8] [--users 200]
 """
 
 import argparse
@@ -23,10 +23,10 @@ from report import write_result  # bench/report.py: scripts run from bench/
 from transformers import AutoModelForSeq2SeqLM
 
 from grid.model import ModelRef
+from grid.order import TrainRows, global_batches, pad
 from grid.render import cell_table
 from grid.shards import prepare
 from grid.tiny import build_tiny_model
-from grid.order import TrainRows, global_batches, pad
 from lamp.cell import Cell
 from lamp.synth import write_synthetic
 
@@ -48,13 +48,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--users", type=int, default=200, help="synthetic users per task")
     parser.add_argument("--out", default="bench/results/padding.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="lamp-pad-"))
     try:
         tasks = ["LaMP_2", "LaMP_4"]
-        write_synthetic(work / "data", tasks, users=200, seed=0, profile_size=60)
+        write_synthetic(work / "data", tasks, users=args.users, seed=0, profile_size=60)
         model_path = build_tiny_model(work / "data", tasks, work / "tiny")
         tiny = ModelRef.named(str(model_path)).resolved()
         examples = []

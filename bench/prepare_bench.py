@@ -9,7 +9,7 @@ side in one run:
 Also: examples ranked per second, our vectorized BM25 against a plain
 rank_bm25 loop on the same data.
 
-    python bench/prepare_bench.py [--users 2500] [--out bench/results/prepare.json]
+    python bench/prepare_bench.py [--users 2500] [--profile-size 287] [--out bench/results/prepare.json]
 """
 
 import argparse
@@ -25,7 +25,7 @@ from report import write_result  # bench/report.py: scripts run from bench/
 from transformers import AutoTokenizer
 
 from grid.render import CellPrompts
-from grid.shards import prepare
+from grid.shards import load_examples, prepare
 from grid.tiny import build_tiny_model
 from lamp.cell import Cell
 from lamp.data import find_splits, read_examples
@@ -57,6 +57,46 @@ def study_cell(examples, cell, tokenizer, tokens):
     return prompts
 
 
+def ours(shards: list, cells: list, tokenizer) -> tuple:
+    """Every cell rendered from the shards `prepare` wrote: ({(cell, split): prompts}, seconds)."""
+    start = time.perf_counter()
+    tokens = TokenizerTokens(tokenizer, remember=1 << 20)  # one memory for the whole grid
+    loaded = {s.split: load_examples(s.examples) for s in shards}
+    prompts = {}
+    for cell in cells:
+        for s in shards:
+            rows = list(range(len(loaded[s.split])))
+            prompts[cell, s.split] = [p.text for p in CellPrompts(s, cell).render(rows, loaded[s.split], tokens)]
+    return prompts, time.perf_counter() - start
+
+
+def theirs(examples: dict, cells: list, tokenizer) -> tuple:
+    """Every cell the study's way, from scratch: ({(cell, split): prompts}, seconds)."""
+    start = time.perf_counter()
+    prompts = {}
+    for i, cell in enumerate(cells):
+        for split, exs in examples.items():
+            # A fresh tokenizer memory per cell: the study recomputed everything per run.
+            prompts[cell, split] = study_cell(exs, cell, tokenizer, TokenizerTokens(tokenizer))
+        print(f"  study's way: {i + 1}/{len(cells)} cells, {time.perf_counter() - start:.0f} s", flush=True)
+    return prompts, time.perf_counter() - start
+
+
+def ranking_seconds(examples: list) -> tuple:
+    """Seconds to rank every example: (a rank_bm25 loop, our vectorized BM25)."""
+    start = time.perf_counter()
+    for e in examples:
+        query = extract_query(TASK, e.input)
+        items = drop_query_items(TASK, e.profile, e.input)
+        BM25Okapi([document_text(TASK, item).split() for item in items]).get_scores(query.split())
+    loop_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for e in examples:
+        query = extract_query(TASK, e.input)
+        bm25_ranking(TASK, query, drop_query_items(TASK, e.profile, e.input))
+    return loop_s, time.perf_counter() - start
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--users", type=int, default=2500)
@@ -66,57 +106,25 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="lamp-bench-"))
     try:
         write_synthetic(work / "data", [TASK], users=args.users, seed=0, profile_size=args.profile_size)
-        splits = find_splits(work / "data", [TASK])
-        examples = {s.split: list(read_examples(s)) for s in splits}
-        model = build_tiny_model(work / "data", [TASK], work / "tiny")
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        examples = {s.split: list(read_examples(s)) for s in find_splits(work / "data", [TASK])}
+        tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(work / "data", [TASK], work / "tiny"))
         cells = [Cell(TASK, "BM25", k, ablation, order)
                  for ablation, order, k in itertools.product(ABLATIONS, ORDERS, KS)]
-        n_examples = sum(len(v) for v in examples.values())
-        profile = sum(len(e.profile) for v in examples.values() for e in v) / n_examples
-        input_words = sum(len(extract_query(TASK, e.input).split()) for v in examples.values() for e in v)
+        flat = [e for v in examples.values() for e in v]
+        n_examples = len(flat)
+        profile = sum(len(e.profile) for e in flat) / n_examples
+        input_words = sum(len(extract_query(TASK, e.input).split()) for e in flat)
         print(f"{n_examples} examples, mean profile {profile:.0f} items, "
               f"mean article {input_words / n_examples:.0f} words; {len(cells)} cells")
 
-        # Ours: prepare once, then render every cell from the shards.
         start = time.perf_counter()
         shards = prepare(work / "data", work / "cache", retrievers=["BM25"], seeds=[0])
         prepare_s = time.perf_counter() - start
-        start = time.perf_counter()
-        tokens = TokenizerTokens(tokenizer, remember=1 << 20)  # one memory for the whole grid
-        loaded = {s.split: CellPrompts(s, cells[0]).examples for s in shards}
-        ours = {}
-        for cell in cells:
-            for s in shards:
-                cell_prompts = CellPrompts(s, cell, examples=loaded[s.split])
-                ours[cell, s.split] = [cell_prompts.render(row, tokens).text for row in range(len(loaded[s.split]))]
-        render_s = time.perf_counter() - start
-        print(f"ours: prepare {prepare_s:.1f} s + render 48 cells {render_s:.1f} s")
-
-        # The study's way, every cell from scratch.
-        start = time.perf_counter()
-        theirs = {}
-        for i, cell in enumerate(cells):
-            for split, exs in examples.items():
-                # A fresh tokenizer memory per cell: the study recomputed everything per run.
-                theirs[cell, split] = study_cell(exs, cell, tokenizer, TokenizerTokens(tokenizer))
-            print(f"  study's way: {i + 1}/{len(cells)} cells, {time.perf_counter() - start:.0f} s", flush=True)
-        study_s = time.perf_counter() - start
-        assert ours == theirs, "both ways must give the same prompts"
-
-        # Ranking throughput on the same examples: vectorized BM25 vs a rank_bm25 loop.
-        flat = [e for v in examples.values() for e in v]
-        start = time.perf_counter()
-        for e in flat:
-            query = extract_query(TASK, e.input)
-            items = drop_query_items(TASK, e.profile, e.input)
-            BM25Okapi([document_text(TASK, item).split() for item in items]).get_scores(query.split())
-        loop_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for e in flat:
-            query = extract_query(TASK, e.input)
-            bm25_ranking(TASK, query, drop_query_items(TASK, e.profile, e.input))
-        ours_rank_s = time.perf_counter() - start
+        our_prompts, render_s = ours(shards, cells, tokenizer)
+        print(f"ours: prepare {prepare_s:.1f} s + render {len(cells)} cells {render_s:.1f} s")
+        their_prompts, study_s = theirs(examples, cells, tokenizer)
+        assert our_prompts == their_prompts, "both ways must give the same prompts"
+        loop_s, ours_rank_s = ranking_seconds(flat)
 
         result = {
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",

@@ -40,14 +40,15 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from memory_peaks import ProcessPeaks, max_rss_mb, peak_mb, reset_peak  # bench/: scripts run from bench/
+from report import write_result
 
 REPO = Path(__file__).resolve().parent.parent
 FIG_B_K = (1, 2, 3, 4, 16, 32, 48, 64, 80)
@@ -64,83 +65,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def status_kb(pid, field: str) -> int:
-    """A field of /proc/PID/status in kB (VmHWM: peak resident set; VmRSS: now)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak() -> None:
-    """Resets this process's VmHWM to its current RSS (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_mb() -> float:
-    return round(status_kb("self", "VmHWM") / 1024, 1)
-
-
-def max_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: kB
-
-
 def prompts_digest(prompts: list) -> str:
     h = hashlib.blake2b(digest_size=12)
     for prompt in prompts:
         h.update(prompt.encode())
         h.update(b"\0")
     return h.hexdigest()
-
-
-def parent_pid(pid) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[1])  # the command may hold spaces and parentheses
-
-
-def descends_from(pid, root: int, depth: int = 4) -> bool:
-    """Whether `root` is among the process's first `depth` ancestors (a local Ray's
-    workers are children of its raylet, a child of the driver)."""
-    for _ in range(depth):
-        pid = parent_pid(pid)
-        if pid == root:
-            return True
-        if pid <= 1:
-            return False
-    return False
-
-
-class ProcessPeaks(threading.Thread):
-    """VmHWM of this process's descendants whose command line contains `marker`,
-    polled: each one's highest value seen (a process exiting between polls keeps the
-    last). Only descendants: other sessions on a shared machine run their own Ray."""
-
-    def __init__(self, marker: bytes, every: float = 0.25):
-        super().__init__(daemon=True)
-        self.marker, self.every, self.peaks, self.done = marker, every, {}, threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.poll()
-            self.done.wait(self.every)
-
-    def poll(self) -> None:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            try:
-                if self.marker in Path(f"/proc/{pid}/cmdline").read_bytes() and descends_from(pid, os.getpid()):
-                    self.peaks[pid] = max(self.peaks.get(pid, 0), status_kb(pid, "VmHWM"))
-            except OSError:  # gone meanwhile
-                continue
-
-    def stop(self) -> dict:
-        self.poll()
-        self.done.set()
-        self.join()
-        peaks = [kb / 1024 for kb in self.peaks.values()]
-        return {"processes": len(peaks), "max_mb": round(max(peaks, default=0), 1),
-                "sum_mb": round(sum(peaks), 1)}
 
 
 def cell_specs() -> list:
@@ -430,6 +360,73 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def time_trials(args, data: Path, sizes: dict, caches: dict, work: Path, baseline: Path, model: str) -> tuple:
+    """Step 3: a trial's start to its first step, old vs new, at two sizes: one process per
+    path, the smaller size first. At --scale the caches prepared before are reused.
+    Returns (per size, the error that stopped them or None)."""
+    from grid.tiny import TINY_TRAINING
+    from lamp.synth import write_like_lamp
+
+    runs = {"old": [], "new": []}
+    train_examples = {}
+    for scale in ([] if args.no_trials else sorted({args.small_scale, args.scale})):
+        trial_data = data if scale == args.scale else work / f"data-{scale}"
+        train_examples[scale] = (sizes["LaMP_2"] if scale == args.scale
+                                 else write_like_lamp(trial_data, ["LaMP_2"], scale)["LaMP_2"])[0]
+        for path in runs:
+            workdir = work / f"trial-{path}-{scale}"
+            runs[path].append({"scale": scale, "data": str(trial_data), "workdir": str(workdir),
+                               "cache": str(caches[path] if scale == args.scale else workdir / "cache")})
+    grid = {"name": "scale-bench", "tasks": ["LaMP_2"], "model": model, "recipe": "lamp",
+            "axes": [{"retriever": ["BM25"], "k": [4]}],
+            "training": {**TINY_TRAINING, "epochs": 1, "limit_dev": args.limit_dev}}
+    try:  # the render numbers are written even if a trial run fails
+        timed = {path: run_child("trials", tree, {"grid": grid, "runs": runs[path]}, work, args.timeout)
+                 for path, tree in (("old", baseline), ("new", REPO)) if runs[path]}
+        return [{"scale": scale, "train_examples": n,
+                 **{path: {k: round(v, 2) for k, v in timed[path][str(scale)].items()} for path in timed},
+                 "ratio": round(timed["old"][str(scale)]["trial_start_to_first_step_s"]
+                                / timed["new"][str(scale)]["trial_start_to_first_step_s"], 2)}
+                for scale, n in train_examples.items()], None
+    except (subprocess.SubprocessError, KeyError, ZeroDivisionError) as error:
+        log(f"trial timings failed: {type(error).__name__}: {error}")
+        return [], f"{type(error).__name__}: {error}"
+
+
+def measure(args, work: Path, baseline: Path) -> dict:
+    """Steps 1-3 on data written once; the numbers the result holds."""
+    from grid.tiny import build_tiny_model
+    from lamp.synth import write_like_lamp
+
+    lamp3_scale = args.lamp3_scale or args.scale
+    data = work / "data"
+    sizes = {"scale": args.scale, "lamp3_scale": lamp3_scale,
+             **write_like_lamp(data, ["LaMP_2"], args.scale), **write_like_lamp(data, ["LaMP_3"], lamp3_scale)}
+    log(f"data: {sizes}")
+    model = str(build_tiny_model(data, ["LaMP_2", "LaMP_3"], work / "tiny"))
+    base = {"data": str(data), "model": model}
+    # 1-2. prepare, and rendering on both paths; each path in a fresh process.
+    caches = {"new": work / "cache", "old": work / "cache-old"}
+    new = run_child("new", REPO, {**base, "cache": str(caches["new"]), "cache_single": str(work / "cache-single")},
+                    work, args.timeout)
+    old = run_child("old", baseline, {**base, "cache": str(caches["old"]), "k80_out": str(work)}, work, args.timeout)
+    checked = compare_prompts(old, new, work)
+    log(f"prompts: the same on both paths ({checked})")
+    trials, trials_error = time_trials(args, data, sizes, caches, work, baseline, model)
+    return {
+        "sizes": sizes, "limit_dev": args.limit_dev,
+        "prepare": {"ray_start_s": round(new["ray_start_s"], 1),
+                    "LaMP_2_s": round(new["prepare_LaMP_2_s"], 2), "LaMP_3_s": round(new["prepare_LaMP_3_s"], 2),
+                    "baseline_prepare_s": round(old["prepare_s"], 2)},
+        "render": render_numbers(old, new), "prompts_checked": checked,
+        "rss": {"old_process_mb": old["max_rss_mb"], "new_process_mb": new["max_rss_mb"]},
+        "old_per_cell": {label: {s: {k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()
+                                     if k != "digest"} for s, t in splits.items()}
+                         for label, splits in old["cells"].items()},
+        "trials": trials, **({"trials_error": trials_error} if trials_error else {}),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=0.05, help="fraction of LaMP's question counts")
@@ -449,14 +446,7 @@ def main():
         Path(job["result"]).write_text(json.dumps(CHILDREN[args.child](job)))
         return
 
-    from report import write_result  # bench/report.py: scripts run from bench/
-
-    from grid.tiny import TINY_TRAINING, build_tiny_model
-    from lamp.synth import write_like_lamp
-
     command = "python bench/scale_bench.py " + " ".join(sys.argv[1:])
-    lamp3_scale = args.lamp3_scale or args.scale
-    out = str(Path(args.out).resolve())
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="lamp-scale-"))
@@ -468,70 +458,16 @@ def main():
         worktree = True
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=baseline, check=True,
                              capture_output=True, text=True).stdout.strip()
-        data = work / "data"
-        sizes = {"scale": args.scale, "lamp3_scale": lamp3_scale,
-                 **write_like_lamp(data, ["LaMP_2"], args.scale), **write_like_lamp(data, ["LaMP_3"], lamp3_scale)}
-        log(f"data: {sizes}")
-        model = str(build_tiny_model(data, ["LaMP_2", "LaMP_3"], work / "tiny"))
-        base = {"data": str(data), "model": model}
-
-        # 1-2. prepare, and rendering on both paths; each path in a fresh process.
-        caches = {"new": work / "cache", "old": work / "cache-old"}
-        new = run_child("new", REPO, {**base, "cache": str(caches["new"]), "cache_single": str(work / "cache-single")},
-                        work, args.timeout)
-        old = run_child("old", baseline, {**base, "cache": str(caches["old"]), "k80_out": str(work)}, work,
-                        args.timeout)
-        checked = compare_prompts(old, new, work)
-        log(f"prompts: the same on both paths ({checked})")
-        render = render_numbers(old, new)
-
-        # 3. A trial's start to its first step, old vs new, at two sizes: one process per
-        # path, the smaller size first. At --scale the caches prepared above are reused.
-        runs = {"old": [], "new": []}
-        train_examples = {}
-        for scale in ([] if args.no_trials else sorted({args.small_scale, args.scale})):
-            trial_data = data if scale == args.scale else work / f"data-{scale}"
-            train_examples[scale] = (sizes["LaMP_2"] if scale == args.scale
-                                     else write_like_lamp(trial_data, ["LaMP_2"], scale)["LaMP_2"])[0]
-            for path in runs:
-                workdir = work / f"trial-{path}-{scale}"
-                runs[path].append({"scale": scale, "data": str(trial_data), "workdir": str(workdir),
-                                   "cache": str(caches[path] if scale == args.scale else workdir / "cache")})
-        grid = {"name": "scale-bench", "tasks": ["LaMP_2"], "model": model, "recipe": "lamp",
-                "axes": [{"retriever": ["BM25"], "k": [4]}],
-                "training": {**TINY_TRAINING, "epochs": 1, "limit_dev": args.limit_dev}}
-        trials, trials_error = [], None
-        try:  # the render numbers above are written even if a trial run fails
-            timed = {path: run_child("trials", tree, {"grid": grid, "runs": runs[path]}, work, args.timeout)
-                     for path, tree in (("old", baseline), ("new", REPO)) if runs[path]}
-            trials = [{"scale": scale, "train_examples": n,
-                       **{path: {k: round(v, 2) for k, v in timed[path][str(scale)].items()} for path in timed},
-                       "ratio": round(timed["old"][str(scale)]["trial_start_to_first_step_s"]
-                                      / timed["new"][str(scale)]["trial_start_to_first_step_s"], 2)}
-                      for scale, n in train_examples.items()]
-        except (subprocess.SubprocessError, KeyError, ZeroDivisionError) as error:
-            trials_error = f"{type(error).__name__}: {error}"
-            log(f"trial timings failed: {trials_error}")
-
-        result = {
-            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "load_at_start": load, "command": command, "out": args.out, "baseline": f"{args.baseline_rev} ({rev})",
-            "wall_s": round(time.perf_counter() - started, 1), "sizes": sizes, "limit_dev": args.limit_dev,
-            "prepare": {"ray_start_s": round(new["ray_start_s"], 1),
-                        "LaMP_2_s": round(new["prepare_LaMP_2_s"], 2), "LaMP_3_s": round(new["prepare_LaMP_3_s"], 2),
-                        "baseline_prepare_s": round(old["prepare_s"], 2)},
-            "render": render, "prompts_checked": checked,
-            "rss": {"old_process_mb": old["max_rss_mb"], "new_process_mb": new["max_rss_mb"]},
-            "old_per_cell": {label: {s: {k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()
-                                         if k != "digest"} for s, t in splits.items()}
-                             for label, splits in old["cells"].items()},
-            "trials": trials, **({"trials_error": trials_error} if trials_error else {}),
-        }
-        write_result(result, out)
+        numbers = measure(args, work, baseline)
+        result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                  "load_at_start": load, "command": command, "out": args.out,
+                  "baseline": f"{args.baseline_rev} ({rev})", "wall_s": round(time.perf_counter() - started, 1),
+                  **numbers}
+        write_result(result, str(Path(args.out).resolve()))
         print()
         print(markdown(result, command))
-        if trials_error:
-            raise SystemExit(f"trial timings failed: {trials_error}")
+        if numbers.get("trials_error"):
+            raise SystemExit(f"trial timings failed: {numbers['trials_error']}")
     finally:
         if worktree:
             subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, check=False)

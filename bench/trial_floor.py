@@ -3,7 +3,8 @@
 Each trial is what `run` makes of a cell, less the cell: `run`'s Tune trial
 driver (a sliver of CPU) fits `run`'s TorchTrainer (grid.trial.driver.cell_trainer:
 one worker of 0.5 CPU, a Ray Data train set, TuneReportCallback, checkpoints
-kept).
+kept, rank 0 logging system metrics to the cell's MLflow run, made beforehand
+as `run` makes them).
 The training function imports torch, DeepSpeed and transformers, as the real
 one does, and reports three epochs with a small checkpoint each. Trials run as
 many at a time as `run` would start (grid.run.trials_that_fit). What is left
@@ -30,6 +31,7 @@ import pyarrow as pa
 import ray
 import ray.data
 import ray.train
+from mlflow.tracking import MlflowClient
 from ray import tune
 from report import write_result  # bench/report.py: scripts run from bench/
 
@@ -52,11 +54,11 @@ def train_nothing(config: dict) -> None:
             ray.train.report({"epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def empty_trial(config: dict, resources: Resources, storage: str) -> None:
+def empty_trial(config: dict, resources: Resources, storage: str, tracking_uri: str, run_ids: list) -> None:
     """A trial as grid.trial.driver.run_trial makes it, less the cell: the same Ray Train run."""
     train = pa.table({"input_ids": [[1] * 90] * 1000, "labels": [[1] * 10] * 1000})
-    cell_trainer(train_nothing, {}, {"train": ray.data.from_arrow(train)}, resources,
-                 tune.get_context().get_trial_id(), storage).fit()
+    cell_trainer(train_nothing, {"tracking_uri": tracking_uri, "run_id": run_ids[config["cell"]]},
+                 {"train": ray.data.from_arrow(train)}, resources, tune.get_context().get_trial_id(), storage).fit()
 
 
 def busy_cpu_s() -> float:
@@ -84,8 +86,13 @@ def main():
         ensure_ray()
         resources = Resources()
         at_once = trials_that_fit(resources)
+        tracking_uri = f"sqlite:///{storage}/mlflow.db"
+        client = MlflowClient(tracking_uri)
+        experiment = client.create_experiment("floor")
+        run_ids = [client.create_run(experiment).info.run_id for _ in range(args.trials)]
         cpu, start = busy_cpu_s(), time.perf_counter()
-        tuner = new_tuner(trainable(empty_trial, resources=resources, storage=storage),
+        tuner = new_tuner(trainable(empty_trial, resources=resources, storage=storage, tracking_uri=tracking_uri,
+                                    run_ids=run_ids),
                           [f"trial-{n}" for n in range(args.trials)], "floor", storage, at_once, retries=0)
         grid = tuner.fit()
         wall, cpu = time.perf_counter() - start, busy_cpu_s() - cpu

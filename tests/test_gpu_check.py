@@ -1,4 +1,4 @@
-"""bench/gpu_check.py end to end on CPU (--cpu: tiny shapes): every cell of its three
+"""checks/gpu_check.py end to end on CPU (--cpu: tiny shapes): every cell of its three
 grids finishes through run_grid, and the trial's throughput metrics reach MLflow."""
 
 import json
@@ -14,7 +14,7 @@ TRAINING = ["train_s", "train_examples_per_s", "train_tokens_per_s", "checkpoint
 
 @pytest.mark.slow
 def test_gpu_check_runs_on_cpu(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu",
+    done = subprocess.run([sys.executable, str(ROOT / "checks" / "gpu_check.py"), "--cpu",
                            "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=1200, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -50,7 +50,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
 def test_a_failed_trials_error_is_found_by_its_cell_index(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "checks" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     # As run names a grid's Tune folder and its trials' (grid.run.new_tuner).

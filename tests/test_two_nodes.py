@@ -1,4 +1,4 @@
-"""A grid on a worker node that shares nothing with the head: bench/cluster_check.py,
+"""A grid on a worker node that shares nothing with the head: checks/cluster_check.py,
 which builds the two nodes in Linux namespaces on this machine (root needed; the
 test is skipped, with the script's reason, where the machine refuses them)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "cluster_check.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "checks" / "cluster_check.py"
 REFUSED = 77  # the script's exit status when the machine will not make namespaces
 TIMEOUT = 1800  # the script gives itself 1500 s, then fails and cleans up
 EXPECTED = [
@@ -46,7 +46,7 @@ def run_check() -> subprocess.CompletedProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             output, _ = process.communicate()
-        pytest.fail(f"bench/cluster_check.py ran past {TIMEOUT} s; its output ends:\n{tail(output)}")
+        pytest.fail(f"checks/cluster_check.py ran past {TIMEOUT} s; its output ends:\n{tail(output)}")
     return subprocess.CompletedProcess(process.args, process.returncode, output)
 
 

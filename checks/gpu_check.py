@@ -18,13 +18,14 @@ model FLOPs utilization (MFU = 6 x params x train tokens/s / the GPU's peak),
 peak GPU memory and the share of the epoch loop spent checkpointing, all read
 back from the cell's MLflow run; and writes them to OUT/gpu_check.json.
 
-    .venv/bin/python bench/gpu_check.py            # on a machine with one NVIDIA GPU (under 8 minutes)
-    .venv/bin/python bench/gpu_check.py --quick    # the same, less data and one epoch: under 5 minutes
-    .venv/bin/python bench/gpu_check.py --cpu      # the same on CPU with tiny shapes (a few minutes)
+    .venv/bin/python checks/gpu_check.py            # on a machine with one NVIDIA GPU (under 8 minutes)
+    .venv/bin/python checks/gpu_check.py --quick    # the same, less data and one epoch: under 5 minutes
+    .venv/bin/python checks/gpu_check.py --cpu      # the same on CPU with tiny shapes (a few minutes)
 
-Options: --out DIR (default bench/results); --workdir DIR (default a temporary
-folder, removed at the end: give one to keep the MLflow store whose run ids the
-JSON names); --epochs N and --limit-train N to shrink or grow the training cells.
+Options: --out DIR (default bench/results, beside the benchmarks' results);
+--workdir DIR (default a temporary folder, removed at the end: give one to keep
+the MLflow store whose run ids the JSON names); --epochs N and --limit-train N
+to shrink or grow the training cells.
 """
 
 import argparse

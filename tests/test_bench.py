@@ -1,0 +1,87 @@
+"""Every benchmark of bench/ at a tiny size (a smoke run), so that none can rot: each
+exits 0 and writes its result, with the fields BENCHMARKS.md reads, into the test's
+own directory (never bench/results/). The numbers of a smoke run mean nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lamp.data import find_splits, read_examples
+from lamp.synth import write_synthetic
+from tests.cli import ROOT
+
+
+def run_bench(script: str, *args, timeout: float) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout, check=False)
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def bench_result(script: str, out, *args, timeout: float = 600) -> dict:
+    run_bench(script, *args, "--out", out, timeout=timeout)
+    return json.loads(out.read_text())
+
+
+def test_prepare_bench_renders_the_same_prompts_both_ways(tmp_path):
+    result = bench_result("prepare_bench.py", tmp_path / "prepare.json", "--users", 8, "--profile-size", 20)
+    assert result["examples"] == 8 and result["cells"] == 48  # 4 ablations x 4 orders x 3 k
+    for field in ("study_way_s", "ours_prepare_s", "ours_render_s", "ours_total_s", "speedup",
+                  "rank_bm25_loop_examples_per_s", "vectorized_bm25_examples_per_s",
+                  "prepare_examples_ranked_per_s"):
+        assert result[field] >= 0, field
+
+
+def test_make_big_lamp3_writes_copies_with_unique_ids(tmp_path):
+    write_synthetic(tmp_path / "src", ["LaMP_3"], users=10, seed=0)
+    run_bench("make_big_lamp3.py", tmp_path / "src", tmp_path / "big", "--copies", 3, timeout=120)
+    (source,) = [s for s in find_splits(tmp_path / "src", ["LaMP_3"]) if s.split == "train"]
+    (big,) = find_splits(tmp_path / "big", ["LaMP_3"])
+    originals, copies = list(read_examples(source)), list(read_examples(big))
+    assert len(copies) == 3 * len(originals)
+    assert len({e.id for e in copies}) == len(copies)
+    assert [(e.input, e.output) for e in copies] == [(e.input, e.output) for e in originals] * 3
+
+
+@pytest.mark.slow
+def test_padding_bench_trains_the_same_tokens_both_ways(tmp_path):
+    result = bench_result("padding_bench.py", tmp_path / "padding.json", "--users", 20, "--batches", 2,
+                          "--batch-size", 2)
+    assert result["batches"] == 2 and result["batch_size"] == 2
+    assert 0 < result["prompt_tokens_mean"] <= result["prompt_tokens_max"] <= 512
+    assert result["dynamic_tokens_per_s"] > 0 and result["pad_to_512_tokens_per_s"] > 0 and result["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_trial_floor_times_an_empty_trial(tmp_path):
+    result = bench_result("trial_floor.py", tmp_path / "trial_floor.json", "--trials", 1)
+    assert result["trials"] == 1 and result["at_once"] >= 1
+    for field in ("python_loop_s", "wall_s", "machine_cpu_s", "cpu_s_per_trial", "wall_s_per_trial",
+                  "trials_s_for_12"):
+        assert result[field] >= 0, field
+
+
+@pytest.mark.slow
+def test_order_bench_compares_a_checkout_with_itself(tmp_path):
+    result = bench_result("order_bench.py", tmp_path / "order.json", "--smoke")
+    assert result["baseline"] == "this checkout" and result["rounds"] == 1
+    assert set(result["per_cell"]) == {"baseline", "this"}
+    for runs in result["per_cell"].values():
+        assert [len(run) for run in runs] == [1]  # one cell a run
+    assert all(v > 0 for v in result["train_examples_per_s"].values()) and result["ratio_this_to_baseline"] > 0
+
+
+@pytest.mark.slow
+def test_scale_bench_renders_the_same_prompts_on_both_paths(tmp_path):
+    out = tmp_path / "scale.json"
+    done = run_bench("scale_bench.py", "--scale", 0.001, "--small-scale", 0.001, "--limit-dev", 4, "--out", out,
+                     timeout=1500)
+    result = json.loads(out.read_text())
+    assert result["prompts_checked"]["cells_compared"] == 19  # paper-fig-b's 18 and the LaMP_3 cell
+    for group in ("fig_b", "lamp3", "k80", "all"):
+        assert result["render"][group]["examples"] > 0 and result["render"][group]["speedup"] > 0, group
+    (trial,) = result["trials"]
+    assert trial["old"]["trial_start_to_first_step_s"] > 0 and trial["new"]["trial_start_to_first_step_s"] > 0
+    assert "| all 19 cells |" in done.stdout  # the markdown table BENCHMARKS.md takes
