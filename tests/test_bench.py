@@ -25,6 +25,7 @@ def bench_result(script: str, out, *args, timeout: float = 600) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_prepare_bench_renders_the_same_prompts_both_ways(tmp_path):
     result = bench_result("prepare_bench.py", tmp_path / "prepare.json", "--users", 8, "--profile-size", 20)
     assert result["examples"] == 8 and result["cells"] == 48  # 4 ablations x 4 orders x 3 k
@@ -76,12 +77,12 @@ def test_order_bench_compares_a_checkout_with_itself(tmp_path):
 @pytest.mark.slow
 def test_scale_bench_renders_the_same_prompts_on_both_paths(tmp_path):
     out = tmp_path / "scale.json"
-    done = run_bench("scale_bench.py", "--scale", 0.001, "--small-scale", 0.001, "--limit-dev", 4, "--out", out,
+    # Without its trial timings (step 3): a trial of each path is minutes here, and
+    # tests/test_run.py runs today's trials.
+    done = run_bench("scale_bench.py", "--scale", 0.001, "--small-scale", 0.001, "--no-trials", "--out", out,
                      timeout=1500)
     result = json.loads(out.read_text())
     assert result["prompts_checked"]["cells_compared"] == 19  # paper-fig-b's 18 and the LaMP_3 cell
     for group in ("fig_b", "lamp3", "k80", "all"):
         assert result["render"][group]["examples"] > 0 and result["render"][group]["speedup"] > 0, group
-    (trial,) = result["trials"]
-    assert trial["old"]["trial_start_to_first_step_s"] > 0 and trial["new"]["trial_start_to_first_step_s"] > 0
     assert "| all 19 cells |" in done.stdout  # the markdown table BENCHMARKS.md takes
