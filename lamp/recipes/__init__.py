@@ -29,7 +29,7 @@ class Recipe(Protocol):
                  dev: list = ()) -> list:
         """Per example of examples[:limit], in file order, the profile items its prompt is built from."""
 
-    def prompts(self, cell, examples: list, items: list, tokens, max_tokens: int) -> list:
+    def prompts(self, cell, examples: list, items: list, counter, max_tokens: int) -> list:
         """The lamp.prompts.Prompt of each example, from its retrieved items, for a budget of max_tokens."""
 
     def prompt_tokens(self, decoder_only: bool, max_tokens: int) -> int:
