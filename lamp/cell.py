@@ -19,7 +19,7 @@ class Cell:
     seed: int = 0
     input_retriever: str | None = None
     output_retriever: str | None = None
-    recipe: str = "lamp"  # SPEC §7a: `lamp`, or `study` (the study's code, reproduced); see lamp.recipes
+    recipe: str = "lamp"  # docs/design.md §7a: `lamp`, or `study` (the study's code, reproduced); see lamp.recipes
 
     def check(self) -> None:
         """Refuses, in one line, a cell that cannot run."""

@@ -1,4 +1,4 @@
-"""Prompt rendering, the `lamp` recipe (SPEC §5-7): which half of each retrieved
+"""Prompt rendering, the `lamp` recipe (docs/design.md §5-7): which half of each retrieved
 item is shown, where the most relevant items sit, and the token budget.
 
 The budget is a hard cap on what the model receives, special tokens included.

@@ -1,4 +1,4 @@
-"""Recipes (SPEC §7a): how a cell's prompts are made, and how its model's answers
+"""Recipes (docs/design.md §7a): how a cell's prompts are made, and how its model's answers
 are read. `lamp` is ours (lamp/recipes/lamp.py); `study` is the study's code,
 reproduced (lamp/recipes/study.py). A cell names its recipe (Cell.recipe: an
 MLflow param and part of the cell's key); whatever differs between recipes, the

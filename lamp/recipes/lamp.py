@@ -1,4 +1,4 @@
-"""The `lamp` recipe (SPEC §5-7), ours: every retriever ranks a split's candidates
+"""The `lamp` recipe (docs/design.md §5-7), ours: every retriever ranks a split's candidates
 once and a cell selects a window of the rankings (lamp/retrieval.py); its prompts
 fit a hard token budget, the task input whole (lamp/prompts.py)."""
 

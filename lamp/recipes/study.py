@@ -1,4 +1,4 @@
-"""The `study` recipe (SPEC §7a): the study's retrieval and prompts, reproduced
+"""The `study` recipe (docs/design.md §7a): the study's retrieval and prompts, reproduced
 from its code, defects included, so that its published numbers are compared
 like with like.
 
