@@ -1,4 +1,4 @@
-"""The figures of SPEC §9, drawn from a report's rows, with the study's published
+"""The figures of docs/design.md §9, drawn from a report's rows, with the study's published
 values beside ours where a grid reproduces one of its figures.
 
 - change bars: each arm's change against `none`, with its paired interval;

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from grid.model import TINY, VOTE, ModelRef
 from lamp.data import find_splits, read_examples
 from lamp.errors import LampError
-from lamp.prompts import TokenizerTokens, WhitespaceTokens
+from lamp.prompts import TokenCounter, WordCounter
 from lamp.recipes import get_recipe
 from lamp.retrieval import ItemPool
 
@@ -23,17 +23,17 @@ class ReferencePrompt:
     length: int  # tokens, or whitespace words without a model
 
 
-def load_tokens(name) -> tuple:
+def load_counter(name) -> tuple:
     """(token counting for the budget, whether the model is decoder-only): the
     model's tokenizer, or whitespace words."""
     if name is None:
-        return WhitespaceTokens(), False
+        return WordCounter(), False
     model = ModelRef.named(name)
     if model.kind in (TINY, VOTE):
         raise LampError(f"render --model {name}: name a hub id or a local model folder (`tiny` and `vote` are "
                         "made by a grid: `prepare --grid` renders its cells)")
     model = model.resolved()
-    return TokenizerTokens(model.tokenizer()), model.decoder_only
+    return TokenCounter(model.tokenizer()), model.decoder_only
 
 
 def reference_prompts(cell, data, split: str, model: str | None, max_tokens: int, limit: int | None) -> list:
@@ -45,7 +45,7 @@ def reference_prompts(cell, data, split: str, model: str | None, max_tokens: int
             splits[found.split] = found
     if split not in splits:
         raise LampError(f"{data}: no {cell.task} {split} split")
-    tokens, decoder_only = load_tokens(model)
+    counter, decoder_only = load_counter(model)
     examples = list(read_examples(splits[split]))
     pool, users = None, {}
     recipe = get_recipe(cell.recipe)
@@ -55,11 +55,11 @@ def reference_prompts(cell, data, split: str, model: str | None, max_tokens: int
         users = {name: examples if name == split else list(read_examples(splits[name]))
                  for name in ("train", "dev") if name in splits}
     max_tokens = recipe.prompt_tokens(decoder_only, max_tokens)
-    prompts = cell.render_split(examples, tokens, max_tokens, pool, users.get("train", ()), users.get("dev", ()),
+    prompts = cell.render_split(examples, counter, max_tokens, pool, users.get("train", ()), users.get("dev", ()),
                                 limit)
     texts, ids = [p.text for p in prompts], None
     if model:  # what the model reads
-        texts, ids = recipe.model_inputs(tokens.tokenizer, cell.task, texts, max_tokens, decoder_only)
+        texts, ids = recipe.model_inputs(counter.tokenizer, cell.task, texts, max_tokens, decoder_only)
     return [ReferencePrompt(example.id, [item["id"] for item in prompt.items], texts[n], ids[n] if ids else None,
-                            prompt.input_cut, len(ids[n]) if ids else tokens.count(texts[n]))
+                            prompt.input_cut, len(ids[n]) if ids else counter.count(texts[n]))
             for n, (example, prompt) in enumerate(zip(examples, prompts))]

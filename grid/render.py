@@ -66,7 +66,7 @@ from grid.shards import (
 from grid.model import HUB, ModelRef
 from grid.storage import digest, file_digest, is_published, join, open_input
 from lamp.errors import LampError
-from lamp.prompts import MAX_PROMPT_TOKENS, TokenizerTokens, WhitespaceTokens
+from lamp.prompts import MAX_PROMPT_TOKENS, TokenCounter, WordCounter
 from lamp.recipes import get_recipe
 from lamp.retrieval import ranked_sides, select
 
@@ -82,8 +82,8 @@ PROMPT_SCHEMA = pa.schema([("render", pa.int32()), ("row", pa.int64()), ("id", p
 TOKEN_SCHEMA = pa.schema([(name, pa.list_(pa.int32())) for name in ("prompt_ids", "input_ids", "labels")])
 
 
-def rendering_code() -> str:
-    """The rendering code's own source: a change to it invalidates stored renders."""
+def rendering_code_digest() -> str:
+    """A hash of the rendering code's own source: a change to it invalidates stored renders."""
     modules = (lamp.cell, lamp.prompts, lamp.recipes, lamp.recipes.lamp, lamp.recipes.study, lamp.retrieval,
                lamp.seeding, lamp.tasks)
     return digest(*(Path(m.__file__).read_bytes() for m in modules), Path(__file__).read_bytes())
@@ -254,10 +254,10 @@ class CellPrompts:
         return select(cell.task, cell.retriever, ranked, cell.k, cell.rank_offset, len(example.profile),
                       cell.input_retriever, cell.output_retriever)
 
-    def render(self, rows: list, examples: list, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> list:
+    def render(self, rows: list, examples: list, counter, max_tokens: int = MAX_PROMPT_TOKENS) -> list:
         """The prompts of the examples at `rows`: what Cell.render_split gives."""
         items = [self.retrieved(row, e) for row, e in zip(rows, examples)]
-        return self.recipe.prompts(self.cell, examples, items, tokens, max_tokens)
+        return self.recipe.prompts(self.cell, examples, items, counter, max_tokens)
 
 
 class RenderCells:
@@ -275,7 +275,7 @@ class RenderCells:
         self.tokenizer = self.decoder_only = None
         if model is not None:
             self.tokenizer, self.decoder_only = model.tokenizer(), model.decoder_only
-        self.tokens = TokenizerTokens(self.tokenizer) if self.tokenizer else WhitespaceTokens()
+        self.counter = TokenCounter(self.tokenizer) if self.tokenizer else WordCounter()
         self.schema = pa.unify_schemas([PROMPT_SCHEMA, TOKEN_SCHEMA]) if self.tokenizer else PROMPT_SCHEMA
 
     def job(self, path: str) -> tuple:
@@ -304,7 +304,7 @@ class RenderCells:
     def render(self, index: int, render: Render, records: list) -> dict:
         examples = [to_example(r) for r in records]
         rows = [r["row"] for r in records]
-        rendered = self.prompts[index].render(rows, examples, self.tokens, render.max_tokens)
+        rendered = self.prompts[index].render(rows, examples, self.counter, render.max_tokens)
         out = {"render": [index] * len(rows), "row": rows, "id": [e.id for e in examples],
                "user": [e.user for e in examples], "selection": [selection_fraction(e.user) for e in examples],
                "prompt": [p.text for p in rendered], "output": [e.output or "" for e in examples],
@@ -400,7 +400,7 @@ def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote:
     shards: task -> {split: SplitShards}; model: the grid's model, resolved (not
     `vote`); cache: the local (staging) cache; remote: the cache's URI where it is at
     one, renders published there."""
-    tokenizer, code = tokenizer_digest(model), rendering_code()
+    tokenizer, code = tokenizer_digest(model), rendering_code_digest()
     wanted, groups, result = {}, set(), {}  # wanted: (task, split) -> {directory: Render}
     for grid_cell in cells:
         cell, training = grid_cell.cell, grid_cell.training

@@ -20,10 +20,10 @@ a user's, both read by `load_grid`:
         input_retriever: [BM25]
         output_retriever: [Random, Full_Random]
         k: [4]
-      - recipe: [study]               # the study's code reproduced (SPEC §7a); default lamp
+      - recipe: [study]               # the study's code reproduced (docs/design.md §7a); default lamp
         retriever: [BM25]
         k: [1, 80]
-    training: {epochs: 2}            # overrides of the study's defaults (SPEC §8)
+    training: {epochs: 2}            # overrides of the study's defaults (docs/design.md §8)
     published:                       # what the study reports, drawn beside ours by `report`
       source: Wu et al. 2024 (arXiv 2406.17803), its headline figure, panel (b)
       LaMP_2:                        # per task: a change against `none` per retriever,
@@ -63,7 +63,7 @@ def varying_axes(cells: list) -> dict:
     return {name: n for name, n in counts.items() if n > 1}
 
 
-# SPEC §5 and §6 in a few words each: a run's description in the MLflow UI.
+# docs/design.md §5 and §6 in a few words each: a run's description in the MLflow UI.
 ABLATION_TEXT = {"both": "whole items shown", "only_output": "output halves shown",
                  "decouple": "output halves shown, ranked by their input halves",
                  "only_input": "input halves shown"}
@@ -73,7 +73,7 @@ ORDER_TEXT = {"start": "most relevant first", "end": "most relevant last, next t
 
 @dataclass(frozen=True)
 class Training:
-    """Training and evaluation settings; defaults are the study's (SPEC §8)."""
+    """Training and evaluation settings; defaults are the study's (docs/design.md §8)."""
     lr: float = 5e-5
     weight_decay: float = 1e-3
     warmup: float = 0.05  # share of steps

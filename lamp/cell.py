@@ -19,7 +19,7 @@ class Cell:
     seed: int = 0
     input_retriever: str | None = None
     output_retriever: str | None = None
-    recipe: str = "lamp"  # SPEC §7a: `lamp`, or `study` (the study's code, reproduced); see lamp.recipes
+    recipe: str = "lamp"  # docs/design.md §7a: `lamp`, or `study` (the study's code, reproduced); see lamp.recipes
 
     def check(self) -> None:
         """Refuses, in one line, a cell that cannot run."""
@@ -38,16 +38,16 @@ class Cell:
                         rank_offset=self.rank_offset, seed=self.seed, pool=pool,
                         input_retriever=self.input_retriever, output_retriever=self.output_retriever)
 
-    def render(self, example, tokens, pool: ItemPool | None = None, max_tokens: int = MAX_PROMPT_TOKENS) -> Prompt:
+    def render(self, example, counter, pool: ItemPool | None = None, max_tokens: int = MAX_PROMPT_TOKENS) -> Prompt:
         """A `lamp` cell's prompt for an example."""
         return render_prompt(get_task(self.task), example.input, self.retrieve(example, pool),
-                             self.ablation, self.order, self.seed, example.id, tokens, max_tokens)
+                             self.ablation, self.order, self.seed, example.id, counter, max_tokens)
 
-    def render_split(self, examples: list, tokens, max_tokens: int = MAX_PROMPT_TOKENS, pool: ItemPool | None = None,
+    def render_split(self, examples: list, counter, max_tokens: int = MAX_PROMPT_TOKENS, pool: ItemPool | None = None,
                      train: list = (), dev: list = (), limit: int | None = None) -> list:
         """The prompts of a split's first `limit` examples, in file order. `lamp`'s
         other-user retrievers draw from `pool`, the split's ItemPool; `study` replays
         its draws over the whole split, other users' from the examples of train and dev."""
         recipe = get_recipe(self.recipe)
         items = recipe.retrieve(self, examples, limit, pool, train, dev)
-        return recipe.prompts(self, examples[:limit], items, tokens, max_tokens)
+        return recipe.prompts(self, examples[:limit], items, counter, max_tokens)

@@ -1,4 +1,4 @@
-"""Finding, streaming and validating LaMP data files (SPEC §1).
+"""Finding, streaming and validating LaMP data files (docs/design.md §1).
 
 Questions files are streamed one example at a time (LaMP_3's train file is
 about 3 GB), so memory holds one example plus the set of ids seen. Golds are
@@ -66,7 +66,7 @@ class SplitSummary:
 
 
 def find_splits(data_dir, tasks=None) -> list[SplitFiles]:
-    """Every LaMP split under data_dir, in any layout of SPEC §1, sorted by
+    """Every LaMP split under data_dir, in any layout of docs/design.md §1, sorted by
     (task, setting, split); `tasks` keeps only those tasks."""
     wanted = None if tasks is None else {get_task(name).name for name in tasks}
     root = Path(data_dir)

@@ -1,4 +1,4 @@
-"""LaMP's official metrics (SPEC §2), per example and aggregated.
+"""LaMP's official metrics (docs/design.md §2), per example and aggregated.
 
 Per-example scores are kept because later analyses pair cells example by
 example; the aggregates are exactly what LaMP's own evaluator reports.

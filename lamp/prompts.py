@@ -1,4 +1,4 @@
-"""Prompt rendering, the `lamp` recipe (SPEC §5-7): which half of each retrieved
+"""Prompt rendering, the `lamp` recipe (docs/design.md §5-7): which half of each retrieved
 item is shown, where the most relevant items sit, and the token budget.
 
 The budget is a hard cap on what the model receives, special tokens included.
@@ -42,7 +42,7 @@ def order_layout(order: str, n: int, seed: int, example_id: str) -> list:
     raise ValueError(f"unknown order {order!r}")
 
 
-class WhitespaceTokens:
+class WordCounter:
     """Counts whitespace-separated words: the budget when no model is named."""
 
     special = 0  # tokens a model adds around a prompt
@@ -59,7 +59,7 @@ class WhitespaceTokens:
         return " ".join(text.split()[:n])
 
 
-class TokenizerTokens:
+class TokenCounter:
     """Counts the tokens of a Hugging Face tokenizer, without special tokens.
 
     Each text is tokenized once and remembered (the `remember` most recently
@@ -107,24 +107,24 @@ class TokenizerTokens:
         return text[: ends[n - 1]] if n > 0 else ""
 
 
-def prompt_budget(tokens, max_tokens: int) -> int:
+def prompt_budget(counter, max_tokens: int) -> int:
     """Tokens a prompt's text may take: the budget, never past the model's
     longest input, less the special tokens the model adds."""
-    return min(max_tokens, tokens.limit or max_tokens) - tokens.special
+    return min(max_tokens, counter.limit or max_tokens) - counter.special
 
 
-def render_item(spec: TaskSpec, item: dict, ablation: str, room: int, tokens) -> str:
+def render_item(spec: TaskSpec, item: dict, ablation: str, room: int, counter) -> str:
     """One retrieved item as the ablation shows it, within `room` tokens if it can."""
     output = str(item[spec.output_half])
     if ablation in ("only_output", "decouple"):
         return f'"{output}"'
     if ablation == "only_input":
-        quotes = tokens.count('""')
-        return f'"{tokens.trim(item[spec.input_half], max(room - quotes, 0))}"'
+        quotes = counter.count('""')
+        return f'"{counter.trim(item[spec.input_half], max(room - quotes, 0))}"'
     if spec.input_half is None:
         return spec.item_template.format(output=output)
-    fixed = tokens.count(spec.item_template.format(input="", output=output))
-    half = tokens.trim(item[spec.input_half], max(room - fixed, 0))
+    fixed = counter.count(spec.item_template.format(input="", output=output))
+    half = counter.trim(item[spec.input_half], max(room - fixed, 0))
     return spec.item_template.format(input=half, output=output)
 
 
@@ -153,15 +153,15 @@ def block_words(spec: TaskSpec, ablation: str) -> tuple:
     return lead, spec.profile_joiner or ITEM_SEPARATOR, ITEM_SEPARATOR
 
 
-def block_cost(spec: TaskSpec, ablation: str, n: int, tokens) -> int:
+def block_cost(spec: TaskSpec, ablation: str, n: int, counter) -> int:
     """Tokens the profile block's own words take around n items."""
     lead, joiner, separator = block_words(spec, ablation)
-    return tokens.count(lead) + tokens.count(joiner) + tokens.count(separator) * (n - 1)
+    return counter.count(lead) + counter.count(joiner) + counter.count(separator) * (n - 1)
 
 
-def assemble(spec: TaskSpec, task_input: str, ordered: list, ablation: str, room: int, tokens) -> str:
+def assemble(spec: TaskSpec, task_input: str, ordered: list, ablation: str, room: int, counter) -> str:
     """The prompt: the items, each within `room` tokens if it can, joined and set around the input."""
-    pieces = [render_item(spec, item, ablation, room, tokens) for item in ordered]
+    pieces = [render_item(spec, item, ablation, room, counter) for item in ordered]
     lead = block_words(spec, ablation)[0]
     block = f"{lead} {' '.join(pieces)}" if lead else ITEM_SEPARATOR.join(pieces)
     if spec.profile_joiner is None:
@@ -170,48 +170,48 @@ def assemble(spec: TaskSpec, task_input: str, ordered: list, ablation: str, room
 
 
 def candidates(spec: TaskSpec, task_input: str, items: list, ablation: str, order: str,
-               seed: int, example_id: str, tokens, budget: int):
+               seed: int, example_id: str, counter, budget: int):
     """The prompts (text, items in prompt order) to try, most items first (none when
     the task input alone does not fit); lazily, as the first one usually fits."""
-    left = budget - tokens.count(task_input)
+    left = budget - counter.count(task_input)
     # The most items whose shortest forms (input halves emptied) fit what the input leaves.
-    shortest = itertools.accumulate(tokens.count(render_item(spec, item, ablation, 0, tokens)) for item in items)
-    n = sum(1 for i, cost in enumerate(shortest, 1) if block_cost(spec, ablation, i, tokens) + cost <= left)
+    shortest = itertools.accumulate(counter.count(render_item(spec, item, ablation, 0, counter)) for item in items)
+    n = sum(1 for i, cost in enumerate(shortest, 1) if block_cost(spec, ablation, i, counter) + cost <= left)
     for shown in range(n, 0, -1):
         ordered = [items[rank] for rank in order_layout(order, shown, seed, example_id)]
-        room = (left - block_cost(spec, ablation, shown, tokens)) // shown
-        yield assemble(spec, task_input, ordered, ablation, room, tokens), ordered
+        room = (left - block_cost(spec, ablation, shown, counter)) // shown
+        yield assemble(spec, task_input, ordered, ablation, room, counter), ordered
 
 
 def render_prompt(spec: TaskSpec, task_input: str, items: list, ablation: str, order: str,
-                  seed: int, example_id: str, tokens, max_tokens: int = MAX_PROMPT_TOKENS) -> Prompt:
+                  seed: int, example_id: str, counter, max_tokens: int = MAX_PROMPT_TOKENS) -> Prompt:
     """The prompt for retrieved `items` (most relevant first), within the budget."""
-    budget = prompt_budget(tokens, max_tokens)
-    if tokens.count(task_input) > budget:
-        return Prompt(tokens.trim(task_input, budget), [], True)
+    budget = prompt_budget(counter, max_tokens)
+    if counter.count(task_input) > budget:
+        return Prompt(counter.trim(task_input, budget), [], True)
     # Tokens do not add up exactly across joins, so the whole prompt is counted,
     # and the least relevant item dropped until it fits.
-    for text, ordered in candidates(spec, task_input, items, ablation, order, seed, example_id, tokens, budget):
-        if tokens.count(text) <= budget:
+    for text, ordered in candidates(spec, task_input, items, ablation, order, seed, example_id, counter, budget):
+        if counter.count(text) <= budget:
             return Prompt(text, ordered, False)
     return Prompt(task_input, [], False)
 
 
-def render_prompts(spec: TaskSpec, cases: list, ablation: str, order: str, seed: int, tokens,
+def render_prompts(spec: TaskSpec, cases: list, ablation: str, order: str, seed: int, counter,
                    max_tokens: int = MAX_PROMPT_TOKENS) -> list:
     """render_prompt for each (example_id, task_input, items) of `cases`, with the
     texts it counts tokenized ahead in three batched calls (each needs the counts of
     the one before), so that most examples then need no tokenizer call of their own.
-    The texts go to `prefetch` unbuilt: WhitespaceTokens, which needs none, never builds them.
+    The texts go to `prefetch` unbuilt: WordCounter, which needs none, never builds them.
     """
-    budget = prompt_budget(tokens, max_tokens)
+    budget = prompt_budget(counter, max_tokens)
     every_item = [item for _, _, items in cases for item in items]
-    tokens.prefetch(itertools.chain(
+    counter.prefetch(itertools.chain(
         (task_input for _, task_input, _ in cases), block_words(spec, ablation),
         (piece for item in every_item for piece in item_pieces(spec, item, ablation))))
-    tokens.prefetch(render_item(spec, item, ablation, 0, tokens) for item in every_item)
-    tokens.prefetch(text for example_id, task_input, items in cases
+    counter.prefetch(render_item(spec, item, ablation, 0, counter) for item in every_item)
+    counter.prefetch(text for example_id, task_input, items in cases
                     for text, _ in itertools.islice(candidates(spec, task_input, items, ablation, order, seed,
-                                                               example_id, tokens, budget), 1))
-    return [render_prompt(spec, task_input, items, ablation, order, seed, example_id, tokens, max_tokens)
+                                                               example_id, counter, budget), 1))
+    return [render_prompt(spec, task_input, items, ablation, order, seed, example_id, counter, max_tokens)
             for example_id, task_input, items in cases]

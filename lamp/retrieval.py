@@ -1,4 +1,4 @@
-"""The study's retrievers (SPEC §4), split into ranking and selecting.
+"""The study's retrievers (docs/design.md §4), split into ranking and selecting.
 
 A *ranking* is every candidate for one example, most relevant first; a cell's
 k, fraction and rank_offset only *select* a window of it, and Mixed pairs two
@@ -28,7 +28,7 @@ MIXED_SIDES = ("BM25", "Random", "Full_Random")
 ABLATIONS = ("both", "only_output", "decouple", "only_input")
 ORDERS = ("start", "end", "middle", "random")
 
-# LaMP_1's input quotes the paper title and the two references (SPEC §1). Greedy
+# LaMP_1's input quotes the paper title and the two references (docs/design.md §1). Greedy
 # groups between the fixed phrases keep titles that themselves contain quotes.
 _LAMP_1 = re.compile(r'title "(.*)", which reference.*\[1\]: "(.*)" \[2\]: "(.*)"', re.S)
 

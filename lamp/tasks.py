@@ -1,4 +1,4 @@
-"""The LaMP tasks, declared once as data (SPEC §1-3, §7-8).
+"""The LaMP tasks, declared once as data (docs/design.md §1-3, §7-8).
 
 Everything else looks a task up here: the loader checks profile items against
 `item_fields`, the metrics read `kind` and `labels`, the retrievers extract the
@@ -24,22 +24,22 @@ class TaskSpec:
     what: str
     # Keys every profile item must carry, with the JSON types each may take.
     item_fields: dict
-    # The two halves of a profile item (SPEC §3); LaMP_7 has no input half.
+    # The two halves of a profile item (docs/design.md §3); LaMP_7 has no input half.
     input_half: str | None
     output_half: str
     # The task input as the data set writes it; `{}` is where the content goes
     # (LaMP_1 names its three slots).
     input_template: str
-    # The query for BM25 is the text after this anchor (SPEC §4); LaMP_1 uses
+    # The query for BM25 is the text after this anchor (docs/design.md §4); LaMP_1 uses
     # the quoted titles instead and has no anchor.
     query_anchor: str | None
     kind: str  # "classification", "regression" or "generation"
     labels: tuple | None
     metrics: tuple  # LaMP's own keys, the main metric first
     higher_is_better: bool  # of the main metric
-    epochs: int  # the study's default (SPEC §8)
+    epochs: int  # the study's default (docs/design.md §8)
     max_new_tokens: int
-    # Prompt rendering (SPEC §7). A full item fills {input} and {output}; the
+    # Prompt rendering (docs/design.md §7). A full item fills {input} and {output}; the
     # one-half ablations list the halves in quotes after a lead; the profile
     # block then precedes the task input, separated by `profile_joiner`
     # (LaMP_1 has none: its block goes after the paper's quoted title).

@@ -9,7 +9,7 @@ import pytest
 from lamp.cell import Cell
 from lamp.data import find_splits, read_examples
 from lamp.metrics import aggregate
-from lamp.prompts import WhitespaceTokens
+from lamp.prompts import WordCounter
 from lamp.retrieval import ItemPool
 from lamp.synth import write_synthetic
 from lamp.vote import vote
@@ -42,7 +42,7 @@ def render_some(data, cell, ids):
     examples = dev_examples(data, cell.task)
     pool = ItemPool(reversed(examples))  # the pool must not depend on example order
     by_id = {e.id: e for e in examples}
-    return {i: cell.render(by_id[i], WhitespaceTokens(), pool).text for i in ids}
+    return {i: cell.render(by_id[i], WordCounter(), pool).text for i in ids}
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.task}-{c.retriever}-{c.order}")

@@ -8,12 +8,12 @@ from transformers import PreTrainedTokenizerFast
 
 from grid.tiny import train_tokenizer, training_texts
 from lamp.data import find_splits, read_examples
-from lamp.prompts import TokenizerTokens, WhitespaceTokens, order_layout, render_prompt, render_prompts
+from lamp.prompts import TokenCounter, WordCounter, order_layout, render_prompt, render_prompts
 from lamp.retrieval import ABLATIONS, ORDERS, RETRIEVERS, ItemPool, retrieve
 from lamp.synth import write_synthetic
 from lamp.tasks import TASKS
 
-WORDS = WhitespaceTokens()
+WORDS = WordCounter()
 
 
 def centre_out(n):
@@ -144,11 +144,11 @@ def word_tokenizer(max_length=512):
 
 def test_budget_with_a_hugging_face_tokenizer_counts_everything():
     tokenizer = word_tokenizer()
-    tokens = TokenizerTokens(tokenizer)
+    counter = TokenCounter(tokenizer)
     spec = TASKS["LaMP_4"]
     items = [{"id": str(i), "text": "body " * 300, "title": "kept title"} for i in range(4)]
     task_input = "input words " * 60
-    prompt = render_prompt(spec, task_input, items, "both", "start", 0, "q", tokens)
+    prompt = render_prompt(spec, task_input, items, "both", "start", 0, "q", counter)
     assert prompt.text.endswith(task_input)
     assert prompt.text.count('"kept title"') == 4
     # Templates, separators and </s> included: exactly within the cap.
@@ -159,7 +159,7 @@ def test_the_budget_never_passes_the_models_longest_input():
     tokenizer = word_tokenizer(max_length=64)
     prompt = render_prompt(TASKS["LaMP_4"], "input words " * 10, [{"id": "1", "text": "body " * 300,
                                                                      "title": "kept"}],
-                           "both", "start", 0, "q", TokenizerTokens(tokenizer), max_tokens=512)
+                           "both", "start", 0, "q", TokenCounter(tokenizer), max_tokens=512)
     assert len(tokenizer(prompt.text)["input_ids"]) <= 64 and prompt.items
 
 
@@ -205,7 +205,7 @@ class CountingTokenizer:
 def test_prefetched_counts_and_trims_are_those_of_single_calls(synthetic, tokenizer):
     tokenizer = word_tokenizer() if tokenizer == "words" else synthetic[1]
     texts = ["", " ", '""', "body title kept", "input  words\n body", "café naïve 😀 words", '"quoted", and']
-    single, batched = TokenizerTokens(tokenizer), TokenizerTokens(CountingTokenizer(tokenizer), remember=4)
+    single, batched = TokenCounter(tokenizer), TokenCounter(CountingTokenizer(tokenizer), remember=4)
     batched.prefetch(texts[-4:] * 2)
     assert batched.tokenizer.calls == 1 and list(batched.ends) == texts[-4:]
     for text in texts[::-1]:  # the prefetched ones first, while still remembered
@@ -220,10 +220,10 @@ def test_batched_rendering_gives_the_prompts_of_one_by_one_rendering(synthetic, 
     examples, tokenizer = synthetic
     spec = TASKS[task]
     cases = cases_of(task, examples[task][:8], RETRIEVERS, ablation)  # every retriever's items in one batch
-    one_by_one = TokenizerTokens(tokenizer)  # never prefetches: one tokenizer call per text
+    one_by_one = TokenCounter(tokenizer)  # never prefetches: one tokenizer call per text
     cut = dropped = shown = 0
     for max_tokens in (512, 96, 24):  # 24 cuts every task input; 96 some, and drops items
-        batched = TokenizerTokens(tokenizer)
+        batched = TokenCounter(tokenizer)
         for order in ORDERS:
             expected = [render_prompt(spec, task_input, items, ablation, order, 1, example_id, one_by_one, max_tokens)
                         for example_id, task_input, items in cases]
@@ -248,6 +248,6 @@ def test_batched_rendering_calls_the_tokenizer_once_per_stage_not_per_text(synth
     spec, cases = TASKS["LaMP_4"], cases_of("LaMP_4", examples["LaMP_4"], ["BM25"], ablation)
     one_by_one, batched = CountingTokenizer(tokenizer), CountingTokenizer(tokenizer)
     expected = [render_prompt(spec, task_input, items, ablation, "middle", 0, example_id,
-                              TokenizerTokens(one_by_one)) for example_id, task_input, items in cases]
-    assert render_prompts(spec, cases, ablation, "middle", 0, TokenizerTokens(batched)) == expected
+                              TokenCounter(one_by_one)) for example_id, task_input, items in cases]
+    assert render_prompts(spec, cases, ablation, "middle", 0, TokenCounter(batched)) == expected
     assert len(cases) == 32 and one_by_one.calls > 32 and batched.calls <= 3

@@ -239,17 +239,17 @@ def examples(n, size=6):
                     output="comedy") for i in range(n)]
 
 
-def test_random_draws_one_stream_per_forked_shard():
+def test_random_draws_one_stream_per_forked_part():
     split = examples(30)
     drawn = Replay(Cell("LaMP_2", "Random", 2, recipe="study", seed=7)).split(split)
-    # 30 examples in 24 processes: the first 6 shards hold 2 examples, the rest 1.
+    # 30 examples in 24 processes: the first 6 parts hold 2 examples, the rest 1.
     # Each process starts from random.seed(7) (build_random_fn), then random.sample per example.
     expected, start = [], 0
-    for shard in range(24):
+    for part in range(24):
         random.seed(7)
-        for example in split[start:start + (2 if shard < 6 else 1)]:
+        for example in split[start:start + (2 if part < 6 else 1)]:
             expected.append([item["id"] for item in random.sample(example.profile, 2)])
-        start += 2 if shard < 6 else 1
+        start += 2 if part < 6 else 1
     assert [[item["id"] for item in items] for items in drawn] == expected
     # k beyond the profile: the whole profile, in its order, and the user's own item may come back.
     [whole] = Replay(Cell("LaMP_2", "Random", 9, recipe="study")).split(split[:1])
@@ -259,7 +259,7 @@ def test_random_draws_one_stream_per_forked_shard():
 def test_full_random_reuses_the_same_users_at_each_batch_position():
     train, dev = examples(30), examples(24)
     drawn = Replay(Cell("LaMP_2", "Full_Random", 2, recipe="study"), train, dev).split(dev)
-    # 24 examples in 24 shards: every example is first in its batch, reseeded: the same draw.
+    # 24 examples in 24 parts: every example is first in its batch, reseeded: the same draw.
     assert all(items == drawn[0] for items in drawn) and len(drawn[0]) == 2
 
 

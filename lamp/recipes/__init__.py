@@ -1,4 +1,4 @@
-"""Recipes (SPEC §7a): how a cell's prompts are made, and how its model's answers
+"""Recipes (docs/design.md §7a): how a cell's prompts are made, and how its model's answers
 are read. `lamp` is ours (lamp/recipes/lamp.py); `study` is the study's code,
 reproduced (lamp/recipes/study.py). A cell names its recipe (Cell.recipe: an
 MLflow param and part of the cell's key); whatever differs between recipes, the
@@ -29,7 +29,7 @@ class Recipe(Protocol):
                  dev: list = ()) -> list:
         """Per example of examples[:limit], in file order, the profile items its prompt is built from."""
 
-    def prompts(self, cell, examples: list, items: list, tokens, max_tokens: int) -> list:
+    def prompts(self, cell, examples: list, items: list, counter, max_tokens: int) -> list:
         """The lamp.prompts.Prompt of each example, from its retrieved items, for a budget of max_tokens."""
 
     def prompt_tokens(self, decoder_only: bool, max_tokens: int) -> int:

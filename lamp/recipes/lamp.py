@@ -1,4 +1,4 @@
-"""The `lamp` recipe (SPEC §5-7), ours: every retriever ranks a split's candidates
+"""The `lamp` recipe (docs/design.md §5-7), ours: every retriever ranks a split's candidates
 once and a cell selects a window of the rankings (lamp/retrieval.py); its prompts
 fit a hard token budget, the task input whole (lamp/prompts.py)."""
 
@@ -24,9 +24,9 @@ class LampRecipe:
         `pool`, the split's own ItemPool."""
         return [cell.retrieve(example, pool) for example in examples[:limit]]
 
-    def prompts(self, cell, examples: list, items: list, tokens, max_tokens: int) -> list:
+    def prompts(self, cell, examples: list, items: list, counter, max_tokens: int) -> list:
         cases = [(example.id, example.input, shown) for example, shown in zip(examples, items)]
-        return render_prompts(get_task(cell.task), cases, cell.ablation, cell.order, cell.seed, tokens, max_tokens)
+        return render_prompts(get_task(cell.task), cases, cell.ablation, cell.order, cell.seed, counter, max_tokens)
 
     def prompt_tokens(self, decoder_only: bool, max_tokens: int) -> int:
         return max_tokens

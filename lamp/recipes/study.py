@@ -1,4 +1,4 @@
-"""The `study` recipe (SPEC §7a): the study's retrieval and prompts, reproduced
+"""The `study` recipe (docs/design.md §7a): the study's retrieval and prompts, reproduced
 from its code, defects included, so that its published numbers are compared
 like with like.
 
@@ -7,7 +7,7 @@ data_process/datasets.py, lamp_prompt.py, lamp_prompt_ablation.py and utils.py;
 retrival_models/bm25.py and random_selection.py. What it does, and we do here:
 
 - A split is mapped by `datasets` in 24 processes (`process_num`), each a
-  contiguous shard forked from a process whose global `random` was just seeded,
+  contiguous part forked from a process whose global `random` was just seeded,
   in batches of 1000 (`process_batch_size`): the retrieval of a whole batch,
   then its prompts. Every random draw comes from that one stream, so a draw
   depends on the example's place in the file, as it did in the study.
@@ -149,7 +149,7 @@ def random_in_user(rng: random.Random, profile: list, k: int) -> list:
 
 class Replay:
     """The study's `datasets.map` of a split, replayed for one cell: per example,
-    its retrieved items in prompt order. Every shard of every split starts from
+    its retrieved items in prompt order. Every part of every split starts from
     the same seeded state, so a split's draws do not depend on the other split;
     the users Full_Random and RanBM25 draw from are train's and dev's examples."""
 
@@ -163,11 +163,11 @@ class Replay:
         cell, out = self.cell, []
         if cell.retriever == "none" or cell.k == 0:
             return [[] for _ in examples]
-        shards = min(PROCESSES, len(examples))
-        size, extra = divmod(len(examples), shards) if shards else (0, 0)
-        for shard in range(shards):
-            start = size * shard + min(shard, extra)
-            stop = start + size + (1 if shard < extra else 0)
+        parts = min(PROCESSES, len(examples))
+        size, extra = divmod(len(examples), parts) if parts else (0, 0)
+        for part in range(parts):
+            start = size * part + min(part, extra)
+            stop = start + size + (1 if part < extra else 0)
             rng = random.Random(cell.seed)  # the state each forked process starts from
             for first in range(start, stop, BATCH):
                 batch = examples[first:min(first + BATCH, stop)]
@@ -321,11 +321,11 @@ def chat_answer(generated: str) -> str:
 # ----------------------------------------------------------------------------- the recipe
 
 
-def study_tokenizer(tokens):
+def study_tokenizer(counter):
     """The study cut its prompts with the model's own tokenizer: there is no study prompt without one."""
-    if not hasattr(tokens, "tokenizer"):
+    if not hasattr(counter, "tokenizer"):
         raise LampError("recipe study builds its prompts with a model's tokenizer: name a model (--model)")
-    return tokens.tokenizer
+    return counter.tokenizer
 
 
 class StudyRecipe:
@@ -363,8 +363,8 @@ class StudyRecipe:
         whole split; other users' items drawn from train's and dev's examples."""
         return Replay(cell, train, dev).split(examples)[:limit]
 
-    def prompts(self, cell, examples: list, items: list, tokens, max_tokens: int) -> list:
-        tokenizer = study_tokenizer(tokens)
+    def prompts(self, cell, examples: list, items: list, counter, max_tokens: int) -> list:
+        tokenizer = study_tokenizer(counter)
         return [study_prompt(cell.task, example.input, shown, cell.ablation, tokenizer, max_tokens)
                 for example, shown in zip(examples, items)]
 
