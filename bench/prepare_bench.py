@@ -29,7 +29,7 @@ from grid.shards import load_examples, prepare
 from grid.tiny import build_tiny_model
 from lamp.cell import Cell
 from lamp.data import find_splits, read_examples
-from lamp.prompts import TokenizerTokens, render_prompt
+from lamp.prompts import TokenCounter, render_prompt
 from lamp.retrieval import bm25_ranking, document_text, drop_query_items, extract_query
 from lamp.synth import write_synthetic
 from lamp.tasks import get_task
@@ -40,7 +40,7 @@ ORDERS = ("start", "end", "middle", "random")
 KS = (1, 4, 16)
 
 
-def study_cell(examples, cell, tokenizer, tokens):
+def study_cell(examples, cell, tokenizer, counter):
     """One cell the study's way: rank_bm25 per example, render, pad to 512."""
     spec = get_task(TASK)
     prompts = []
@@ -52,7 +52,7 @@ def study_cell(examples, cell, tokenizer, tokens):
         order = sorted(range(len(items)), key=lambda i: -scores[i])
         top = [items[i] for i in order[: cell.k]]
         prompts.append(render_prompt(spec, example.input, top, cell.ablation, cell.order, cell.seed,
-                                     example.id, tokens).text)
+                                     example.id, counter).text)
     tokenizer(prompts, padding="max_length", max_length=512, truncation=True)
     return prompts
 
@@ -60,13 +60,13 @@ def study_cell(examples, cell, tokenizer, tokens):
 def ours(shards: list, cells: list, tokenizer) -> tuple:
     """Every cell rendered from the shards `prepare` wrote: ({(cell, split): prompts}, seconds)."""
     start = time.perf_counter()
-    tokens = TokenizerTokens(tokenizer, remember=1 << 20)  # one memory for the whole grid
+    counter = TokenCounter(tokenizer, remember=1 << 20)  # one memory for the whole grid
     loaded = {s.split: load_examples(s.examples) for s in shards}
     prompts = {}
     for cell in cells:
         for s in shards:
             rows = list(range(len(loaded[s.split])))
-            prompts[cell, s.split] = [p.text for p in CellPrompts(s, cell).render(rows, loaded[s.split], tokens)]
+            prompts[cell, s.split] = [p.text for p in CellPrompts(s, cell).render(rows, loaded[s.split], counter)]
     return prompts, time.perf_counter() - start
 
 
@@ -77,7 +77,7 @@ def theirs(examples: dict, cells: list, tokenizer) -> tuple:
     for i, cell in enumerate(cells):
         for split, exs in examples.items():
             # A fresh tokenizer memory per cell: the study recomputed everything per run.
-            prompts[cell, split] = study_cell(exs, cell, tokenizer, TokenizerTokens(tokenizer))
+            prompts[cell, split] = study_cell(exs, cell, tokenizer, TokenCounter(tokenizer))
         print(f"  study's way: {i + 1}/{len(cells)} cells, {time.perf_counter() - start:.0f} s", flush=True)
     return prompts, time.perf_counter() - start
 
