@@ -13,7 +13,7 @@ from lamp.prompts import WordCounter
 from lamp.retrieval import ItemPool
 from lamp.synth import write_synthetic
 from lamp.vote import vote
-from tests.cli import run_cli
+from tests.cli import call_cli
 
 CELLS = [
     Cell("LaMP_2", "BM25", 3, "both", "middle"),
@@ -84,7 +84,7 @@ def test_vote_with_bm25_beats_other_users_items(data):
 
 
 def test_render_command_json(data):
-    done = run_cli("render", "--data", str(data), "--task", "LaMP_2", "--retriever", "BM25", "--k", "2",
+    done = call_cli("render", "--data", str(data), "--task", "LaMP_2", "--retriever", "BM25", "--k", "2",
                    "--ablation", "only_output", "--order", "end", "--limit", "3", "--json")
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
@@ -106,7 +106,7 @@ def test_render_command_json(data):
     (["--task", "LaMP_2", "--retriever", "BM25", "--ablation", "half"], "valid: both, only_output"),
 ])
 def test_invalid_cells_are_refused_before_any_work(args, message):
-    done = run_cli("render", "--data", "/nonexistent", *args)
+    done = call_cli("render", "--data", "/nonexistent", *args)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

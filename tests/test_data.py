@@ -16,7 +16,7 @@ from lamp.data import (
     summarize_split,
 )
 from lamp.errors import LampError
-from tests.cli import run_cli
+from tests.cli import call_cli
 
 # --- writing LaMP files from Python data --------------------------------------
 
@@ -469,7 +469,7 @@ def test_question_not_an_object(tmp_path):
 
 
 def validate(data_dir):
-    return run_cli("validate", "--data", data_dir, timeout=120)
+    return call_cli("validate", "--data", data_dir)
 
 
 def test_cli_validate_good_directory(tmp_path):

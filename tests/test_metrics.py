@@ -7,7 +7,7 @@ import pytest
 
 from lamp.errors import LampError
 from lamp.metrics import aggregate, evaluate, score_examples
-from tests.cli import run_cli
+from tests.cli import call_cli
 
 
 def test_classification_strips_and_fixes_the_label_set():
@@ -80,7 +80,7 @@ def write_outputs(path, task, golds):
 def test_evaluate_command_prints_lamp_keys(tmp_path):
     golds = write_outputs(tmp_path / "dev_outputs.json", "LaMP_3", {"1": "4", "2": "2"})
     preds = write_outputs(tmp_path / "preds.json", "LaMP_3", {"2": "3", "1": "4"})
-    done = run_cli("evaluate", "--task", "LaMP_3", "--golds", str(golds), "--preds", str(preds))
+    done = call_cli("evaluate", "--task", "LaMP_3", "--golds", str(golds), "--preds", str(preds))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"MAE": 0.5, "RMSE": pytest.approx(math.sqrt(0.5))}
 
@@ -88,15 +88,15 @@ def test_evaluate_command_prints_lamp_keys(tmp_path):
 def test_evaluate_command_refuses_a_task_mismatch(tmp_path):
     golds = write_outputs(tmp_path / "dev_outputs.json", "LaMP_3", {"1": "4"})
     preds = write_outputs(tmp_path / "preds.json", "LaMP_2", {"1": "4"})
-    done = run_cli("evaluate", "--task", "LaMP_3", "--golds", str(golds), "--preds", str(preds))
+    done = call_cli("evaluate", "--task", "LaMP_3", "--golds", str(golds), "--preds", str(preds))
     assert done.returncode == 2
     assert "preds.json" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_unknown_task_and_lamp_6_are_refused():
-    done = run_cli("evaluate", "--task", "LaMP_6", "--golds", "x", "--preds", "y")
+    done = call_cli("evaluate", "--task", "LaMP_6", "--golds", "x", "--preds", "y")
     assert done.returncode == 2 and "not public" in done.stderr
-    done = run_cli("evaluate", "--task", "LaMP_9", "--golds", "x", "--preds", "y")
+    done = call_cli("evaluate", "--task", "LaMP_9", "--golds", "x", "--preds", "y")
     assert done.returncode == 2 and "LaMP_1, LaMP_2, LaMP_3, LaMP_4, LaMP_5, LaMP_7" in done.stderr
 
 

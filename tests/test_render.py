@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from grid.model import ModelRef
-from grid.render import render_grid, selection_fraction
-from grid.shards import prepare
+from grid.render import cell_table, render_grid, selection_fraction
+from grid.shards import load_examples, prepare
 from grid.spec import GridCell, Training
 from lamp.cell import Cell
 from lamp.synth import write_synthetic
-from tests.cli import ROOT, run_cli
+from tests.cli import ROOT, call_cli, run_cli
 
 MAX_TOKENS = 128
 LAMP_CELLS = [
@@ -96,7 +96,7 @@ def test_a_cached_render_is_what_render_prints(data, models, rendered, model, ce
     renders, _ = rendered[model]
     key = GridCell(cell, model, Training(max_prompt_tokens=MAX_TOKENS, epochs=0)).key
     rows = pq.read_table(renders[key]["dev"].path).to_pylist()
-    done = run_cli("render", "--data", data, *render_args(cell), "--model", models[model].path,
+    done = call_cli("render", "--data", data, *render_args(cell), "--model", models[model].path,
                    "--max-tokens", MAX_TOKENS, "--json")
     assert done.returncode == 0, done.stderr
     expected = [json.loads(line) for line in done.stdout.splitlines()]
@@ -109,6 +109,51 @@ def test_a_cached_render_is_what_render_prints(data, models, rendered, model, ce
     stats = renders[key]["dev"].stats
     assert stats["rows"] == 12
     assert stats["items_shown"] == pytest.approx(sum(len(r["retrieved"]) for r in rows) / 12)
+
+
+def test_a_cell_table_is_what_render_prints(data, shards):
+    """cell_table renders one cell in this process, with the code the pipeline runs."""
+    _, by_task = shards
+    for cell in LAMP_CELLS:
+        done = call_cli("render", "--data", data, *render_args(cell), "--json")
+        assert done.returncode == 0, done.stderr
+        expected = {row["id"]: (row["prompt"], row["retrieved"]) for row in map(json.loads, done.stdout.splitlines())}
+        rows = cell_table(by_task["LaMP_2"]["dev"], cell).to_pylist()
+        assert {row["id"]: (row["prompt"], list(row["retrieved"])) for row in rows} == expected and len(rows) == 12
+
+
+@pytest.mark.parametrize("cell", STUDY_CELLS, ids=lambda c: f"{c.retriever}-{c.ablation}-{c.order}")
+def test_a_study_cell_table_with_a_model_is_what_render_prints(data, shards, models, cell):
+    _, by_task = shards
+    done = call_cli("render", "--data", data, *render_args(cell), "--model", models["t5"].path,
+                    "--max-tokens", MAX_TOKENS, "--json")
+    assert done.returncode == 0, done.stderr
+    expected = [json.loads(line) for line in done.stdout.splitlines()]
+    splits = by_task["LaMP_2"]
+    rows = cell_table(splits["dev"], cell, models["t5"], max_tokens=MAX_TOKENS, splits=splits).to_pylist()
+    assert [(r["id"], r["prompt"], r["retrieved"], r["input_ids"], r["input_cut"]) for r in rows] == \
+        [(e["id"], e["prompt"], e["retrieved"], e["input_ids"], e["input_cut"]) for e in expected]
+    assert all(len(r["input_ids"]) <= MAX_TOKENS for r in rows) and any(r["retrieved"] for r in rows)
+    assert all(r["input_ids"][-1] == 1 and r["labels"][-1] == 1 for r in rows)  # T5's </s>
+
+
+def test_the_prompt_budget_caps_the_prompt_and_keeps_the_input_whole(data, shards):
+    _, by_task = shards
+    dev, bm25 = by_task["LaMP_2"]["dev"], LAMP_CELLS[0]
+    small = cell_table(dev, bm25, max_tokens=100).to_pylist()
+    done = call_cli("render", "--data", data, *render_args(bm25), "--max-tokens", 100, "--json")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["prompt"] for line in done.stdout.splitlines()] == [row["prompt"] for row in small]
+    full = cell_table(dev, bm25).to_pylist()
+    inputs = {e.id: e.input for e in load_examples(dev.examples)}
+    for short, long in zip(small, full):
+        task_input = inputs[short["id"]]
+        assert len(short["prompt"].split()) <= 100
+        if short["input_cut"]:  # only an input over the budget alone is cut, and then shown alone
+            assert short["prompt"] == " ".join(task_input.split()[:100]) and not short["retrieved"]
+        else:
+            assert short["prompt"].endswith(task_input) and set(short["retrieved"]) <= set(long["retrieved"])
+    assert any(row["retrieved"] for row in small)
 
 
 def test_rendering_again_or_with_other_training_settings_renders_nothing(shards, models, rendered):
@@ -168,7 +213,7 @@ def test_a_killed_render_leaves_only_complete_entries(tmp_path):
     assert any(p.name.startswith(".render-") for p in cache.rglob("*")), "killed before any render began"
     assert all((p / "stats.json").is_file() and pq.read_metadata(p / "rendered.parquet").num_rows > 0
                for p in cache.rglob("render-*"))
-    done = run_cli(*args)
+    done = run_cli(*args)  # a process of its own: prepare starts its own Ray
     assert done.returncode == 0, done.stderr[-2000:]
     line = [x for x in done.stdout.splitlines() if x.startswith("render:")]
     complete = sorted(cache.rglob("render-*"))

@@ -1,6 +1,6 @@
-"""Precomputed shards: they reproduce `render`, the cache hits, misses and
-invalidates, a killed prepare leaves nothing that looks complete, and the
-worker count does not change a shard."""
+"""Precomputed shards: the rankings are those ranked in memory, the cache hits,
+misses and invalidates, a killed prepare leaves nothing that looks complete, and
+the worker count does not change a shard."""
 
 import json
 import os
@@ -17,9 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grid.model import ModelRef
 from grid.pipeline import ACTOR_BASE
-from grid.render import cell_table
 from grid.shards import (
     RankExamples,
     example_record,
@@ -30,7 +28,6 @@ from grid.shards import (
     ranker_plan,
     write_examples,
 )
-from lamp.cell import Cell
 from lamp.data import Example, find_splits
 from lamp.retrieval import ItemPool, rank
 from lamp.synth import write_synthetic
@@ -38,15 +35,6 @@ from lamp.tasks import get_task
 from tests.cli import ROOT, run_cli
 
 RETRIEVERS = ["BM25", "Random", "Full_Random", "RanBM25"]
-CELLS = [
-    Cell("LaMP_2", "BM25", 3, "both", "middle"),
-    Cell("LaMP_2", "BM25", 2, "decouple", "start", rank_offset=1),
-    Cell("LaMP_2", "Random", 0.25, "only_output", "random", seed=1),
-    Cell("LaMP_2", "Full_Random", 4, "only_input", "end", seed=1),
-    Cell("LaMP_2", "RanBM25", 2, "both", "start"),
-    Cell("LaMP_2", "Mixed", 3, "both", "random", input_retriever="BM25", output_retriever="Full_Random"),
-    Cell("LaMP_2", "none"),
-]
 
 
 @pytest.fixture(scope="module")
@@ -58,83 +46,6 @@ def shards(data, tmp_path_factory, ray_local):
 def dev(shard_list):
     (split,) = [s for s in shard_list if s.split == "dev"]
     return split
-
-
-@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.retriever}-{c.ablation}-{c.order}")
-def test_shards_reproduce_render(data, shards, cell):
-    _, shard_list = shards
-    args = ["render", "--data", data, "--task", cell.task, "--retriever", cell.retriever, "--k", cell.k,
-            "--ablation", cell.ablation, "--order", cell.order, "--seed", cell.seed,
-            "--rank-offset", cell.rank_offset, "--json"]
-    if cell.retriever == "Mixed":
-        args += ["--input-retriever", cell.input_retriever, "--output-retriever", cell.output_retriever]
-    done = run_cli(*args)
-    assert done.returncode == 0, done.stderr
-    expected = {row["id"]: (row["prompt"], row["retrieved"]) for row in map(json.loads, done.stdout.splitlines())}
-    rows = cell_table(dev(shard_list), cell).to_pylist()
-    assert {row["id"]: (row["prompt"], list(row["retrieved"])) for row in rows} == expected
-    assert len(rows) == 12
-
-
-@pytest.fixture(scope="module")
-def tiny(data, tmp_path_factory):
-    from grid.tiny import build_tiny_model
-
-    return build_tiny_model(data, ["LaMP_2"], tmp_path_factory.mktemp("model") / "tiny")
-
-
-def test_a_rendered_cell_carries_token_ids_given_a_model(shards, tiny):
-    _, shard_list = shards
-    rows = cell_table(dev(shard_list), CELLS[0], model=ModelRef.named(str(tiny)).resolved()).to_pylist()[:3]
-    for row in rows:
-        assert len(row["input_ids"]) > len(row["prompt"].split()) / 2
-        assert row["input_ids"][-1] == 1 and row["labels"][-1] == 1  # T5's </s>
-
-
-STUDY_CELLS = [
-    Cell("LaMP_2", "Random", 2, "both", "random", seed=1, recipe="study"),
-    Cell("LaMP_2", "Full_Random", 3, "only_output", recipe="study"),
-    Cell("LaMP_2", "RanBM25", 2, "decouple", rank_offset=1, recipe="study"),
-    Cell("LaMP_2", "BM25", 0.5, "only_input", rank_offset=0.25, recipe="study"),
-    Cell("LaMP_2", "Mixed", 2, "both", "end", input_retriever="Random", output_retriever="BM25", recipe="study"),
-]
-
-
-@pytest.mark.parametrize("cell", STUDY_CELLS, ids=lambda c: f"{c.retriever}-{c.ablation}-{c.order}")
-def test_study_cells_render_from_the_cache_as_render_does(data, shards, tiny, cell):
-    _, shard_list = shards
-    args = ["render", "--data", data, "--task", cell.task, "--retriever", cell.retriever, "--k", cell.k,
-            "--ablation", cell.ablation, "--order", cell.order, "--seed", cell.seed, "--rank-offset",
-            cell.rank_offset, "--recipe", "study", "--model", tiny, "--max-tokens", 128, "--json"]
-    if cell.retriever == "Mixed":
-        args += ["--input-retriever", cell.input_retriever, "--output-retriever", cell.output_retriever]
-    done = run_cli(*args)
-    assert done.returncode == 0, done.stderr
-    expected = [json.loads(line) for line in done.stdout.splitlines()]
-    splits = {s.split: s for s in shard_list}
-    rows = cell_table(splits["dev"], cell, ModelRef.named(str(tiny)).resolved(), max_tokens=128, splits=splits).to_pylist()
-    assert [(r["id"], r["prompt"], r["retrieved"], r["input_ids"], r["input_cut"]) for r in rows] == \
-        [(e["id"], e["prompt"], e["retrieved"], e["input_ids"], e["input_cut"]) for e in expected]
-    assert all(len(r["input_ids"]) <= 128 for r in rows) and any(r["retrieved"] for r in rows)
-
-
-def test_the_prompt_budget_caps_the_prompt_and_keeps_the_input_whole(data, shards):
-    _, shard_list = shards
-    small = cell_table(dev(shard_list), CELLS[0], max_tokens=100).to_pylist()
-    done = run_cli("render", "--data", data, "--task", "LaMP_2", "--retriever", "BM25", "--k", 3, "--order", "middle",
-                   "--max-tokens", 100, "--json")
-    assert done.returncode == 0, done.stderr
-    assert [json.loads(line)["prompt"] for line in done.stdout.splitlines()] == [row["prompt"] for row in small]
-    full = cell_table(dev(shard_list), CELLS[0]).to_pylist()
-    inputs = {e.id: e.input for e in load_examples(dev(shard_list).examples)}
-    for short, long in zip(small, full):
-        task_input = inputs[short["id"]]
-        assert len(short["prompt"].split()) <= 100
-        if short["input_cut"]:  # only an input over the budget alone is cut, and then shown alone
-            assert short["prompt"] == " ".join(task_input.split()[:100]) and not short["retrieved"]
-        else:
-            assert short["prompt"].endswith(task_input) and set(short["retrieved"]) <= set(long["retrieved"])
-    assert any(row["retrieved"] for row in small)
 
 
 def test_other_user_rankings_are_those_ranked_in_memory(shards):

@@ -124,9 +124,9 @@ def test_a_quick_look_with_the_tiny_model_takes_its_schedule():
 
 
 def test_the_named_experiments_are_listed_with_their_cell_counts():
-    from tests.cli import run_cli
+    from tests.cli import call_cli
 
-    done = run_cli("list")
+    done = call_cli("list")
     assert done.returncode == 0, done.stderr
     counts = {line.split()[0]: int(line.split()[1]) for line in done.stdout.splitlines()}
     # fig-b: 2 ablations x 9 k x 3 seeds; fig-c: 3 orders x 5 fractions x 3 seeds;

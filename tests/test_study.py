@@ -20,7 +20,7 @@ from lamp.data import Example
 from lamp.errors import LampError
 from lamp.recipes.study import Replay, chat_answer, chat_input
 from lamp.tasks import LAMP_2_TAGS, LAMP_PROFILE_SIZE, TASKS
-from tests.cli import run_cli
+from tests.cli import call_cli, run_cli
 
 LAMP_2_INPUT = TASKS["LaMP_2"].input_template.format("alpha beta gamma delta comedy")
 LAMP_3_INPUT = TASKS["LaMP_3"].input_template.format("good great fine")
@@ -213,7 +213,7 @@ def test_lamp_recipe_at_k_80_fits_its_budget_whole_input_top_items(capsys, data,
 
 
 def test_the_model_receives_the_prompt_cut_by_its_tokenizer(data, model):
-    done = run_cli("render", "--data", data, "--task", "LaMP_4", "--retriever", "BM25", "--k", 1,
+    done = call_cli("render", "--data", data, "--task", "LaMP_4", "--retriever", "BM25", "--k", 1,
                    "--recipe", "study", "--model", model, "--json")
     assert done.returncode == 0, done.stderr
     [row] = [json.loads(line) for line in done.stdout.splitlines()]
@@ -295,10 +295,10 @@ def test_study_cells_the_study_ran_pass():
 
 
 def test_refused_before_anything_runs_with_exit_2(data):
-    done = run_cli("render", "--data", data, "--task", "LaMP_7", "--retriever", "BM25", "--k", 2,
+    done = call_cli("render", "--data", data, "--task", "LaMP_7", "--retriever", "BM25", "--k", 2,
                    "--ablation", "only_output", "--recipe", "study")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    done = run_cli("render", "--data", data, "--task", "LaMP_2", "--retriever", "BM25", "--k", 2,
+    done = call_cli("render", "--data", data, "--task", "LaMP_2", "--retriever", "BM25", "--k", 2,
                    "--recipe", "study")
     assert done.returncode == 2 and "name a model" in done.stderr and "Traceback" not in done.stderr
     done = run_cli("run", "demo", "--recipe", "paper", "--dry-run")
@@ -337,7 +337,7 @@ def test_render_shows_what_a_decoder_only_model_reads_under_the_study_recipe(dat
     folder = tmp_path / "decoder"
     train_tokenizer([LAMP_4_INPUT, "Big storm rain storm wind Hot day sun heat dry"] * 5, 300).save_pretrained(folder)
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(folder)
-    done = run_cli("render", "--data", data, "--task", "LaMP_4", "--retriever", "BM25", "--k", 1,
+    done = call_cli("render", "--data", data, "--task", "LaMP_4", "--retriever", "BM25", "--k", 1,
                    "--recipe", "study", "--model", folder, "--json")
     assert done.returncode == 0, done.stderr
     [row] = [json.loads(line) for line in done.stdout.splitlines()]

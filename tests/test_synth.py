@@ -17,7 +17,7 @@ from lamp.synth import (
     write_synthetic,
 )
 from lamp.tasks import LAMP_2_TAGS, LAMP_PROFILE_SIZE, TASKS
-from tests.cli import run_cli
+from tests.cli import call_cli
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,9 @@ def test_bad_arguments_are_refused():
 
 
 def test_synth_validate_evaluate_round_trip(tmp_path):
-    done = run_cli("synth", "--out", str(tmp_path), "--users", "20", "--seed", "5")
+    done = call_cli("synth", "--out", str(tmp_path), "--users", "20", "--seed", "5")
     assert done.returncode == 0, done.stderr
-    done = run_cli("validate", "--data", str(tmp_path))
+    done = call_cli("validate", "--data", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     for task in TASKS:
         for split in ("train", "dev"):
@@ -102,7 +102,7 @@ def test_synth_validate_evaluate_round_trip(tmp_path):
                 "LaMP_5": {"rouge-L": 1.0, "rouge-1": 1.0}}
     for task, perfect in expected.items():
         golds = str(tmp_path / task / "dev" / "dev_outputs.json")
-        done = run_cli("evaluate", "--task", task, "--golds", golds, "--preds", golds)
+        done = call_cli("evaluate", "--task", task, "--golds", golds, "--preds", golds)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == perfect
 
@@ -118,7 +118,7 @@ def mean(values) -> float:
 def like_lamp(tmp_path_factory):
     """LaMP_7 at 2 % of LaMP's size, through the command line."""
     out = tmp_path_factory.mktemp("like_lamp")
-    done = run_cli("synth", "--out", out, "--like-lamp", "--scale", "0.02", "--tasks", "LaMP_7", "--seed", "1")
+    done = call_cli("synth", "--out", out, "--like-lamp", "--scale", "0.02", "--tasks", "LaMP_7", "--seed", "1")
     assert done.returncode == 0, done.stderr
     return out
 
@@ -173,7 +173,7 @@ def test_like_lamp_keeps_a_handful_of_users_per_split():
     (["--scale", "0.5"], "--like-lamp"),
 ])
 def test_like_lamp_bad_or_conflicting_options_are_refused(tmp_path, args, named):
-    done = run_cli("synth", "--out", tmp_path / "out", "--tasks", "LaMP_7", *args)
+    done = call_cli("synth", "--out", tmp_path / "out", "--tasks", "LaMP_7", *args)
     assert done.returncode == 2, done.stdout + done.stderr
     assert named in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "out").exists()

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import experiments
-from tests.cli import run_cli
+from tests.cli import call_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # A T5 config and a tokenizer trained on synthetic data, without weights: what a
@@ -53,7 +52,7 @@ def render_command(data, cell, model=TOKENIZER) -> list:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    done = run_cli("synth", "--out", out, "--tasks", "LaMP_2", "LaMP_4", "--users", "40", "--seed", "5")
+    done = call_cli("synth", "--out", out, "--tasks", "LaMP_2", "LaMP_4", "--users", "40", "--seed", "5")
     assert done.returncode == 0, done.stderr
     return out
 
@@ -64,8 +63,9 @@ def expected_rows() -> dict:
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: "-".join(c[n] for n in ("task", "recipe", "retriever")))
-def test_render_is_what_it_was(data, cell, capsys):
-    assert experiments.main(render_command(data, cell)) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+def test_render_is_what_it_was(data, cell):
+    done = call_cli(*render_command(data, cell))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert rows, "render printed no rows"
     assert rows == expected_rows()[json.dumps(cell, sort_keys=True)]

@@ -1,102 +1,22 @@
-"""The I/O layer at the bottom of grid/: content hashing, atomic builds and writes,
-cleanup of dead builds (grid/storage.py); the row-group reader, the ordered
-map-and-write and the actor-memory fit (grid/pipeline.py)."""
-
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+"""grid/pipeline.py: the row-group reader, the ordered Ray Data map-and-write that
+prepare and render share, and the actor-memory fit."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from grid.pipeline import RowGroups, fit_actors, map_and_write
-from grid.storage import build_atomically, digest, file_digest, remove_dead_builds, write_atomically
 from lamp.errors import LampError
-from tests.cli import ROOT
-
-
-def test_a_digest_is_of_the_content_only(tmp_path):
-    assert digest("a", 1, [2]) == digest("a", 1, [2]) != digest("a", 1, [3])
-    assert digest("ab", "c") != digest("a", "bc")  # parts are kept apart
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.write_bytes(b"x" * 1000)
-    two.write_bytes(b"x" * 1000)
-    assert file_digest(one) == file_digest(two)
-    two.write_bytes(b"x" * 999 + b"y")
-    assert file_digest(one) != file_digest(two)
-
-
-def hidden(directory) -> list:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
-
-
-def test_a_build_that_fails_leaves_nothing_and_a_built_one_is_not_built_again(tmp_path):
-    final = tmp_path / "cache" / "entry"
-
-    def fail(tmp):
-        (tmp / "half.parquet").write_bytes(b"half")
-        raise RuntimeError("killed halfway")
-
-    with pytest.raises(RuntimeError):
-        build_atomically(final, fail)
-    assert not final.exists() and not hidden(final.parent)
-    assert build_atomically(final, lambda tmp: (tmp / "whole").write_text("whole"))
-    assert (final / "whole").read_text() == "whole" and not hidden(final.parent)
-    assert not build_atomically(final, fail)  # there already: build is not called
-
-
-KILLED_BUILD = """
-import sys, time
-from pathlib import Path
-from grid.storage import build_atomically
-
-def build(tmp):
-    (tmp / "half").write_text("half")
-    time.sleep(60)
-
-build_atomically(Path(sys.argv[1]), build)
-"""
-
-
-def test_a_killed_build_leaves_no_result_and_the_next_build_removes_its_temporary(tmp_path):
-    final = tmp_path / "entry"
-    process = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(final)], cwd=ROOT)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any((p / "half").exists() for p in tmp_path.iterdir()):
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    (dead,) = hidden(tmp_path)
-    assert dead.startswith(f".entry.tmp-{socket.gethostname()}-{process.pid}-") and not final.exists()
-    assert build_atomically(final, lambda tmp: (tmp / "whole").write_text("whole"))
-    assert (final / "whole").read_text() == "whole" and not hidden(tmp_path)
-
-
-def test_only_dead_processes_temporaries_on_this_host_are_removed(tmp_path):
-    alive = tmp_path / f".a.tmp-{socket.gethostname()}-{os.getpid()}-x1"
-    elsewhere = tmp_path / ".b.tmp-another-host-1-x2"
-    unnamed = tmp_path / ".c.tmp-x3"  # no host or process in its name: whose it is cannot be told
-    for path in (alive, elsewhere, unnamed):
-        path.mkdir()
-    remove_dead_builds(tmp_path)
-    assert hidden(tmp_path) == [alive.name, elsewhere.name, unnamed.name]
-
-
-def test_a_file_written_atomically_is_replaced_whole(tmp_path):
-    path = tmp_path / "report.md"
-    write_atomically(path, b"first")
-    write_atomically(path, b"second")
-    assert path.read_bytes() == b"second" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
 
 
 def numbered(path, rows: int, group: int) -> None:
     """A Parquet file of `rows` numbered rows, `group` rows per row group."""
     pq.write_table(pa.table({"row": list(range(rows)), "value": [f"v{i}" for i in range(rows)]}), path,
                    row_group_size=group)
+
+
+def hidden(directory) -> list:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
 def test_row_groups_give_rows_by_number_remembering_a_few_groups(tmp_path):
