@@ -75,6 +75,7 @@ def has_avx512() -> bool:
     return cpuinfo.exists() and "avx512f" in cpuinfo.read_text()
 
 
+@pytest.mark.slow  # tens of seconds waiting on other processes: out of the quick loop
 def test_with_the_kernels_pinned_another_cpu_model_computes_the_same_weights():
     # The pins win over what the CPU offers, so an AVX-512 CPU and an AVX2 one train alike.
     assert weights_digest(CPU_KERNELS) == weights_digest({**AVX2_CPU, **CPU_KERNELS})

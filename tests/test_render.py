@@ -194,6 +194,7 @@ def test_a_training_cell_renders_train_with_its_held_out_users_marked(shards, mo
     assert 0 < len(held_out) < 30
 
 
+@pytest.mark.slow  # tens of seconds waiting on other processes: out of the quick loop
 def test_a_killed_render_leaves_only_complete_entries(tmp_path):
     write_synthetic(tmp_path / "data", tasks=["LaMP_2"], users=400, seed=0)
     grid = tmp_path / "grid.yaml"

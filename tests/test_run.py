@@ -300,6 +300,7 @@ def test_a_batch_that_the_workers_cannot_share_is_refused_before_any_work(tmp_pa
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow  # tens of seconds waiting on other processes: out of the quick loop
 def test_data_missing_a_task_and_a_cell_too_big_for_the_cluster(workdir, tmp_path):
     done = run_cli("run", "demo", "--data", workdir / "data", "--workdir", tmp_path, timeout=120)
     assert done.returncode == 2 and "no LaMP_4" in done.stderr, done.stderr

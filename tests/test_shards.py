@@ -172,6 +172,7 @@ def complete_entries(cache: Path):
             if not path.parent.name.startswith(".")}
 
 
+@pytest.mark.slow  # tens of seconds waiting on other processes: out of the quick loop
 def test_a_killed_prepare_leaves_no_complete_looking_shard(tmp_path):
     write_synthetic(tmp_path / "data", tasks=["LaMP_2"], users=200, seed=0)
     cache = tmp_path / "cache"
