@@ -22,12 +22,13 @@ from tests.cli import ROOT, run_cli
 
 # The demo's MLflow records as the code wrote them before #27's restructuring (535c591).
 RECORDS = Path(__file__).parent / "fixtures" / "demo-records-before-27.json"
-# What a record holds of its moment, machine and code rather than of its cell: when
-# and where it ran, the commit, the environment, the timings, and the render
-# digests (content addresses that hash the rendering code's own source).
+# What a record holds of its moment, machine, place and code rather than of its
+# cell: when and where it ran, the commit, the environment, the timings, the data
+# fingerprint (a digest of the shard entries' paths, under the work directory) and
+# the render digests (content addresses that hash the rendering code's own source).
 VOLATILE_TAGS = ("git_commit", "lamp_grid.code_diff", "lamp_grid.heartbeat", "lamp_grid.host", "lamp_grid.pid",
                  "lamp_grid.process_started", "mlflow.parentRunId", "mlflow.user", "mlflow.source.", "env.",
-                 "lamp_grid.render.")
+                 "lamp_grid.render.", "data_fingerprint")
 
 def table_of(text: str) -> str:
     """The results table in a demo's output, or in README.md's code block of it: its
