@@ -112,8 +112,8 @@ def demo_records(workdir: Path) -> dict:
             "params": run.data.params,
             "tags": {k: v for k, v in run.data.tags.items() if not k.startswith(VOLATILE_TAGS)},
             "metrics": {k: v for k, v in run.data.metrics.items()
-                        if not k.startswith("system/") and not k.endswith(("_s", "_share"))
-                        or k.endswith("cut_share")},
+                        if k.endswith("cut_share")
+                        or not (k.startswith("system/") or k.endswith(("_s", "_share")))},
             "datasets": sorted(d.dataset.name for d in run.inputs.dataset_inputs),  # digests: the render's
             "artifacts": artifacts(run)}
     text = json.dumps(records, sort_keys=True).replace(str(workdir.resolve()), "<workdir>")
