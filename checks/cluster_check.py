@@ -21,11 +21,11 @@ cluster whose worker node sees the head only as another machine would:
 
 Phase A: `prepare --address HEAD_IP:PORT` run on the head (Ray Data's read tasks
 and the rankers ask for CPU, so they run on the worker, which must find the
-examples in SHARED: Full_Random's rankers read them), then a 3-cell grid (LaMP_2, tiny model,
-retrievers none, BM25 and Random) submitted with `ray job submit --working-dir .`
-and `--retries 0`: nothing is killed, so no trial may fail, and every cell must
-end FINISHED once.
-Phase B: the same grid under another name; once a cell has logged train_loss
+examples in SHARED: Full_Random's rankers read them), then a 2-cell grid (LaMP_2, tiny model,
+retrievers BM25 and Random, whose trials read the shards from SHARED) submitted with
+`ray job submit --working-dir .` and `--retries 0`: nothing is killed, so no trial may
+fail, and every cell must end FINISHED once.
+Phase B: a 1-cell grid (BM25); once the cell has logged train_loss
 (two epochs of it, so that a checkpoint exists) the worker node is killed
 (SIGKILL of every process in its namespaces) and started again in the same
 namespaces: Tune retries the trial, and every cell must end FINISHED once,
@@ -155,7 +155,7 @@ def where_prepare_ran(cluster: Cluster) -> tuple:
 
 def phase_a(cluster: Cluster, checks: Checks) -> None:
     run_prepare(cluster, checks)
-    job = GridJob(cluster, "cluster-check-a", retries=0)
+    job = GridJob(cluster, "cluster-check-a", ["BM25", "Random"], retries=0)
     job.submit()
     status = job.wait(600)
     logs = job.logs()
@@ -168,7 +168,7 @@ def phase_a(cluster: Cluster, checks: Checks) -> None:
 
 
 def phase_b(cluster: Cluster, checks: Checks) -> None:
-    job = GridJob(cluster, "cluster-check-b", retries=None)
+    job = GridJob(cluster, "cluster-check-b", ["BM25"], retries=None)
     old = cluster.alive_worker()
     job.submit()
     victim = None

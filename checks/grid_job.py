@@ -13,12 +13,11 @@ from two_node_cluster import Cluster
 # Six short epochs (a second each here): phase B's kill lands between the first
 # train_loss and the trial's end with seconds to spare.
 TRAINING = {"epochs": 6, "lr": 3e-3, "batch_size": 8, "beams": 1, "max_prompt_tokens": 96}
-CELLS = 3
 
 
-def grid_spec(name: str) -> dict:
-    return {"name": name, "tasks": ["LaMP_2"], "model": "tiny",
-            "axes": [{"retriever": ["none", "BM25", "Random"], "k": [2]}], "training": TRAINING}
+def grid_spec(name: str, retrievers: list) -> dict:
+    return {"name": name, "tasks": ["LaMP_2"], "model": "tiny", "axes": [{"retriever": retrievers, "k": [2]}],
+            "training": TRAINING}
 
 
 class Checks:
@@ -45,11 +44,11 @@ class Checks:
 class GridJob:
     """One `run` of a grid, submitted to the head with `ray job submit --working-dir .`."""
 
-    def __init__(self, cluster: Cluster, name: str, retries: int | None):
-        self.cluster, self.name = cluster, name
+    def __init__(self, cluster: Cluster, name: str, retrievers: list, retries: int | None):
+        self.cluster, self.name, self.cells = cluster, name, len(retrievers)
         self.id = f"{name}-{secrets.token_hex(3)}"
         spec = cluster.layout.head / f"{name}.yaml"
-        spec.write_text(yaml.safe_dump(grid_spec(name)))
+        spec.write_text(yaml.safe_dump(grid_spec(name, retrievers)))
         layout = cluster.layout
         self.command = ["python", "experiments.py", "run", str(spec), "--data", str(layout.data),
                         "--workdir", str(layout.workdir), "--cache", str(layout.cache),
@@ -141,8 +140,9 @@ class GridJob:
         without_artifacts = [r.data.tags.get("cell_key") for r in finished
                              if "predictions.json" not in {a.path for a in self.client.list_artifacts(r.info.run_id)}]
         checks.record(f"{phase}: the job SUCCEEDED", status == "SUCCEEDED", status)
-        checks.record(f"{phase}: {CELLS} cells, one run each", len(keys) == CELLS == len(set(keys)), f"runs of {keys}")
-        checks.record(f"{phase}: every cell FINISHED", len(cells) == CELLS == len(finished),
+        checks.record(f"{phase}: {self.cells} cell(s), one run each", len(keys) == self.cells == len(set(keys)),
+                      f"runs of {keys}")
+        checks.record(f"{phase}: every cell FINISHED", len(cells) == self.cells == len(finished),
                       ", ".join(f"{r.data.tags.get('cell_key')} {r.info.status}" for r in cells) or "no cell runs")
         open_runs = [r for r in cells + parents if r.info.status in ("RUNNING", "SCHEDULED")]
         checks.record(f"{phase}: nothing RUNNING or SCHEDULED", not open_runs, f"{len(open_runs)} open run(s)")

@@ -3,6 +3,8 @@ exits 0 and writes its result, with the fields BENCHMARKS.md reads, into the tes
 own directory (never bench/results/). The numbers of a smoke run mean nothing."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -12,6 +14,14 @@ from lamp.data import find_splits, read_examples
 from lamp.synth import write_synthetic
 from tests.cli import ROOT
 
+# Each benchmark's tiny size. scale_bench runs without its trial timings (step 3): a
+# trial of each path is minutes here, and tests/test_run.py runs today's trials.
+SMOKES = {"prepare_bench": ["--users", 8, "--profile-size", 20],
+          "padding_bench": ["--users", 20, "--batches", 2, "--batch-size", 2],
+          "trial_floor": ["--trials", 1],
+          "order_bench": ["--smoke"],
+          "scale_bench": ["--scale", 0.001, "--small-scale", 0.001, "--no-trials"]}
+
 
 def run_bench(script: str, *args, timeout: float) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], capture_output=True,
@@ -20,14 +30,37 @@ def run_bench(script: str, *args, timeout: float) -> subprocess.CompletedProcess
     return done
 
 
-def bench_result(script: str, out, *args, timeout: float = 600) -> dict:
-    run_bench(script, *args, "--out", out, timeout=timeout)
-    return json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def smoke(request, tmp_path_factory):
+    """The smoke runs of the benchmarks whose tests are selected, started together as
+    processes of their own (much of each is waiting on Ray and on process start-up, so
+    they overlap); smoke(name) waits for one and gives (its result, what it printed).
+    Their output goes to files: a pipe that nobody reads yet would stop them when full."""
+    out = tmp_path_factory.mktemp("bench")
+    wanted = [name for name in SMOKES if any(item.name.startswith(f"test_{name}") for item in request.session.items)]
+    running = {}
+    for name in wanted:
+        with open(out / f"{name}.out", "w") as stdout, open(out / f"{name}.err", "w") as stderr:
+            running[name] = subprocess.Popen([sys.executable, str(ROOT / "bench" / f"{name}.py"),
+                                              *map(str, SMOKES[name]), "--out", str(out / f"{name}.json")],
+                                             stdout=stdout, stderr=stderr, cwd=ROOT, start_new_session=True)
+
+    def wait(name: str) -> tuple:
+        status = running[name].wait(timeout=1500)
+        printed, errors = (out / f"{name}.out").read_text(), (out / f"{name}.err").read_text()
+        assert status == 0, f"{name}.py exited {status}:\n{printed[-3000:]}\n{errors[-3000:]}"
+        return json.loads((out / f"{name}.json").read_text()), printed
+
+    yield wait
+    for process in running.values():  # those a failed test left running, with their Ray clusters
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @pytest.mark.slow
-def test_prepare_bench_renders_the_same_prompts_both_ways(tmp_path):
-    result = bench_result("prepare_bench.py", tmp_path / "prepare.json", "--users", 8, "--profile-size", 20)
+def test_prepare_bench_renders_the_same_prompts_both_ways(smoke):
+    result, _ = smoke("prepare_bench")
     assert result["examples"] == 8 and result["cells"] == 48  # 4 ablations x 4 orders x 3 k
     for field in ("study_way_s", "ours_prepare_s", "ours_render_s", "ours_total_s", "speedup",
                   "rank_bm25_loop_examples_per_s", "vectorized_bm25_examples_per_s",
@@ -47,17 +80,16 @@ def test_make_big_lamp3_writes_copies_with_unique_ids(tmp_path):
 
 
 @pytest.mark.slow
-def test_padding_bench_trains_the_same_tokens_both_ways(tmp_path):
-    result = bench_result("padding_bench.py", tmp_path / "padding.json", "--users", 20, "--batches", 2,
-                          "--batch-size", 2)
+def test_padding_bench_trains_the_same_tokens_both_ways(smoke):
+    result, _ = smoke("padding_bench")
     assert result["batches"] == 2 and result["batch_size"] == 2
     assert 0 < result["prompt_tokens_mean"] <= result["prompt_tokens_max"] <= 512
     assert result["dynamic_tokens_per_s"] > 0 and result["pad_to_512_tokens_per_s"] > 0 and result["speedup"] > 0
 
 
 @pytest.mark.slow
-def test_trial_floor_times_an_empty_trial(tmp_path):
-    result = bench_result("trial_floor.py", tmp_path / "trial_floor.json", "--trials", 1)
+def test_trial_floor_times_an_empty_trial(smoke):
+    result, _ = smoke("trial_floor")
     assert result["trials"] == 1 and result["at_once"] >= 1
     for field in ("python_loop_s", "wall_s", "machine_cpu_s", "cpu_s_per_trial", "wall_s_per_trial",
                   "trials_s_for_12"):
@@ -65,8 +97,8 @@ def test_trial_floor_times_an_empty_trial(tmp_path):
 
 
 @pytest.mark.slow
-def test_order_bench_compares_a_checkout_with_itself(tmp_path):
-    result = bench_result("order_bench.py", tmp_path / "order.json", "--smoke")
+def test_order_bench_compares_a_checkout_with_itself(smoke):
+    result, _ = smoke("order_bench")
     assert result["baseline"] == "this checkout" and result["rounds"] == 1
     assert set(result["per_cell"]) == {"baseline", "this"}
     for runs in result["per_cell"].values():
@@ -75,14 +107,9 @@ def test_order_bench_compares_a_checkout_with_itself(tmp_path):
 
 
 @pytest.mark.slow
-def test_scale_bench_renders_the_same_prompts_on_both_paths(tmp_path):
-    out = tmp_path / "scale.json"
-    # Without its trial timings (step 3): a trial of each path is minutes here, and
-    # tests/test_run.py runs today's trials.
-    done = run_bench("scale_bench.py", "--scale", 0.001, "--small-scale", 0.001, "--no-trials", "--out", out,
-                     timeout=1500)
-    result = json.loads(out.read_text())
+def test_scale_bench_renders_the_same_prompts_on_both_paths(smoke):
+    result, printed = smoke("scale_bench")
     assert result["prompts_checked"]["cells_compared"] == 19  # paper-fig-b's 18 and the LaMP_3 cell
     for group in ("fig_b", "lamp3", "k80", "all"):
         assert result["render"][group]["examples"] > 0 and result["render"][group]["speedup"] > 0, group
-    assert "| all 19 cells |" in done.stdout  # the markdown table BENCHMARKS.md takes
+    assert "| all 19 cells |" in printed  # the markdown table BENCHMARKS.md takes

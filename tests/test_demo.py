@@ -106,7 +106,7 @@ def demo_records(workdir: Path) -> dict:
                 for p in sorted(folder.rglob("*")) if p.is_file()}
 
     records = {"experiment": experiment.tags}
-    for run in client.search_runs([experiment.experiment_id], "tags.`lamp_grid.role` != 'rerun'"):
+    for run in client.search_runs([experiment.experiment_id]):
         records[run.info.run_name] = {
             "status": run.info.status,
             "params": run.data.params,
@@ -124,6 +124,27 @@ def demo_records(workdir: Path) -> dict:
 def test_the_demos_mlflow_records_are_what_they_were(demo):
     """#27 restructured the code with behaviour unchanged: the demo writes the same records."""
     assert demo_records(demo[0]) == json.loads(RECORDS.read_text())
+
+
+@pytest.mark.slow
+def test_every_cell_run_records_the_moment_and_machine_it_ran_on(demo):
+    """What the records above leave out as volatile, checked for what it must be."""
+    from mlflow.tracking import MlflowClient
+
+    from grid.environment import code_state
+
+    client = MlflowClient(f"sqlite:///{demo[0].resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo").experiment_id
+    cells = client.search_runs([experiment], "tags.`lamp_grid.role` = 'cell'")
+    assert len(cells) == 12
+    for tags in (run.data.tags for run in cells):
+        assert {k: tags[k] for k in ("git_commit", "lamp_grid.code_diff")} == code_state()
+        assert len(tags["lamp_grid.render.train"]) == len(tags["lamp_grid.render.dev"]) == 24
+        # From the worker that trained it: versions, hardware, threads, CPU kernels, the lock.
+        assert tags["env.torch"].startswith("2.13.0") and tags["env.transformers"] and tags["env.pyarrow"]
+        assert tags["env.cpu"] and tags["env.gpu"] == "none" and tags["env.torch_threads"] == "1"
+        assert tags["env.cpu_kernels"] == "MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"
+        assert tags["env.lock"] == "the lock's"
 
 
 @pytest.mark.slow
@@ -273,29 +294,3 @@ def test_the_mlflow_ui_shows_the_cells_in_a_real_browser(demo, mlflow_server, br
     page.wait_for_load_state("load")
     widths = page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
     assert widths and all(width > 0 for width in widths), widths
-
-
-@pytest.mark.slow
-def test_a_rerun_of_a_demo_cell_is_identical_and_not_one_of_the_grids_results(demo):
-    """Last in this file: the rerun's run shares its cell's name, which the browser test looks rows up by."""
-    from mlflow.tracking import MlflowClient
-
-    from grid import tracking
-
-    workdir = demo[0]
-    client = MlflowClient(f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("demo").experiment_id
-    key = "LaMP_2/lamp/BM25/k=4/only_output/start/offset=0/seed=0/tiny"
-    (old,) = tracking.cell_runs(client, experiment)[key]
-    done = run_cli("rerun", old.info.run_id, "--workdir", workdir, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"rerun of {old.info.run_id} ({key}): new run " in done.stdout
-    assert "render: 0 cell(s) rendered, 1 cached" in done.stdout  # the same tiny model: the grid's tasks made it
-    assert "  predictions: 300 of 300 identical" in done.stdout
-    assert "identical: the same dev metrics and predictions as the recorded run" in done.stdout
-    assert "the environment is the recorded one" in done.stdout
-    (parent,) = client.search_runs([experiment], "tags.`lamp_grid.role` = 'rerun'")
-    assert parent.info.run_name == f"rerun of {old.info.run_id}" and parent.info.status == "FINISHED"
-    (new,) = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert new.data.tags["cell_key"] == key and new.info.status == "FINISHED"
-    assert [r.info.run_id for r in tracking.cell_runs(client, experiment)[key]] == [old.info.run_id]

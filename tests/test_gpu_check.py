@@ -1,4 +1,4 @@
-"""checks/gpu_check.py end to end on CPU (--cpu: tiny shapes): every cell of its three
+"""checks/gpu_check.py end to end on CPU (--cpu: tiny shapes, a cell a model): every cell of its
 grids finishes through run_grid, and the trial's throughput metrics reach MLflow."""
 
 import json
@@ -21,11 +21,10 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["mode"] == "cpu" and result["machine"]["gpu"] == "CPU"
     cells = result["cells"]
-    assert [c["status"] for c in cells] == ["FINISHED"] * 6, [(c["cell"], c["error"]) for c in cells]
+    assert [c["status"] for c in cells] == ["FINISHED"] * 4, [(c["cell"], c["error"]) for c in cells]
 
     trained = [c for c in cells if c["trains"]]
-    assert sorted(c["model"] for c in trained) == ["gpt2-small", "gpt2-small", "t5-base", "t5-base",
-                                                   "t5-base nondeterministic"]
+    assert sorted(c["model"] for c in trained) == ["gpt2-small", "t5-base", "t5-base nondeterministic"]
     for cell in trained:
         metrics = cell["metrics"]
         missing = [m for m in ["n_params", "decode_examples_per_s", *TRAINING] if m not in metrics]

@@ -43,64 +43,6 @@ def cells_of(all_runs):
     return [r for r in all_runs if r.data.tags.get("lamp_grid.role") == "cell"]
 
 
-@pytest.fixture(scope="module")
-def three(workdir, ray_local):
-    """A three-cell grid, run once: (its spec, the CellResults, what `run` logged)."""
-    spec = grid("three", [{"retriever": ["none", "BM25", "RanBM25"], "k": [2]}])
-    logged = []
-    rows = run_grid(spec, str(workdir / "data"), workdir, resources=Resources(zero_stage=2), log=logged.append,
-                    command="python experiments.py run three.yaml")
-    return spec, rows, logged
-
-
-@pytest.mark.slow
-def test_a_grid_lands_in_mlflow_and_a_second_run_skips_it(workdir, three):
-    spec, rows, first = three
-    assert [r.status for r in rows] == ["FINISHED"] * 3
-    assert "render: 3 cell(s) rendered, 0 cached" in first
-    client, all_runs = runs(workdir, "three")
-    children = cells_of(all_runs)
-    assert sorted(r.data.tags["cell_key"] for r in children) == sorted(r.cell.key for r in rows)
-    (parent,) = [r for r in all_runs if r.data.tags.get("lamp_grid.role") == "grid"]
-    assert parent.info.status == "FINISHED"
-    for run in children:
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.params["retriever"] in ("none", "BM25", "RanBM25")
-        assert run.data.params["train.epochs"] == "1"
-        assert {"train_loss", "select_f1", "dev_f1", "dev_accuracy"} <= set(run.data.metrics)
-        assert 0 <= run.data.metrics["dev_f1"] <= 1
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert artifacts == {"predictions.json", "per_example_scores.json", "sample_prompts.json",
-                             "deepspeed_config.json", "train_order"}
-        history = client.get_metric_history(run.info.run_id, "train_loss")
-        assert len(history) == 1 and history[0].value > 0
-    messages = []
-    again = run_grid(spec, str(workdir / "data"), workdir, log=messages.append)
-    assert "3 of 3 cell(s) already FINISHED" in " ".join(messages) and "running 0" in " ".join(messages)
-    assert len(cells_of(runs(workdir, "three")[1])) == 3
-    assert [r.status for r in again] == ["FINISHED"] * 3
-
-
-@pytest.mark.slow
-def test_every_cell_run_records_how_to_run_it_again(workdir, three):
-    from grid.environment import code_state
-
-    _, rows, _ = three
-    client = MlflowClient(Workdir(workdir).tracking_uri)
-    tags = client.get_run(rows[1].run_id).data.tags
-    assert tags["lamp_grid.command"] == "python experiments.py run three.yaml"
-    assert tags["lamp_grid.data"] == str((workdir / "data").resolve()) and tags["lamp_grid.tasks"] == "LaMP_2"
-    assert json.loads(tags["lamp_grid.resources"])["zero_stage"] == 2
-    assert {k: tags[k] for k in ("git_commit", "lamp_grid.code_diff")} == code_state()
-    assert len(tags["lamp_grid.render.train"]) == len(tags["lamp_grid.render.dev"]) == 24
-    # From the worker that trained it: versions, hardware, threads, CPU kernels, the lock.
-    assert tags["env.torch"].startswith("2.13.0") and tags["env.transformers"] and tags["env.pyarrow"]
-    assert tags["env.cpu"] and tags["env.gpu"] == "none" and tags["env.torch_threads"] == "1"
-    assert tags["env.cpu_kernels"] == "MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"
-    assert tags["env.lock"] == "the lock's"
-
-
 def train_order(client, run_id: str, epochs: int) -> list:
     """The ids each optimizer step trained on, per epoch, as the run logged them."""
     return [json.load(open(client.download_artifacts(run_id, f"train_order/epoch-{epoch}.json")))["batches"]
@@ -108,19 +50,19 @@ def train_order(client, run_id: str, epochs: int) -> list:
 
 
 @pytest.mark.slow
-def test_one_two_and_three_workers_train_on_the_same_global_batches(workdir, ray_local, tmp_path):
+def test_one_and_three_workers_train_on_the_same_global_batches(workdir, ray_local, tmp_path):
     from grid.order import TrainRows, global_batches
 
     spec = grid("workers", [{"retriever": ["BM25"], "k": [2]}], epochs=2, batch_size=6)
     seen = {}
-    for workers in (1, 2, 3):
+    for workers in (1, 3):  # three: an odd count, each dealt a third of every global batch of 6
         uri = f"sqlite:///{tmp_path / f'{workers}.db'}"
         (row,) = run_grid(spec, str(workdir / "data"), workdir, tracking_uri=uri,
                           resources=Resources(workers_per_trial=workers), log=lambda _: None)
         client = MlflowClient(uri)
         seen[workers] = (train_order(client, row.run_id, 2), client.get_run(row.run_id).data.metrics)
     orders = [order for order, _ in seen.values()]
-    assert orders[0] == orders[1] == orders[2]
+    assert orders[0] == orders[1]
     # ... and they are the constructed order of the rendered train rows.
     rendered = client.get_run(row.run_id).data.tags["lamp_grid.render.train"]
     (path,) = (workdir / "cache").rglob(f"render-{rendered}/rendered.parquet")
@@ -130,42 +72,63 @@ def test_one_two_and_three_workers_train_on_the_same_global_batches(workdir, ray
                          for epoch in range(2)]
     # The same sums, split over other workers, differ only in rounding.
     one = seen[1][1]
-    for workers in (2, 3):
-        metrics = seen[workers][1]
-        assert metrics["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
-        assert metrics["select_f1"] == pytest.approx(one["select_f1"], abs=0.02)
-        assert metrics["dev_f1"] == pytest.approx(one["dev_f1"], abs=0.02)
+    metrics = seen[3][1]
+    assert metrics["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert metrics["select_f1"] == pytest.approx(one["select_f1"], abs=0.02)
+    assert metrics["dev_f1"] == pytest.approx(one["dev_f1"], abs=0.02)
 
 
 @pytest.mark.slow
-def test_a_trial_killed_mid_epoch_and_retried_ends_as_if_never_killed(workdir, tmp_path):
-    """Dropout on, so the retry must also restore the random state the checkpoint kept."""
+def test_a_trial_killed_mid_epoch_and_retried_ends_as_its_rerun_does(workdir, ray_local, tmp_path):
+    """A cell crashed in epoch 1 and retried, then run again with `rerun`: the same
+    losses, train order, dev metrics and predictions. Dropout on, so the retry must
+    also restore the random state the checkpoint kept."""
+    import yaml
+
+    from grid import tracking
+    from grid.rerun import rerun
     from grid.tiny import build_tiny_model
 
     model = build_tiny_model(workdir / "data", ["LaMP_2"], tmp_path / "tiny")
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.1}))
     spec = tmp_path / "killed.yaml"
-    import yaml
-
     spec.write_text(yaml.safe_dump({"name": "mid-epoch", "tasks": ["LaMP_2"], "model": str(model),
                                     "axes": [{"retriever": ["BM25"], "k": [2]}],
-                                    "training": {**TRAINING, "epochs": 3}}))
-    seen = {}
-    for name, env in (("whole", {}), ("killed", {"LAMP_GRID_CRASH_ONCE": str(tmp_path / "crashed"),
-                                                 "LAMP_GRID_CRASH_AT": "1:2"})):
-        uri = f"sqlite:///{tmp_path / f'{name}.db'}"
-        done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, "--tracking-uri", uri,
-                       env={**os.environ, **env}, timeout=900)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        client = MlflowClient(uri)
-        (run,) = cells_of(client.search_runs([client.get_experiment_by_name("mid-epoch").experiment_id]))
-        seen[name] = {"metrics": {k: v for k, v in run.data.metrics.items() if k.startswith(("dev_", "select_"))},
-                      "losses": [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")],
-                      "predictions": open(client.download_artifacts(run.info.run_id, "predictions.json")).read(),
-                      "order": train_order(client, run.info.run_id, 3)}
+                                    "training": {**TRAINING, "epochs": 2}}))
+    uri, renders = f"sqlite:///{tmp_path / 'mlflow.db'}", set((workdir / "cache").rglob("render-*"))
+    crash = {"LAMP_GRID_CRASH_ONCE": str(tmp_path / "crashed"), "LAMP_GRID_CRASH_AT": "1:2"}
+    done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, "--tracking-uri", uri,
+                   env={**os.environ, **crash}, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert len(list((tmp_path / "crashed").iterdir())) == 1  # the first attempt did die, in epoch 1
-    assert seen["killed"] == seen["whole"]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mid-epoch").experiment_id
+    (killed,) = cells_of(client.search_runs([experiment]))
+    assert killed.info.status == "FINISHED"  # the retry went on in the one run of the cell
+    # Rendered once, before any trial: the retry read the same train and dev renders.
+    assert [line for line in done.stdout.splitlines() if line.startswith("render:")] == \
+        ["render: 1 cell(s) rendered, 0 cached"]
+    renders = set((workdir / "cache").rglob("render-*")) - renders
+    assert len(renders) == 2 and all(p.stat().st_mtime * 1000 < killed.info.start_time for p in renders)
+
+    said = []
+    assert rerun(killed.info.run_id, uri, workdir, log=said.append) == 0  # here, where nothing crashes
+    said = "\n".join(said)
+    assert "render: 0 cell(s) rendered, 1 cached" in said
+    assert "identical: the same dev metrics and predictions as the recorded run" in said
+    assert "the environment is the recorded one" in said
+    (parent,) = client.search_runs([experiment], "tags.`lamp_grid.role` = 'rerun'")
+    assert parent.info.run_name == f"rerun of {killed.info.run_id}" and parent.info.status == "FINISHED"
+    (again,) = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert again.data.tags["cell_key"] == killed.data.tags["cell_key"] and again.info.status == "FINISHED"
+    # A rerun is not one of the grid's results.
+    assert [r.info.run_id for r in tracking.cell_runs(client, experiment)[killed.data.tags["cell_key"]]] == \
+        [killed.info.run_id]
+    for name in ("train_loss", "select_f1"):
+        assert [m.value for m in client.get_metric_history(killed.info.run_id, name)] == \
+            [m.value for m in client.get_metric_history(again.info.run_id, name)], name
+    assert train_order(client, killed.info.run_id, 2) == train_order(client, again.info.run_id, 2)
 
 
 @pytest.mark.slow
@@ -200,41 +163,37 @@ def write_grid(path, name, axes):
     return path
 
 
-@pytest.mark.slow
-def test_a_crashed_trial_is_retried_into_its_one_run(workdir, tmp_path):
-    spec = write_grid(tmp_path / "crash.yaml", "crash", [{"retriever": ["Random"], "k": [2]}])
-    env = {**os.environ, "LAMP_GRID_CRASH_ONCE": str(tmp_path / "crashed")}
-    before = set((workdir / "cache").rglob("render-*"))
-    done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert len(list((tmp_path / "crashed").iterdir())) == 1  # the first attempt did crash
-    _, all_runs = runs(workdir, "crash")
-    (run,) = cells_of(all_runs)
-    assert run.info.status == "FINISHED"
-    # Rendered once, before any trial: the retry read the same train and dev renders.
-    assert [line for line in done.stdout.splitlines() if line.startswith("render:")] == \
-        ["render: 1 cell(s) rendered, 0 cached"]
-    renders = set((workdir / "cache").rglob("render-*")) - before
-    assert len(renders) == 2 and all(p.stat().st_mtime * 1000 < run.info.start_time for p in renders)
-
-
-@pytest.mark.slow
-def test_interrupt_then_resume_completes_the_grid(workdir, tmp_path):
-    spec = write_grid(tmp_path / "stop.yaml", "stop", [{"retriever": ["BM25"], "k": [1, 2, 3]}])
+def start_grid(spec, workdir, *extra) -> subprocess.Popen:
+    """`run` of a grid in a process of its own, one cell at a time, for a test to stop."""
     args = [sys.executable, str(ROOT / "experiments.py"), "run", str(spec), "--data", str(workdir / "data"),
-            "--workdir", str(workdir), "--max-concurrent", "1"]
-    # The store's tables first: this test's polling and the run creating them at once would collide.
-    MlflowClient(Workdir(workdir).tracking_uri).search_experiments()
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            "--workdir", str(workdir), "--max-concurrent", "1", *extra]
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_cells(workdir, experiment: str, ready) -> list:
+    """Polls the store until `ready(statuses of the cell runs)`; returns those statuses."""
     deadline = time.time() + 300
-    while time.time() < deadline:  # interrupt once the first cell is done
-        time.sleep(2)
+    while time.time() < deadline:
+        time.sleep(1)
         try:
-            _, all_runs = runs(workdir, "stop")
+            _, all_runs = runs(workdir, experiment)
         except AttributeError:  # the experiment is not created yet
             continue
-        if any(r.info.status == "FINISHED" for r in cells_of(all_runs)):
-            break
+        statuses = [r.info.status for r in cells_of(all_runs)]
+        if ready(statuses):
+            return statuses
+    pytest.fail(f"no cell of {experiment} reached the state waited for in 300 s")
+
+
+@pytest.mark.slow
+def test_a_grid_interrupted_then_killed_then_run_again_completes_with_one_run_per_cell(workdir, tmp_path):
+    spec = write_grid(tmp_path / "stop.yaml", "stop", [{"retriever": ["BM25"], "k": [1, 2, 3]}])
+    # The store's tables first: this test's polling and the run creating them at once would collide.
+    MlflowClient(Workdir(workdir).tracking_uri).search_experiments()
+
+    # Ctrl-C once a cell is done: every run it opened is closed.
+    process = start_grid(spec, workdir)
+    wait_for_cells(workdir, "stop", lambda statuses: "FINISHED" in statuses)
     process.send_signal(signal.SIGINT)
     process.wait(timeout=300)
     _, all_runs = runs(workdir, "stop")
@@ -243,12 +202,23 @@ def test_interrupt_then_resume_completes_the_grid(workdir, tmp_path):
     finished = [r for r in cells_of(all_runs) if r.info.status == "FINISHED"]
     assert 1 <= len(finished) < 3  # some cell done, the grid not
 
-    done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, "--resume", timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Resumed, then SIGKILLed while a cell trains: the driver cannot close what it opened.
+    process = start_grid(spec, workdir, "--resume")
+    wait_for_cells(workdir, "stop", lambda statuses: "RUNNING" in statuses)
+    process.kill()
+    process.wait(timeout=60)
     _, all_runs = runs(workdir, "stop")
-    children = cells_of(all_runs)
-    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
-    assert len({r.data.tags["cell_key"] for r in children}) == 3
+    assert "RUNNING" in [r.info.status for r in all_runs]
+
+    # The next run closes those as KILLED and finishes the grid: one FINISHED run per cell.
+    done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "run(s) KILLED that an earlier `run` left open" in done.stdout
+    _, all_runs = runs(workdir, "stop")
+    statuses = [r.info.status for r in all_runs]
+    assert "RUNNING" not in statuses and "SCHEDULED" not in statuses, statuses
+    finished = [r.data.tags["cell_key"] for r in cells_of(all_runs) if r.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(set(finished)) and len(finished) == 3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -348,38 +318,6 @@ def test_a_trial_that_a_startable_node_type_fits_waits_for_the_autoscaler(ray_lo
     (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(config))
     assert gpu_memory(messages.append) is None
     assert "the GPU memory of instance type(s) x9.gpu is not known here" in messages[-1]
-
-
-@pytest.mark.slow
-def test_a_run_killed_with_sigkill_leaves_nothing_open_after_the_next_run(workdir, tmp_path):
-    spec = write_grid(tmp_path / "killed.yaml", "killed", [{"retriever": ["BM25"], "k": [1, 2, 3]}])
-    args = [sys.executable, str(ROOT / "experiments.py"), "run", str(spec), "--data", str(workdir / "data"),
-            "--workdir", str(workdir), "--max-concurrent", "1"]
-    MlflowClient(Workdir(workdir).tracking_uri).search_experiments()  # the store's tables first, as above
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill the driver once a cell is done and the next one runs
-        time.sleep(1)
-        try:
-            _, all_runs = runs(workdir, "killed")
-        except AttributeError:
-            continue
-        statuses = [r.info.status for r in cells_of(all_runs)]
-        if "FINISHED" in statuses and "RUNNING" in statuses:
-            break
-    process.kill()
-    process.wait(timeout=60)
-    _, all_runs = runs(workdir, "killed")
-    assert "RUNNING" in [r.info.status for r in all_runs]  # what a driver killed this way leaves
-
-    done = run_cli("run", spec, "--data", workdir / "data", "--workdir", workdir, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "run(s) KILLED that an earlier `run` left open" in done.stdout
-    _, all_runs = runs(workdir, "killed")
-    statuses = [r.info.status for r in all_runs]
-    assert "RUNNING" not in statuses and "SCHEDULED" not in statuses, statuses
-    finished = [r.data.tags["cell_key"] for r in cells_of(all_runs) if r.info.status == "FINISHED"]
-    assert sorted(finished) == sorted(set(finished)) and len(finished) == 3
 
 
 def test_rerun_refuses_a_run_it_cannot_rerun_in_one_line_and_writes_nothing(tmp_path):

@@ -49,7 +49,6 @@ def train_cell(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
     torch.manual_seed(settings["seed"])
-    crash_once(config)
 
     tokenizer = load_tokenizer(model_ref)
     model = model_ref.load()
@@ -204,7 +203,6 @@ def zero_shot_cell(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object gather of the predictions uses the current device
     rank = ray.train.get_context().get_world_rank()
-    crash_once(config)
     tokenizer = load_tokenizer(config["model"])
     model = inference_model(config["model"], device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -247,10 +245,10 @@ def finish(log: MlflowLog | None, task: str, rows: list, predictions: list, meas
     return final
 
 
-def crash_once(config: dict, position: str | None = None) -> None:
+def crash_once(config: dict, position: str) -> None:
     """Fault injection for tests: with LAMP_GRID_CRASH_ONCE naming a directory, the
-    first attempt of each trial dies (a marker file there records it): as it starts,
-    or with LAMP_GRID_CRASH_AT=EPOCH:STEP, before that training step."""
+    first attempt of each trial dies (a marker file there records it) before the
+    training step LAMP_GRID_CRASH_AT=EPOCH:STEP."""
     directory = os.environ.get("LAMP_GRID_CRASH_ONCE")
     if not directory or position != os.environ.get("LAMP_GRID_CRASH_AT"):
         return
@@ -259,4 +257,4 @@ def crash_once(config: dict, position: str | None = None) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         raise RuntimeError(f"LAMP_GRID_CRASH_ONCE: first attempt of run {config['run_id']} crashes on purpose"
-                           + (f" at epoch:step {position}" if position else ""))
+                           f" at epoch:step {position}")
