@@ -20,7 +20,7 @@ from grid.environment import code_state
 from grid.memory import count_parameters, estimate_memory
 from grid.model import ModelRef
 from grid.render import render_grid
-from grid.shards import prepare, splits_by_data
+from grid.shards import prepare
 from grid.spec import GridSpec, Resources, varying_axes
 from grid.storage import digest, is_uri, local_data
 from grid.tracking import summarize
@@ -210,6 +210,14 @@ def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: s
                               address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),
                               stage_dir=work.cache, use_date=any(c.use_date for c in ranked), settings=[setting])
     return data_dir, model, splits_by_data(shard_list)
+
+
+def splits_by_data(shard_list) -> dict:
+    """(task, setting) -> {split: SplitShards}: what a cell reads (lamp.cell.Cell.data)."""
+    shards = {}
+    for s in shard_list:
+        shards.setdefault((s.task, s.setting), {})[s.split] = s
+    return shards
 
 
 def render_cells(cells: list, shards: dict, model: ModelRef, work: Workdir, cache: str, address: str | None = None,

@@ -39,7 +39,7 @@ from grid.pipeline import ACTOR_BASE, PYTHON_PER_ARROW, REMEMBERED_ROW_GROUPS, R
 from grid.storage import build_atomically, digest, file_digest, is_uri, join, open_input, publish
 from lamp.data import Example, SplitFiles, find_splits, read_examples
 from lamp.errors import LampError
-from lamp.retrieval import MIXED_SIDES, TEXT_RANKED, ItemPool, check_dates, pool_draw, rank, ranked_sides
+from lamp.retrieval import MIXED_SIDES, TEXT_RANKED, ItemPool, check_dates, is_date, pool_draw, rank, ranked_sides
 from lamp.tasks import get_task
 
 CACHE_FORMAT = "1"
@@ -391,21 +391,18 @@ def check_split_dates(examples, questions, parsed: bool) -> None:
     """Refuses, before any ranking, a split whose profile items lack a date (parsed:
     or have one Recency cannot sort by), naming the LaMP file it came from
     (lamp.retrieval.check_dates). Reads the examples' ids and the items' ids and
-    dates alone, a row group at a time."""
+    dates alone, a row group at a time. Dates repeat (days), so each distinct one
+    is read once; only a row group that holds a bad one is read item by item, to
+    name it."""
     file = pq.ParquetFile(examples)
     item_id = profile_id_column(file)
     columns = ["id", item_id, item_id.removesuffix(".id") + ".date"]
     for group in range(file.num_row_groups):
-        for record in file.read_row_group(group, columns=columns).to_pylist():
-            check_dates(questions, record["id"], record["profile"] or [], parsed)
-
-
-def splits_by_data(shard_list) -> dict:
-    """(task, setting) -> {split: SplitShards}: what a cell reads (lamp.cell.Cell.data)."""
-    shards = {}
-    for s in shard_list:
-        shards.setdefault((s.task, s.setting), {})[s.split] = s
-    return shards
+        table = file.read_row_group(group, columns=columns)
+        dates = pc.unique(table.column("profile").combine_chunks().flatten().field("date")).to_pylist()
+        if any(date is None or parsed and not is_date(date) for date in dates):
+            for record in table.to_pylist():
+                check_dates(questions, record["id"], record["profile"] or [], parsed)
 
 
 # --- the cache -----------------------------------------------------------------------

@@ -136,13 +136,19 @@ def check_dates(path, example_id: str, profile: list, parsed: bool) -> None:
         if date is None:
             raise data_error(path, f"item {item['id']!r} has no date (Recency and use_date need one)",
                              example_id=example_id, field=f"profile[{index}].date")
-        if parsed:
-            try:
-                date_key(date)
-            except ValueError:
-                raise data_error(path, f"item {item['id']!r}: date {date!r} is not whole numbers joined by '-' "
-                                       "(LaMP's dates: 2013-05-21, 2009)",
-                                 example_id=example_id, field=f"profile[{index}].date") from None
+        if parsed and not is_date(date):
+            raise data_error(path, f"item {item['id']!r}: date {date!r} is not whole numbers joined by '-' "
+                                   "(LaMP's dates: 2013-05-21, 2009)",
+                             example_id=example_id, field=f"profile[{index}].date")
+
+
+def is_date(date) -> bool:
+    """Whether date_key reads the date."""
+    try:
+        date_key(date)
+    except ValueError:
+        return False
+    return True
 
 
 def drop_query_items(task: str, items: list[dict], input_text: str) -> list[dict]:

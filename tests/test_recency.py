@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from rank_bm25 import BM25Okapi
 
-from grid.shards import load_examples, prepare, ranking_name, splits_by_data
+from grid.run import splits_by_data
+from grid.shards import load_examples, prepare, ranking_name
 from grid.spec import GridCell, parse_grid
 from lamp.cell import Cell
 from lamp.data import Example, find_splits
@@ -130,6 +131,20 @@ def test_recency_on_undated_files_is_refused_before_any_work(layouts, tmp_path):
     with pytest.raises(LampError, match=r"train_questions.json: id '\d+': field 'profile\[0\].date'"):
         prepare(layouts, tmp_path, retrievers=["Recency"], settings=["user"], log=lambda _: None)
     assert not [p for p in tmp_path.rglob("Recency*")]
+
+
+def test_an_unreadable_date_in_the_files_is_refused_by_prepare_naming_it(tmp_path):
+    write_synthetic(tmp_path / "data", tasks=["LaMP_7"], users=10, seed=1, setting="time")
+    path = tmp_path / "data" / "time" / "LaMP_7" / "train" / "train_questions.json"  # the first split ranked
+    questions = json.loads(path.read_text())
+    questions[1]["profile"][2]["date"] = "last week"
+    path.write_text(json.dumps(questions))
+    item = questions[1]["profile"][2]["id"]
+    # Before Ray starts: no cluster runs in this test.
+    with pytest.raises(LampError) as error:
+        prepare(tmp_path / "data", tmp_path / "cache", retrievers=["Recency"], settings=["time"], log=lambda _: None)
+    assert str(error.value) == (f"{path}: id {questions[1]['id']!r}: field 'profile[2].date': item {item!r}: date "
+                                "'last week' is not whole numbers joined by '-' (LaMP's dates: 2013-05-21, 2009)")
 
 
 def load_questions(folder):
