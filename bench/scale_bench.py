@@ -81,7 +81,7 @@ def cell_specs() -> list:
 
 
 def shards_by_task(shard_list) -> dict:
-    """task -> {split: SplitShards}, user-based first (as grid.run.prepare_grid)."""
+    """task -> {split: SplitShards}, user-based first: what the baseline tree's code reads."""
     shards = {}
     for s in shard_list:
         if s.setting == "user" or s.split not in shards.get(s.task, {}):
@@ -136,7 +136,8 @@ def child_new(job: dict) -> dict:
         actors = ProcessPeaks(b"RenderCells")
         actors.start()
         start = time.perf_counter()
-        renders = render_grid([cells[label] for label in labels], shards, model, Path(cache).resolve(),
+        renders = render_grid([cells[label] for label in labels], {(task, "user"): splits for task, splits in
+                                                                   shards.items()}, model, Path(cache).resolve(),
                               log=log)
         seconds = time.perf_counter() - start
         rows = {label: {split: renders[cells[label].key][split].stats["rows"] for split in SPLITS}

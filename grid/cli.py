@@ -28,7 +28,7 @@ from grid.shards import prepare
 from grid.spec import NAMED_GRIDS, Resources, load_grid, with_overrides
 from grid.storage import local_data
 from lamp.cell import Cell
-from lamp.data import find_splits, read_outputs, summarize_split
+from lamp.data import SETTINGS, find_splits, read_outputs, summarize_split
 from lamp.errors import LampError
 from lamp.prompts import MAX_PROMPT_TOKENS
 from lamp.synth import write_like_lamp, write_synthetic
@@ -44,16 +44,23 @@ def cmd_synth(args) -> int:
         if given:
             raise LampError(f"--like-lamp sets the sizes itself; drop {' and '.join(given)}")
         scale = 1.0 if args.scale is None else args.scale
-        counts = write_like_lamp(args.out, tasks=args.tasks, scale=scale, seed=args.seed)
-        sizes = ", ".join(f"{task} {train}/{dev}" for task, (train, dev) in counts.items())
-        print(f"wrote LaMP-sized synthetic data (train/dev questions: {sizes}) under {args.out}")
+        for setting in args.setting:
+            counts = write_like_lamp(args.out, tasks=args.tasks, scale=scale, seed=args.seed, setting=setting)
+            sizes = ", ".join(f"{task} {train}/{dev}" for task, (train, dev) in counts.items())
+            print(f"wrote LaMP-sized synthetic {layout(setting)}data (train/dev questions: {sizes}) under {args.out}")
         return 0
     if args.scale is not None:
         raise LampError("--scale works with --like-lamp only")
-    write_synthetic(args.out, tasks=args.tasks, users=400 if args.users is None else args.users, seed=args.seed,
-                    profile_size=args.profile_size)
-    print(f"wrote synthetic LaMP data for {', '.join(args.tasks)} under {args.out}")
+    for setting in args.setting:
+        write_synthetic(args.out, tasks=args.tasks, users=400 if args.users is None else args.users, seed=args.seed,
+                        profile_size=args.profile_size, setting=setting)
+        print(f"wrote synthetic {layout(setting)}LaMP data for {', '.join(args.tasks)} under {args.out}")
     return 0
+
+
+def layout(setting: str) -> str:
+    """How synth names a setting's layout: the user-based one as it always has."""
+    return "" if setting == "user" else f"{setting}-based "
 
 
 def cmd_validate(args) -> int:
@@ -107,7 +114,8 @@ def custom_resources(text: str) -> dict:
 def cmd_render(args) -> int:
 
     cell = Cell(args.task, args.retriever, 0 if args.retriever == "none" else args.k, args.ablation,
-                args.order, args.rank_offset, args.seed, args.input_retriever, args.output_retriever, args.recipe)
+                args.order, args.rank_offset, args.seed, args.input_retriever, args.output_retriever, args.recipe,
+                args.setting, args.use_date)
     cell.check()
     for prompt in reference_prompts(cell, args.data, args.split, args.model, args.max_tokens, args.limit):
         with_ids = prompt.input_ids is not None
@@ -129,7 +137,7 @@ def cmd_prepare(args) -> int:
             raise LampError("prepare: give --data, or --grid to prepare a grid's cells")
         prepare(local_data(args.data, work.mirror), args.cache or work.cache, tasks=args.tasks,
                 retrievers=args.retrievers, seeds=args.seeds or [0], workers=args.workers, address=args.address,
-                stage_dir=work.cache)
+                stage_dir=work.cache, use_date=args.use_date, settings=args.setting and [args.setting])
         return 0
     spec = grid_spec(args)
     cells, cache = spec.cells(), args.cache or str(work.cache)
@@ -189,7 +197,8 @@ def cmd_report(args) -> int:
     uri = args.tracking_uri or Workdir(Path(args.workdir).resolve()).tracking_uri
     client = tracking.connect(uri)
     if args.grid:
-        spec = with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe)
+        spec = with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
+                              setting=args.setting)
         name, cells, published = spec.name, spec.cells(), spec.published
     else:
         name, cells, published = args.experiment, None, {}
@@ -223,6 +232,8 @@ def add_grid_overrides(p) -> None:
     p.add_argument("--model", help="a hub id, a local model folder, `tiny` or `vote` (default: the grid's)")
     p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds (prepare without a grid: 0)")
     p.add_argument("--recipe", help="run every cell with this recipe: lamp or study (default: the grid's)")
+    p.add_argument("--setting", choices=SETTINGS, help="every cell on LaMP's user-based or time-based files (default: "
+                   "the grid's; prepare without a grid: only that setting's splits)")
     p.add_argument("--epochs", type=int, help="override the grid's epochs (0: zero-shot)")
     p.add_argument("--limit-train", type=int, help="train on the first N examples only")
     p.add_argument("--limit-dev", type=int, help="evaluate on the first N dev examples only")
@@ -231,7 +242,8 @@ def add_grid_overrides(p) -> None:
 def grid_spec(args):
     """The grid named on the command line, with the overrides given."""
     return with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
-                          epochs=args.epochs, limit_train=args.limit_train, limit_dev=args.limit_dev)
+                          setting=args.setting, epochs=args.epochs, limit_train=args.limit_train,
+                          limit_dev=args.limit_dev)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +268,9 @@ def add_data_verbs(verbs) -> None:
                    help="LaMP's own sizes: its user-based train/dev question counts, profile sizes, text lengths")
     p.add_argument("--scale", type=float, default=None,
                    help="with --like-lamp: this fraction (0 < F <= 1) of LaMP's question counts (default 1)")
+    p.add_argument("--setting", nargs="+", choices=SETTINGS, default=["user"],
+                   help="the layouts to write: user (LaMP_k/...), time (time/LaMP_k/..., items dated and each "
+                   "question after its user's items), or both (default user)")
     p.set_defaults(run=cmd_synth)
 
     p = verbs.add_parser("validate", help="check LaMP files and print their shape")
@@ -274,7 +289,7 @@ def add_data_verbs(verbs) -> None:
     p.add_argument("--data", required=True, help="a directory holding LaMP_k task folders")
     p.add_argument("--task", required=True, metavar="LaMP_k")
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
-    p.add_argument("--retriever", required=True, help="none, BM25, Random, Full_Random, RanBM25 or Mixed")
+    p.add_argument("--retriever", required=True, help="none, BM25, Random, Full_Random, RanBM25, Mixed or Recency")
     p.add_argument("--k", type=parse_k, default=0, help="items (whole) or a fraction of the profile")
     p.add_argument("--ablation", default="both", help="both, only_output, decouple or only_input")
     p.add_argument("--order", default="start", help="start, end, middle or random")
@@ -283,6 +298,9 @@ def add_data_verbs(verbs) -> None:
     p.add_argument("--input-retriever", help="Mixed: where the input halves come from")
     p.add_argument("--output-retriever", help="Mixed: where the output halves come from")
     p.add_argument("--recipe", default="lamp", help="lamp (the default) or study: the study's code, reproduced")
+    p.add_argument("--setting", default="user", choices=SETTINGS, help="LaMP's user-based (the default) or "
+                   "time-based files")
+    p.add_argument("--use-date", action="store_true", help="BM25 over texts with the items' dates (LaMP's --use_date)")
     p.add_argument("--model", help="count tokens with this model's tokenizer: a hub id or a local model folder "
                    "(default: words); the study recipe needs one")
     p.add_argument("--max-tokens", type=int, default=MAX_PROMPT_TOKENS,
@@ -304,7 +322,9 @@ def add_grid_verbs(verbs) -> None:
                    help="with --data synthetic: users per task, written once into the work directory")
     p.add_argument("--tasks", nargs="+", default=None, metavar="LaMP_k", help="without --grid: the tasks")
     p.add_argument("--retrievers", nargs="+", default=["BM25", "Random", "Full_Random", "RanBM25"],
-                   help="without --grid: the rankings to compute")
+                   help="without --grid: the rankings to compute (Recency too, on dated files)")
+    p.add_argument("--use-date", action="store_true", help="without --grid: also BM25's rankings over texts with "
+                   "the items' dates")
     add_grid_overrides(p)
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--cache", help="the shard cache, a directory or URI (default: WORKDIR/cache, shared by every "
@@ -348,6 +368,7 @@ def add_grid_verbs(verbs) -> None:
     p.add_argument("--model", help="the model the grid was run with, if not its own (e.g. tiny)")
     p.add_argument("--seeds", nargs="+", type=int, help="the seeds it was run with, if not its own")
     p.add_argument("--recipe", help="the recipe it was run with, if not its own")
+    p.add_argument("--setting", choices=SETTINGS, help="the setting it was run with (--setting of run), if not its own")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--out", required=True, help="directory for report.md, report.html and the figures")

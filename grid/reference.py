@@ -9,7 +9,7 @@ from lamp.data import find_splits, read_examples
 from lamp.errors import LampError
 from lamp.prompts import TokenCounter, WordCounter
 from lamp.recipes import get_recipe
-from lamp.retrieval import ItemPool
+from lamp.retrieval import ItemPool, check_dates
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,14 @@ def load_counter(name) -> tuple:
 def reference_prompts(cell, data, split: str, model: str | None, max_tokens: int, limit: int | None) -> list:
     """The prompts of `split`'s first `limit` examples for a checked cell, with
     `model`'s tokenizer (or words) and a prompt budget of max_tokens."""
-    splits = {}
-    for found in find_splits(data, [cell.task]):
-        if found.setting == "user" or found.split not in splits:  # user-based where both are, as `run` reads
-            splits[found.split] = found
+    splits = {found.split: found for found in find_splits(data, [cell.task]) if found.setting == cell.setting}
     if split not in splits:
-        raise LampError(f"{data}: no {cell.task} {split} split")
+        raise LampError(f"{data}: no {cell.task} {cell.setting}-based {split} split")
     counter, decoder_only = load_counter(model)
     examples = list(read_examples(splits[split]))
+    if cell.retriever == "Recency" or cell.use_date:  # as `prepare` refuses them, naming the file
+        for example in examples:
+            check_dates(splits[split].questions, example.id, example.profile, parsed=cell.retriever == "Recency")
     pool, users = None, {}
     recipe = get_recipe(cell.recipe)
     if cell.needs_pool and recipe.reads_rankings:

@@ -54,13 +54,13 @@ from grid.pipeline import (
     map_and_write,
 )
 from grid.shards import (
-    SEEDED,
     ProfileItems,
     SplitShards,
     default_workers,
     load_examples,
     published,
     ranking_name,
+    seeded,
     to_example,
 )
 from grid.model import HUB, ModelRef
@@ -119,8 +119,8 @@ def selection_fraction(user: str) -> float:
 def prompt_seed(cell) -> int | None:
     """The seed, where it changes a prompt: random draws or the random order. A BM25
     cell's prompts are the same for every seed, so its seeds share one render."""
-    sides = {cell.retriever, cell.input_retriever, cell.output_retriever}
-    return cell.seed if get_recipe(cell.recipe).seeds_every_render or cell.order == "random" or sides & SEEDED else None
+    draws = any(seeded(side) for side in (cell.retriever, cell.input_retriever, cell.output_retriever) if side)
+    return cell.seed if get_recipe(cell.recipe).seeds_every_render or cell.order == "random" or draws else None
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Render:
         if not get_recipe(cell.recipe).reads_rankings:
             return [Path(str(s.examples)).parent.name for s in (splits.values() if cell.needs_pool else [shards])]
         by_input = cell.ablation == "decouple"
-        rankings = [shards.ranking(ranking_name(side, by_input), cell.seed)
+        rankings = [shards.ranking(ranking_name(side, by_input, cell.use_date), cell.seed)
                     for side in ranked_sides(cell.retriever, cell.input_retriever, cell.output_retriever)]
         return [Path(str(shards.examples)).parent.name, *(str(r).rstrip("/").rsplit("/", 1)[-1] for r in rankings)]
 
@@ -226,7 +226,8 @@ class CellPrompts:
             return
         by_input = cell.ablation == "decouple"
         self.sides = ranked_sides(cell.retriever, cell.input_retriever, cell.output_retriever)
-        self.rankings = {side: RowGroups(join(str(shards.ranking(ranking_name(side, by_input), cell.seed)),
+        self.rankings = {side: RowGroups(join(str(shards.ranking(ranking_name(side, by_input, cell.use_date),
+                                                                 cell.seed)),
                                               "ranking.parquet"), ["row", "cand_row", "cand_pos"])
                          for side in self.sides}
         # Other users' items (Full_Random, RanBM25) live in other rows of the split.
@@ -364,16 +365,16 @@ def renderer_memory(renders: list) -> int:
 
 
 def write_renders(todo: dict, shards: dict, model: ModelRef, workers: int, progress, log=print) -> None:
-    """Renders every Render of `todo` ((task, split) -> {final directory: Render}) in one
+    """Renders every Render of `todo` ((data, split) -> {final directory: Render}) in one
     Ray Data pass over the splits' examples, each into its own Parquet file with its
     statistics beside it; each directory appears when complete."""
     places, jobs = {}, {}  # places: a Render's index -> its final directory
-    for (task, split), renders in todo.items():
+    for (data, split), renders in todo.items():
         entries = []
         for directory, render in renders.items():
             entries.append((len(places), render))
             places[len(places)] = directory
-        jobs[str(shards[task][split].examples)] = (shards[task][split], shards[task], entries)
+        jobs[str(shards[data][split].examples)] = (shards[data][split], shards[data], entries)
     memory = renderer_memory([(render, job[1]) for job in jobs.values() for _, render in job[2]])
     workers, memory = fit_actors(workers, memory, "renderer", log)
 
@@ -397,35 +398,35 @@ def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote:
     """Renders every split of every cell that the cache lacks; returns, per cell key,
     its Rendered splits ({"dev": ..., "train": ...}; train only where it trains).
 
-    shards: task -> {split: SplitShards}; model: the grid's model, resolved (not
+    shards: (task, setting) -> {split: SplitShards} (grid.shards.splits_by_data); model: the grid's model, resolved (not
     `vote`); cache: the local (staging) cache; remote: the cache's URI where it is at
     one, renders published there."""
     tokenizer, code = tokenizer_digest(model), rendering_code_digest()
-    wanted, groups, result = {}, set(), {}  # wanted: (task, split) -> {directory: Render}
+    wanted, groups, result = {}, set(), {}  # wanted: (data, split) -> {directory: Render}
     for grid_cell in cells:
         cell, training = grid_cell.cell, grid_cell.training
         max_tokens = get_recipe(cell.recipe).prompt_tokens(model.decoder_only, training.max_prompt_tokens)
         places = {}
         for split, limit in [("dev", training.limit_dev)] + [("train", training.limit_train)] * bool(
                 training.epochs_for(cell.task)):
-            render, split_shards = Render(cell, split, limit, max_tokens), shards[cell.task][split]
-            name = f"render-{render.key(shards[cell.task], tokenizer, code)}"
+            render, split_shards = Render(cell, split, limit, max_tokens), shards[cell.data][split]
+            name = f"render-{render.key(shards[cell.data], tokenizer, code)}"
             places[split] = cache / cell.task / f"{split_shards.setting}-{split}" / name
-            wanted.setdefault((cell.task, split), {}).setdefault(places[split], render)
+            wanted.setdefault((cell.data, split), {}).setdefault(places[split], render)
         groups.add(tuple(sorted(places.values())))
         result[grid_cell.key] = places
 
     def done(directory: Path) -> bool:
         return directory.is_dir() or bool(remote) and is_published(join(remote, directory.relative_to(cache)))
 
-    todo = {(task, split): missing for (task, split), renders in wanted.items()
+    todo = {(data, split): missing for (data, split), renders in wanted.items()
             if (missing := {d: r for d, r in renders.items() if not done(d)})}
     unrendered = {d for renders in todo.values() for d in renders}
     rendered = sum(any(d in unrendered for d in group) for group in groups)
     if todo:
         ensure_ray(address, log)
-        examples = sum(min(render.limit or rows, rows) for (task, split), renders in todo.items()
-                       for rows in [pq.read_metadata(open_input(shards[task][split].examples)).num_rows]
+        examples = sum(min(render.limit or rows, rows) for (data, split), renders in todo.items()
+                       for rows in [pq.read_metadata(open_input(shards[data][split].examples)).num_rows]
                        for render in renders.values())
         with tqdm(total=examples, unit="example", desc=f"render {rendered} cell(s)") as progress:
             write_renders(todo, shards, model, workers or default_workers(), progress, log)

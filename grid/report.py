@@ -146,7 +146,7 @@ def seeds_interval(values: list) -> tuple:
 
 def compare_cells(client, results: list) -> list:
     """A Comparison per arm (CellResults grouped over seeds); each against
-    the `none` arm of its task and model."""
+    the `none` arm of its task, setting, model and recipe."""
     groups = {}
     for result in results:
         groups.setdefault(result.cell.arm, []).append(result)
@@ -171,8 +171,9 @@ def compare_cells(client, results: list) -> list:
                                items_shown=float(np.mean(prompts["items_shown"])) if prompts["items_shown"] else None,
                                input_cut=(float(np.mean(prompts["input_cut_share"])) if prompts["input_cut_share"]
                                           else None)))
-    # A cell is compared with the `none` cell of its task, model and recipe.
-    model = {arm: (group[0].cell.model, group[0].cell.cell.recipe) for arm, group in groups.items()}
+    # A cell is compared with the `none` cell of its task, setting (its files), model and recipe.
+    model = {arm: (group[0].cell.model, group[0].cell.cell.recipe, group[0].cell.cell.setting)
+             for arm, group in groups.items()}
     baselines = {(r.task, model[r.arm]): r for r in rows if r.baseline and r.values}
     for row in rows:
         runs = finished[row.arm]

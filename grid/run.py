@@ -24,10 +24,10 @@ from grid.shards import prepare
 from grid.spec import GridSpec, Resources, varying_axes
 from grid.storage import digest, is_uri, local_data
 from grid.tracking import summarize
-from lamp.data import find_splits
+from lamp.data import SETTINGS, find_splits
 from lamp.errors import LampError
 from lamp.recipes import get_recipe
-from lamp.synth import write_synthetic
+from lamp.synth import synthetic_dir, write_synthetic
 from lamp.tasks import get_task
 
 SYNTHETIC_USERS = 1500  # per task: enough for the tiny model to learn the demo's signal
@@ -38,7 +38,7 @@ class RunPlan:
     """What every trial needs; handed to trials through the object store."""
     cells: list
     run_ids: list
-    shards: dict  # task -> {"train": SplitShards, "dev": SplitShards}
+    shards: dict  # (task, setting) -> {"train": SplitShards, "dev": SplitShards}
     renders: dict  # cell key -> {"dev": Rendered, "train": Rendered}: what the trials read
     model: ModelRef  # resolved, as trials on every node load it
     tracking_uri: str
@@ -86,20 +86,25 @@ class Workdir:
         return self.root / "runs" / f"{grid}.pkl"
 
 
-def resolve_data(data: str, spec: GridSpec, workdir: Workdir, users: int, log) -> Path:
-    """The data directory; `synthetic` is written once into the work directory."""
+def resolve_data(data: str, cells: list, workdir: Workdir, users: int, log) -> Path:
+    """The data directory; `synthetic` is written once into the work directory, in the
+    layout of each setting the cells read."""
+    wanted = sorted({c.cell.data for c in cells}, key=lambda d: (d[0], SETTINGS.index(d[1])))
     if data == "synthetic":
-        missing = [t for t in spec.tasks if not (workdir.data / t / "dev" / "dev_outputs.json").exists()]
-        if missing:
-            log(f"writing synthetic data for {', '.join(missing)} into {workdir.data}")
-            write_synthetic(workdir.data, missing, users=users, seed=0)
+        for setting in dict.fromkeys(s for _, s in wanted):
+            folder = synthetic_dir(workdir.data, setting)
+            missing = [t for t, s in wanted if s == setting and not (folder / t / "dev" / "dev_outputs.json").exists()]
+            if missing:
+                layout = "" if setting == "user" else f"{setting}-based "
+                log(f"writing synthetic {layout}data for {', '.join(missing)} into {workdir.data}")
+                write_synthetic(workdir.data, missing, users=users, seed=0, setting=setting)
         return workdir.data
     local = local_data(data, workdir.mirror, log)  # a URI (s3://...) is copied here once
-    found = {(s.task, s.split) for s in find_splits(local, spec.tasks)}
-    for task in spec.tasks:
+    found = {(s.task, s.setting, s.split) for s in find_splits(local, sorted({t for t, _ in wanted}))}
+    for task, setting in wanted:
         for split in ("train", "dev"):
-            if (task, split) not in found:
-                raise LampError(f"{data}: no {task} {split} split (run `validate --data {data}`)")
+            if (task, setting, split) not in found:
+                raise LampError(f"{data}: no {task} {setting}-based {split} split (run `validate --data {data}`)")
     return local
 
 
@@ -190,21 +195,29 @@ def describe(spec: GridSpec, cells: list, model: ModelRef, resources: Resources)
 def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: str, address: str | None = None,
                  users: int = SYNTHETIC_USERS, log=print) -> tuple:
     """The data, the model and the rankings of a grid's cells, computed once. Returns
-    (data directory, the model resolved (a ModelRef), task -> {split: SplitShards})."""
-    data_dir = resolve_data(data, spec, work, users, log).resolve()
+    (data directory, the model resolved (a ModelRef), (task, setting) -> {split: SplitShards})."""
+    data_dir = resolve_data(data, cells, work, users, log).resolve()
     model = ModelRef.named(spec.model).resolved(data_dir, spec.tasks, work.models, log)
     model = model.for_nodes(cache, spans_other_nodes(), log)
     # Rankings for the cells whose recipe reads them (`lamp`): `study` retrieves as the study did, when it renders.
-    ranked = [c.cell for c in cells if get_recipe(c.cell.recipe).reads_rankings]
-    shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
-                         retrievers=sorted({c.retriever for c in ranked} - {"none"}), seeds=list(spec.seeds),
-                         address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),
-                         stage_dir=work.cache)
+    # Each setting's splits get the rankings its own cells read: Recency on undated files would be refused.
+    settings = dict.fromkeys(c.cell.setting for c in cells)
+    shard_list = []
+    for setting in settings:
+        ranked = [c.cell for c in cells if get_recipe(c.cell.recipe).reads_rankings and c.cell.setting == setting]
+        shard_list += prepare(data_dir, cache, tasks=sorted({c.cell.task for c in cells if c.cell.setting == setting}),
+                              retrievers=sorted({c.retriever for c in ranked} - {"none"}), seeds=list(spec.seeds),
+                              address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),
+                              stage_dir=work.cache, use_date=any(c.use_date for c in ranked), settings=[setting])
+    return data_dir, model, splits_by_data(shard_list)
+
+
+def splits_by_data(shard_list) -> dict:
+    """(task, setting) -> {split: SplitShards}: what a cell reads (lamp.cell.Cell.data)."""
     shards = {}
     for s in shard_list:
-        if s.setting == "user" or s.split not in shards.get(s.task, {}):
-            shards.setdefault(s.task, {})[s.split] = s
-    return data_dir, model, shards
+        shards.setdefault((s.task, s.setting), {})[s.split] = s
+    return shards
 
 
 def render_cells(cells: list, shards: dict, model: ModelRef, work: Workdir, cache: str, address: str | None = None,
@@ -254,7 +267,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
     session = preflight(spec, cells, model, workdir, tracking_uri, storage, cache, address, resources, command,
                         rerun_of, verbose, log)
     data_dir, model, shards = prepare_grid(spec, cells, data, session.work, session.cache, address, users, log)
-    fingerprints = {task: digest(parts["train"].examples, parts["dev"].examples) for task, parts in shards.items()}
+    fingerprints = {data: digest(parts["train"].examples, parts["dev"].examples) for data, parts in shards.items()}
     if resume:
         plan, parent, tuner = restore(session.work.plan_file(spec.name), session.client, spec, log)
     else:
@@ -313,7 +326,7 @@ def pending_cells(cells: list, by_key: dict, fingerprints: dict, rerun_of: str |
         return cells
     done = {(key, run.data.tags.get("data_fingerprint"), run.data.tags.get("settings_hash"))
             for key, runs in by_key.items() for run in runs if run.info.status == "FINISHED"}
-    pending = [c for c in cells if (c.key, fingerprints[c.cell.task], c.settings_hash) not in done]
+    pending = [c for c in cells if (c.key, fingerprints[c.cell.data], c.settings_hash) not in done]
     log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
         f"running {len(pending)}")
     return pending
@@ -331,7 +344,7 @@ def plan_trials(spec: GridSpec, pending: list, session: Session, shards: dict, m
     client, experiment = session.client, session.experiment
     renders = render_cells(pending, shards, model, session.work, session.cache, address, log=log)
     parent = tracking.start_parent(client, experiment, spec.name, record, rerun_of)
-    run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.task], spec.name,
+    run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.data], spec.name,
                                      renders.get(c.key, {}), record, rerun_of) for c in pending]
     plan = RunPlan(pending, run_ids, shards, renders, model, session.trial_tracking_uri, session.storage, resources,
                    log_model)

@@ -7,8 +7,9 @@ so a sweep over ablation x order x k redid the same ranking dozens of times.
 1. converts each task and split to Parquet once (streamed, bounded memory);
 2. ranks every example's candidate pool once per (ranking, seed), as a Ray Data
    pipeline (read_parquet -> map_batches -> write_parquet): BM25 over full items
-   and over input halves (for `decouple`), the Random permutation, and the
-   other-user pools of Full_Random and RanBM25.
+   and over input halves (for `decouple`), each also over texts with the items'
+   dates (`use_date`), the Random permutation, Recency, and the other-user pools
+   of Full_Random and RanBM25.
 
 A ranking shard holds, per example row, references (row, position) to the
 candidate items in rank order, and their scores. Everything a cell varies after
@@ -22,6 +23,7 @@ so a killed `prepare` leaves nothing that looks complete, and a second
 `prepare` finds everything and does nothing.
 """
 
+import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,37 +39,55 @@ from grid.pipeline import ACTOR_BASE, PYTHON_PER_ARROW, REMEMBERED_ROW_GROUPS, R
 from grid.storage import build_atomically, digest, file_digest, is_uri, join, open_input, publish
 from lamp.data import Example, SplitFiles, find_splits, read_examples
 from lamp.errors import LampError
-from lamp.retrieval import MIXED_SIDES, ItemPool, pool_draw, rank, ranked_sides
+from lamp.retrieval import MIXED_SIDES, TEXT_RANKED, ItemPool, check_dates, is_date, pool_draw, rank, ranked_sides
 from lamp.tasks import get_task
 
 CACHE_FORMAT = "1"
 ROWS_PER_WRITE = 256  # examples per Parquet row group while converting (LaMP_3 items are long)
 RANKING_SCHEMA = pa.schema([("row", pa.int64()), ("cand_row", pa.list_(pa.int64())),
                             ("cand_pos", pa.list_(pa.int32())), ("score", pa.list_(pa.float64()))])
-# Rankings that draw random numbers, and so are stored once per seed.
-SEEDED = {"Random", "Full_Random", "RanBM25", "RanBM25_input"}
 POOLED = {"Full_Random", "RanBM25"}
 CHUNK = 64  # examples a ranker turns into Python objects at a time
 PREFETCH_BYTES = 256 << 20  # other users' items (as Arrow) a ranker reads for one batch
 
 
-def ranking_name(retriever: str, by_input: bool) -> str:
-    """BM25 and RanBM25 rank by input halves alone for `decouple`: a ranking of its own."""
-    return f"{retriever}_input" if by_input and retriever in ("BM25", "RanBM25") else retriever
+def ranking_name(retriever: str, by_input: bool, use_date: bool = False) -> str:
+    """BM25 and RanBM25 rank by input halves alone for `decouple`, and over texts with
+    the items' dates for `use_date`: each a ranking of its own."""
+    text_ranked = retriever in TEXT_RANKED
+    return retriever + "_input" * (by_input and text_ranked) + "_date" * (use_date and text_ranked)
 
 
-def rankings_for(task: str, retrievers, by_input: bool = True) -> list:
+def ranking_parts(name: str) -> tuple:
+    """(retriever, by_input, use_date) of a ranking_name."""
+    dated = name.endswith("_date")
+    name = name.removesuffix("_date")
+    return name.removesuffix("_input"), name.endswith("_input"), dated
+
+
+def seeded(name: str) -> bool:
+    """Whether a ranking draws random numbers, and so is stored once per seed."""
+    return ranking_parts(name)[0] in {"Random", *POOLED}
+
+
+def rankings_for(task: str, retrievers, by_input: bool = True, use_date: bool = False) -> list:
     """The rankings a task needs so that cells with these retrievers can render;
-    by_input: also those over input halves, which only `decouple` reads."""
+    by_input: also those over input halves, which only `decouple` reads; use_date:
+    also those over texts with dates."""
     has_input = by_input and get_task(task).input_half is not None
     names = []
     for retriever in retrievers:
         sides = MIXED_SIDES if retriever == "Mixed" else ranked_sides(retriever)
-        for side in sides:
-            names.append(ranking_name(side, False))
+        for side, dated in itertools.product(sides, (False, True) if use_date else (False,)):
+            names.append(ranking_name(side, False, dated))
             if has_input:
-                names.append(ranking_name(side, True))
+                names.append(ranking_name(side, True, dated))
     return list(dict.fromkeys(names))
+
+
+def reads_dates(name: str) -> bool:
+    """Whether a ranking reads the items' dates: Recency, or a use_date one."""
+    return name == "Recency" or ranking_parts(name)[2]
 
 
 def code_version() -> str:
@@ -85,10 +105,10 @@ class SplitShards:
     rankings: dict = field(default_factory=dict)  # (ranking name, seed or None) -> directory (or URI)
 
     def ranking(self, name: str, seed: int) -> Path:
-        key = (name, seed if name in SEEDED else None)
+        key = (name, seed if seeded(name) else None)
         if key not in self.rankings:
-            raise LampError(f"{self.task} {self.split}: no {name} ranking"
-                            + (f" for seed {seed}" if name in SEEDED else "")
+            raise LampError(f"{self.task} {self.setting}-based {self.split}: no {name} ranking"
+                            + (f" for seed {seed}" if seeded(name) else "")
                             + " in the shard cache; run `prepare` with that retriever and seed")
         return self.rankings[key]
 
@@ -226,9 +246,8 @@ def place_keys(rows, positions) -> np.ndarray:
 
 def pooled_draws(wanted) -> list:
     """The distinct draws of other users' items among wanted rankings: (retriever, seed);
-    a RanBM25 ranking over input halves draws what RanBM25 draws."""
-    return sorted({(name.removesuffix("_input"), seed or 0) for name, seed in wanted
-                   if name.removesuffix("_input") in POOLED})
+    a RanBM25 ranking over input halves, or with dates, draws what RanBM25 draws."""
+    return sorted({(ranking_parts(name)[0], seed or 0) for name, seed in wanted if ranking_parts(name)[0] in POOLED})
 
 
 class RankExamples:
@@ -303,8 +322,8 @@ class RankExamples:
         return {**out, **columns}
 
     def rank(self, row: int, example: Example, name: str, seed: int) -> dict:
-        ranking = rank(self.task, example, name.removesuffix("_input"), by_input=name.endswith("_input"),
-                       seed=seed, pool=self.pool)
+        retriever, by_input, use_date = ranking_parts(name)
+        ranking = rank(self.task, example, retriever, by_input=by_input, use_date=use_date, seed=seed, pool=self.pool)
         # Items are known by identity: the example's own, or pooled ones by their slot's place.
         own = {id(item): (row, pos) for pos, item in enumerate(example.profile)}
         refs = [own.get(id(item)) or self.places[id(item)] for item in ranking.items]
@@ -368,6 +387,24 @@ def write_rankings(task: str, examples: str, wanted: dict, workers: int, log=pri
                   wanted, rankings, "ranking.parquet", batch_size=batch_size, memory=memory, workers=workers)
 
 
+def check_split_dates(examples, questions, parsed: bool) -> None:
+    """Refuses, before any ranking, a split whose profile items lack a date (parsed:
+    or have one Recency cannot sort by), naming the LaMP file it came from
+    (lamp.retrieval.check_dates). Reads the examples' ids and the items' ids and
+    dates alone, a row group at a time. Dates repeat (days), so each distinct one
+    is read once; only a row group that holds a bad one is read item by item, to
+    name it."""
+    file = pq.ParquetFile(examples)
+    item_id = profile_id_column(file)
+    columns = ["id", item_id, item_id.removesuffix(".id") + ".date"]
+    for group in range(file.num_row_groups):
+        table = file.read_row_group(group, columns=columns)
+        dates = pc.unique(table.column("profile").combine_chunks().flatten().field("date")).to_pylist()
+        if any(date is None or parsed and not is_date(date) for date in dates):
+            for record in table.to_pylist():
+                check_dates(questions, record["id"], record["profile"] or [], parsed)
+
+
 # --- the cache -----------------------------------------------------------------------
 
 
@@ -380,9 +417,11 @@ def default_workers() -> int:
 
 def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full_Random", "RanBM25"),
             seeds=(0,), workers: int | None = None, address: str | None = None, by_input: bool = True,
-            log=print, stage_dir=None) -> list:
-    """Converts and ranks every split under data_dir into the cache; returns its SplitShards.
-    by_input=False leaves out the rankings over input halves (`decouple` only).
+            log=print, stage_dir=None, use_date: bool = False, settings=None) -> list:
+    """Converts and ranks every split under data_dir (of `settings` only, if given) into
+    the cache; returns its SplitShards.
+    by_input=False leaves out the rankings over input halves (`decouple` only);
+    use_date=True adds those over texts with the items' dates.
     cache_dir may be a URI (s3://...): the shards are then computed in stage_dir, a
     local directory, and published there, and the SplitShards name the published copies."""
     unknown = [r for r in retrievers if r not in lamp.retrieval.RETRIEVERS]
@@ -395,6 +434,8 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
     cache_dir, version = Path(stage_dir if remote else cache_dir).resolve(), code_version()
     result, computed, cached = [], 0, 0
     for split in find_splits(data_dir, tasks):
+        if settings is not None and split.setting not in settings:
+            continue
         fingerprint = digest(CACHE_FORMAT, file_digest(split.questions),
                              split.outputs and file_digest(split.outputs))
         where = cache_dir / split.task / f"{split.setting}-{split.split}"
@@ -409,12 +450,14 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
         # Rankers may run on any node of the cluster: they read the cache's copy.
         source = join(published(examples_dir, cache_dir, remote, log), examples.name) if remote else str(examples)
         rankings = {}
-        for name in rankings_for(split.task, retrievers, by_input):
-            for seed in (seeds if name in SEEDED else [None]):
+        for name in rankings_for(split.task, retrievers, by_input, use_date):
+            for seed in (seeds if seeded(name) else [None]):
                 key = digest(fingerprint, name, seed, version)
                 rankings[(name, seed)] = where / f"{name}{'' if seed is None else f'-seed{seed}'}-{key}"
         missing = {key: path for key, path in rankings.items() if not path.is_dir()}
         cached += len(rankings) - len(missing)
+        if any(reads_dates(name) for name, _ in missing):
+            check_split_dates(examples, split.questions, parsed="Recency" in {name for name, _ in missing})
         if missing:
             ensure_ray(address, log)
             if not remote:

@@ -23,6 +23,10 @@ a user's, both read by `load_grid`:
       - recipe: [study]               # the study's code reproduced (docs/design.md §7a); default lamp
         retriever: [BM25]
         k: [1, 80]
+      - setting: [user, time]         # LaMP's user-based or time-based files; default user
+        retriever: [Recency, BM25]
+        use_date: [false, true]       # BM25 over texts with the items' dates (LaMP's --use_date)
+        k: [1]
     training: {epochs: 2}            # overrides of the study's defaults (docs/design.md §8)
     published:                       # what the study reports, drawn beside ours by `report`
       source: Wu et al. 2024 (arXiv 2406.17803), its headline figure, panel (b)
@@ -31,8 +35,10 @@ a user's, both read by `load_grid`:
           only_output: {1: 0.580, 2: 0.577}
 
 Axes left out of a block take their default (recipe lamp, k 0, ablation both,
-order start, rank_offset 0). `none` ignores k, ablation and order, so it is one
-cell per recipe.
+order start, rank_offset 0, setting user, use_date false). `none` ignores k,
+ablation, order and use_date, so it is one cell per recipe and setting. A cell
+whose setting and use_date are their defaults has the key and MLflow params it
+had before those axes were (QUIET_DEFAULTS).
 """
 
 import hashlib
@@ -47,10 +53,14 @@ from lamp.cell import Cell
 from lamp.errors import LampError
 from lamp.tasks import get_task
 
-AXES = ("recipe", "retriever", "k", "ablation", "order", "rank_offset", "input_retriever", "output_retriever")
+AXES = ("recipe", "retriever", "k", "ablation", "order", "rank_offset", "input_retriever", "output_retriever",
+        "setting", "use_date")
+# Axes a cell's key and params name only away from these defaults, so that the
+# cells from before them keep their keys, params and MLflow runs.
+QUIET_DEFAULTS = {"setting": "user", "use_date": False}
 # The recipe's default is the grid's own (GridSpec.recipe).
 AXIS_DEFAULTS = {"retriever": "none", "k": 0, "ablation": "both", "order": "start", "rank_offset": 0,
-                 "input_retriever": None, "output_retriever": None}
+                 "input_retriever": None, "output_retriever": None, **QUIET_DEFAULTS}
 NAMED = Path(__file__).parent / "named"
 # The named grids, in the order `list` shows them: the demo, then the study's analyses.
 NAMED_GRIDS = ("demo", "paper-fig-a", "paper-fig-b", "paper-fig-b-recipes", "paper-fig-c", "paper-ablation",
@@ -59,7 +69,7 @@ NAMED_GRIDS = ("demo", "paper-fig-a", "paper-fig-b", "paper-fig-b-recipes", "pap
 
 def varying_axes(cells: list) -> dict:
     """Each axis (and the model and seed) that takes more than one value over the cells: name -> how many."""
-    counts = {name: len({c.params()[name] for c in cells}) for name in ("task", *AXES, "model", "seed")}
+    counts = {name: len({c.params().get(name) for c in cells}) for name in ("task", *AXES, "model", "seed")}
     return {name: n for name, n in counts.items() if n > 1}
 
 
@@ -132,22 +142,24 @@ class GridCell:
     def name(self, with_seed: bool) -> str:
         c = self.cell
         seed = [f"seed={c.seed}"] if with_seed else []
+        task = [c.task] + [c.setting] * (c.setting != QUIET_DEFAULTS["setting"])
         if c.retriever == "none":
-            return "/".join([c.task, c.recipe, "none", *seed, self.model])
+            return "/".join([*task, c.recipe, "none", *seed, self.model])
         retriever = (f"Mixed({c.input_retriever}>{c.output_retriever})" if c.retriever == "Mixed"
-                     else c.retriever)
-        return "/".join([c.task, c.recipe, retriever, f"k={c.k}", c.ablation, c.order, f"offset={c.rank_offset}",
+                     else c.retriever) + "+date" * c.use_date
+        return "/".join([*task, c.recipe, retriever, f"k={c.k}", c.ablation, c.order, f"offset={c.rank_offset}",
                          *seed, self.model])
 
     @property
     def description(self) -> str:
         """The cell in one line, for a reader of the MLflow UI."""
         c = self.cell
-        what = f"{c.task}, recipe {c.recipe}, model {self.model}, seed {c.seed}"
+        setting = "" if c.setting == QUIET_DEFAULTS["setting"] else f" ({c.setting}-based)"
+        what = f"{c.task}{setting}, recipe {c.recipe}, model {self.model}, seed {c.seed}"
         if c.retriever == "none":
             return f"{what}: no profile items (the non-personalized baseline)."
         retriever = (f"{c.input_retriever} for the input halves, {c.output_retriever} for the output halves"
-                     if c.retriever == "Mixed" else c.retriever)
+                     if c.retriever == "Mixed" else c.retriever) + " over texts with dates" * c.use_date
         skipped = f", skipping the first {c.rank_offset}" if c.rank_offset else ""
         return (f"{what}: k={c.k} profile item(s) by {retriever}{skipped}; {ABLATION_TEXT[c.ablation]}; "
                 f"{ORDER_TEXT[c.order]}.")
@@ -158,9 +170,10 @@ class GridCell:
                                digest_size=6).hexdigest()
 
     def params(self) -> dict:
-        """Every axis and setting, flat, as MLflow params."""
+        """Every axis and setting, flat, as MLflow params (a QUIET_DEFAULTS axis only away from its default)."""
+        axes = {f.name: getattr(self.cell, f.name) for f in fields(self.cell) if f.name != "task"}
         return {"task": self.cell.task, "model": self.model,
-                **{f.name: getattr(self.cell, f.name) for f in fields(self.cell) if f.name != "task"},
+                **{name: v for name, v in axes.items() if name not in QUIET_DEFAULTS or v != QUIET_DEFAULTS[name]},
                 **{f"train.{k}": v for k, v in asdict(self.training).items()}}
 
     @classmethod
@@ -171,6 +184,8 @@ class GridCell:
                 return None
             if name in ("k", "rank_offset"):
                 return float(text) if "." in text else int(text)
+            if name == "use_date":
+                return text == "True"
             return int(text) if name == "seed" else text
 
         cell = Cell(**{f.name: value(f.name, params[f.name]) for f in fields(Cell) if f.name in params})
@@ -199,7 +214,7 @@ class GridSpec:
             for values in itertools.product(*(block[n] for n in names)):
                 axes = {**AXIS_DEFAULTS, "recipe": self.recipe, **dict(zip(names, values))}
                 if axes["retriever"] == "none":
-                    axes.update(k=0, ablation="both", order="start", rank_offset=0)
+                    axes.update(k=0, ablation="both", order="start", rank_offset=0, use_date=False)
                 cell = Cell(task=task, seed=seed, **axes)
                 try:
                     cell.check()
@@ -294,13 +309,15 @@ def load_grid(name_or_path: str) -> GridSpec:
     return parse_grid(raw, str(path))
 
 
-def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, **training) -> GridSpec:
+def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, setting=None, **training) -> GridSpec:
     """The grid with command-line overrides applied. A grid made for a real model
     run with `--model tiny` (a quick look) takes the tiny model's schedule: the
-    study's would teach it nothing. A recipe given replaces every block's."""
+    study's would teach it nothing. A recipe or setting given replaces every block's."""
     if recipe is not None:
         spec = replace(spec, recipe=recipe, axes=tuple({n: v for n, v in block.items() if n != "recipe"}
                                                        for block in spec.axes))
+    if setting is not None:
+        spec = replace(spec, axes=tuple({**block, "setting": (setting,)} for block in spec.axes))
     base = spec.training
     if model and ModelRef.named(model).kind == TINY and ModelRef.named(spec.model).kind != TINY:
         base = replace(base, **{**TINY_TRAINING, "epochs": 0 if base.epochs == 0 else TINY_TRAINING["epochs"]})

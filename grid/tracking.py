@@ -138,12 +138,12 @@ class CellResult:
 
 def summarize(by_key: dict, cells: list, fingerprints: dict | None = None) -> list:
     """A CellResult per cell from its runs (cell_runs): its newest FINISHED run, else
-    its newest run. With fingerprints, only runs on that data (task -> fingerprint)
+    its newest run. With fingerprints, only runs on that data ((task, setting) -> fingerprint)
     and with the cell's settings count."""
     rows = []
     for cell in cells:
         runs = [r for r in by_key.get(cell.key, []) if fingerprints is None or (
-            r.data.tags.get("data_fingerprint") == fingerprints[cell.cell.task]
+            r.data.tags.get("data_fingerprint") == fingerprints[cell.cell.data]
             and r.data.tags.get("settings_hash") == cell.settings_hash)]
         finished = [r for r in runs if r.info.status == "FINISHED"]
         run = (finished or runs or [None])[0]

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from lamp.data import SETTINGS
+from lamp.errors import LampError
 from lamp.prompts import MAX_PROMPT_TOKENS, Prompt, render_prompt
 from lamp.recipes import get_recipe
 from lamp.retrieval import ItemPool, retrieve
@@ -20,10 +22,19 @@ class Cell:
     input_retriever: str | None = None
     output_retriever: str | None = None
     recipe: str = "lamp"  # docs/design.md §7a: `lamp`, or `study` (the study's code, reproduced); see lamp.recipes
+    setting: str = "user"  # whose files it reads: LaMP's user-based or time-based split (docs/design.md, setting)
+    use_date: bool = False  # BM25 reads each item's date with its text, as LaMP's --use_date (§4)
 
     def check(self) -> None:
         """Refuses, in one line, a cell that cannot run."""
+        if self.setting not in SETTINGS:
+            raise LampError(f"unknown setting {self.setting!r}; valid: {', '.join(SETTINGS)}")
         get_recipe(self.recipe).check(self)
+
+    @property
+    def data(self) -> tuple:
+        """The files it reads: its task's, in its setting."""
+        return (self.task, self.setting)
 
     @property
     def needs_pool(self) -> bool:
@@ -36,7 +47,8 @@ class Cell:
         """The profile items a `lamp` cell shows for an example, most relevant first."""
         return retrieve(self.task, example, self.retriever, self.k, ablation=self.ablation,
                         rank_offset=self.rank_offset, seed=self.seed, pool=pool,
-                        input_retriever=self.input_retriever, output_retriever=self.output_retriever)
+                        input_retriever=self.input_retriever, output_retriever=self.output_retriever,
+                        use_date=self.use_date)
 
     def render(self, example, counter, pool: ItemPool | None = None, max_tokens: int = MAX_PROMPT_TOKENS) -> Prompt:
         """A `lamp` cell's prompt for an example."""

@@ -19,11 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lamp.errors import LampError
+from lamp.errors import LampError, data_error
 from lamp.seeding import example_rng
 from lamp.tasks import get_task
 
-RETRIEVERS = ("none", "BM25", "Random", "Full_Random", "RanBM25", "Mixed")
+RETRIEVERS = ("none", "BM25", "Random", "Full_Random", "RanBM25", "Mixed", "Recency")
+# The retrievers that rank by the items' text, which `use_date` extends with each item's date.
+TEXT_RANKED = ("BM25", "RanBM25")
 MIXED_SIDES = ("BM25", "Random", "Full_Random")
 ABLATIONS = ("both", "only_output", "decouple", "only_input")
 ORDERS = ("start", "end", "middle", "random")
@@ -106,14 +108,47 @@ def bm25_scores(query: list[str], documents: list[list[str]], k1=1.5, b=0.75, ep
     return score
 
 
-def document_text(task: str, item: dict, by_input: bool = False) -> str:
-    """What BM25 indexes: the full item, or its input half alone (`decouple`)."""
+def document_text(task: str, item: dict, by_input: bool = False, use_date: bool = False) -> str:
+    """What BM25 indexes: the full item, or its input half alone (`decouple`); with
+    use_date, followed by ` date: ` and the item's date, as LaMP's rank_profiles
+    builds its corpus with --use_date (docs/design.md §4)."""
     spec = get_task(task)
     if spec.input_half is None:  # LaMP_7: the output half is all there is
-        return str(item[spec.output_half])
-    if by_input:
-        return str(item[spec.input_half])
-    return f"{item[spec.input_half]} {item[spec.output_half]}"
+        text = str(item[spec.output_half])
+    elif by_input:
+        text = str(item[spec.input_half])
+    else:
+        text = f"{item[spec.input_half]} {item[spec.output_half]}"
+    return f"{text} date: {item['date']}" if use_date else text
+
+
+def date_key(date) -> tuple:
+    """A profile item's date as LaMP's code compares it: the integers between its
+    dashes ("2013-05-21" -> (2013, 5, 21), "2009" -> (2009,)). ValueError if it has others."""
+    return tuple(int(part) for part in str(date).split("-"))
+
+
+def check_dates(path, example_id: str, profile: list, parsed: bool) -> None:
+    """Refuses, naming the file, example, item and field, a profile item without a
+    date, or (parsed: Recency sorts by it) with one date_key cannot read."""
+    for index, item in enumerate(profile):
+        date = item.get("date")
+        if date is None:
+            raise data_error(path, f"item {item['id']!r} has no date (Recency and use_date need one)",
+                             example_id=example_id, field=f"profile[{index}].date")
+        if parsed and not is_date(date):
+            raise data_error(path, f"item {item['id']!r}: date {date!r} is not whole numbers joined by '-' "
+                                   "(LaMP's dates: 2013-05-21, 2009)",
+                             example_id=example_id, field=f"profile[{index}].date")
+
+
+def is_date(date) -> bool:
+    """Whether date_key reads the date."""
+    try:
+        date_key(date)
+    except ValueError:
+        return False
+    return True
 
 
 def drop_query_items(task: str, items: list[dict], input_text: str) -> list[dict]:
@@ -134,12 +169,19 @@ class Ranking:
     scores: np.ndarray | None  # BM25 scores in that order; None for random orders
 
 
-def bm25_ranking(task: str, query: str, items: list[dict], by_input: bool = False) -> Ranking:
+def bm25_ranking(task: str, query: str, items: list[dict], by_input: bool = False, use_date: bool = False) -> Ranking:
     """items sorted by BM25 against the query; ties keep their given order."""
-    documents = [document_text(task, item, by_input).split() for item in items]
+    documents = [document_text(task, item, by_input, use_date).split() for item in items]
     scores = bm25_scores(query.split(), documents)
     order = np.argsort(-scores, kind="stable")
     return Ranking([items[i] for i in order], scores[order])
+
+
+def recency_ranking(items: list[dict]) -> Ranking:
+    """items newest first by date_key, ties by id: LaMP's recency ranker, whose
+    ties would follow the profile's order, made independent of it."""
+    by_id = sorted(items, key=lambda item: item["id"])
+    return Ranking(sorted(by_id, key=lambda item: date_key(item["date"]), reverse=True), None)  # a stable sort
 
 
 # ----------------------------------------------------------------------------- other users
@@ -262,31 +304,35 @@ def pool_draw(example, retriever: str, pool: ItemPool, seed: int = 0, size: int 
     return pool.draw(example.user, n, example_rng(seed, example.id, retriever))
 
 
-def rank(task: str, example, retriever: str, *, by_input: bool = False, seed: int = 0,
+def rank(task: str, example, retriever: str, *, by_input: bool = False, use_date: bool = False, seed: int = 0,
          pool: ItemPool | None = None, size: int | None = None) -> Ranking:
     """The full ranking one retriever gives one example (the leakage guard applied).
 
     by_input: BM25 over input halves alone (the `decouple` ablation).
+    use_date: BM25 over texts that end with the item's date (LaMP's --use_date).
     size: how many items Full_Random draws. The default, the user's own profile
     size, is what cells use, so Full_Random offers as many candidates as the
     user's own profile does; the other retrievers rank their whole candidate set.
     """
     query = extract_query(task, example.input)
     if retriever == "BM25":
-        return bm25_ranking(task, query, drop_query_items(task, example.profile, example.input), by_input)
+        return bm25_ranking(task, query, drop_query_items(task, example.profile, example.input), by_input, use_date)
+    if retriever == "Recency":
+        return recency_ranking(drop_query_items(task, example.profile, example.input))
     if retriever == "Random":
         own = drop_query_items(task, example.profile, example.input)
         order = example_rng(seed, example.id, "Random").permutation(len(own))
         return Ranking([own[i] for i in order], None)
     if retriever not in ("Full_Random", "RanBM25"):
-        raise LampError(f"no ranking for retriever {retriever!r}; ranked ones: BM25, Random, Full_Random, RanBM25")
+        raise LampError(f"no ranking for retriever {retriever!r}; ranked ones: BM25, Random, Full_Random, RanBM25, "
+                        "Recency")
     if pool is None:
         raise LampError(f"{retriever} draws other users' items: it needs an ItemPool of the split")
     drawn = pool.fetch(pool_draw(example, retriever, pool, seed, size))
     if retriever == "Full_Random":
         return Ranking(drop_query_items(task, drawn, example.input), None)
     # RanBM25: a fake profile of the data set's average size, then BM25 over it.
-    return bm25_ranking(task, query, drop_query_items(task, drawn, example.input), by_input)
+    return bm25_ranking(task, query, drop_query_items(task, drawn, example.input), by_input, use_date)
 
 
 # ----------------------------------------------------------------------------- selecting
@@ -339,13 +385,15 @@ def reach(retriever: str, k: int | float, rank_offset: int, profile_size: int) -
 
 def retrieve(task: str, example, retriever: str, k: int | float, *, ablation: str = "both",
              rank_offset: int = 0, seed: int = 0, pool: ItemPool | None = None,
-             input_retriever: str | None = None, output_retriever: str | None = None) -> list[dict]:
+             input_retriever: str | None = None, output_retriever: str | None = None,
+             use_date: bool = False) -> list[dict]:
     """The profile items a cell shows for one example, most relevant first.
 
-    Only `decouple` changes the ranking (BM25 over input halves). Assumes
-    check_cell passed.
+    Only `decouple` (BM25 over input halves) and use_date change the ranking.
+    Assumes check_cell passed.
     """
-    ranked = {name: rank(task, example, name, by_input=ablation == "decouple", seed=seed, pool=pool).items
+    ranked = {name: rank(task, example, name, by_input=ablation == "decouple", use_date=use_date, seed=seed,
+                         pool=pool).items
               for name in ranked_sides(retriever, input_retriever, output_retriever)}
     return select(task, retriever, ranked, k, rank_offset, len(example.profile),
                   input_retriever, output_retriever)
@@ -356,10 +404,14 @@ def retrieve(task: str, example, retriever: str, k: int | float, *, ablation: st
 
 def check_cell(task: str, retriever: str, k: int | float, ablation: str = "both", order: str = "start",
                rank_offset: int | float = 0, input_retriever: str | None = None,
-               output_retriever: str | None = None, offset_share: bool = False) -> None:
+               output_retriever: str | None = None, offset_share: bool = False, use_date: bool = False) -> None:
     """Refuse, in one line, a grid cell that cannot run, before any work starts.
     offset_share: whether rank_offset may also be a share of the profile (the study's may)."""
     spec = get_task(task)
+    check_dated(spec, retriever, use_date)
+    if use_date and not {retriever, input_retriever, output_retriever} & set(TEXT_RANKED):
+        raise LampError(f"use_date adds the date to the text that {', '.join(TEXT_RANKED)} rank; "
+                        f"{retriever} reads no text")
     for what, value, valid in (("retriever", retriever, RETRIEVERS),
                                ("ablation", ablation, ABLATIONS), ("order", order, ORDERS)):
         if value not in valid:
@@ -386,3 +438,11 @@ def check_cell(task: str, retriever: str, k: int | float, ablation: str = "both"
         for side, name in (("input_retriever", input_retriever), ("output_retriever", output_retriever)):
             if name not in MIXED_SIDES:
                 raise LampError(f"Mixed needs {side} in {', '.join(MIXED_SIDES)}, got {name!r}")
+
+
+def check_dated(spec, retriever: str, use_date: bool) -> None:
+    """Refuses a cell that reads profile items' dates where its task's items carry none
+    (TaskSpec.dated)."""
+    if (retriever == "Recency" or use_date) and not spec.dated:
+        raise LampError(f"{spec.name}'s profile items carry no date: "
+                        + ("Recency ranks by it" if retriever == "Recency" else "use_date shows it to BM25"))

@@ -34,6 +34,11 @@ carry no information about this user beyond what the input already shows.
 Layout: LaMP_k/<split>/<split>_questions.json and <split>_outputs.json, JSON
 arrays exactly as the official download. One question per user, as in LaMP's
 user-based split; users are split 4:1 between train and dev (user-disjoint).
+The time-based layout (`setting="time"`, under time/LaMP_k/...) holds the same
+users, questions and items, each item dated and each question dated after all
+of its user's items, as LaMP's time-based split asks about a user's newest
+item. The dates come from a random stream of their own, so the user-based
+data is the same whether or not the time-based one is written.
 Files are streamed to disk user by user, so `--users 100000` needs little
 memory, and written atomically.
 
@@ -43,6 +48,7 @@ mean profile size, with sizes skewed like real profiles, and texts of about its
 mean input and output lengths. The planted signal is the same.
 """
 
+import datetime
 import json
 import math
 import os
@@ -53,6 +59,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from lamp.data import SETTINGS
 from lamp.errors import LampError
 from lamp.seeding import example_rng
 from lamp.tasks import LAMP_2_TAGS, LAMP_PROFILE_SIZE, get_task
@@ -346,6 +353,32 @@ def draw_profile_size(rng, shape: Shape) -> int:
     return int(rng.integers(mean // 2, mean * 3 // 2 + 1))
 
 
+# The time-based layout's dates: items within DATE_SPAN_DAYS of DATE_ORIGIN.
+DATE_ORIGIN = datetime.date(2010, 1, 1)
+DATE_SPAN_DAYS = 3650
+QUESTION_GAP_DAYS = 30  # at most this many days after the user's newest item
+
+
+def synthetic_dir(out_dir, setting: str) -> Path:
+    """Where a setting's layout goes: the user-based one at the top, as the official
+    download; the time-based one under time/."""
+    return Path(out_dir) if setting == "user" else Path(out_dir) / setting
+
+
+def with_dates(question: dict, task: str, user: int, seed: int) -> dict:
+    """The question of the time-based layout: its items dated (LaMP's YYYY-MM-DD, in
+    no particular order, some on the same day) and itself dated after them all."""
+    rng = example_rng(seed, f"{task}/user/{user}", "synth dates")
+    days = rng.integers(DATE_SPAN_DAYS, size=len(question["profile"])).tolist()
+    asked = max(days, default=0) + 1 + int(rng.integers(QUESTION_GAP_DAYS))
+
+    def date(day: int) -> str:
+        return (DATE_ORIGIN + datetime.timedelta(days=day)).isoformat()
+
+    profile = [{**item, "date": date(day)} for item, day in zip(question["profile"], days)]
+    return {**question, "date": date(asked), "profile": profile}
+
+
 def make_user(task: str, user: int, seed: int, shape: Shape) -> tuple:
     """One user's question (id, input, profile) and gold output."""
     rng = example_rng(seed, f"{task}/user/{user}", "synth")
@@ -383,11 +416,13 @@ def is_dev_user(user: int) -> bool:
     return user % 5 == 4
 
 
-def write_task(out_dir: Path, task: str, seed: int, shape: Shape, users: int, is_dev=is_dev_user) -> None:
-    """Users 0 .. users-1 of a task, each into the split `is_dev` says."""
+def write_task(out_dir: Path, task: str, seed: int, shape: Shape, users: int, is_dev=is_dev_user,
+               setting: str = "user") -> None:
+    """Users 0 .. users-1 of a task, each into the split `is_dev` says, in the
+    setting's layout."""
     writers = {}
     for split in ("train", "dev"):
-        folder = out_dir / task / split
+        folder = synthetic_dir(out_dir, setting) / task / split
         folder.mkdir(parents=True, exist_ok=True)
         writers[split] = (
             JsonArrayWriter(folder / f"{split}_questions.json"),
@@ -396,6 +431,8 @@ def write_task(out_dir: Path, task: str, seed: int, shape: Shape, users: int, is
         )
     for user in tqdm(range(users), desc=f"synth {task}", unit="user", leave=False):
         question, gold = make_user(task, user, seed, shape)
+        if setting == "time":
+            question = with_dates(question, task, user, seed)
         questions, outputs = writers["dev" if is_dev(user) else "train"]
         questions.write(question)
         outputs.write({"id": question["id"], "output": gold})
@@ -405,22 +442,26 @@ def write_task(out_dir: Path, task: str, seed: int, shape: Shape, users: int, is
         outputs.close()
 
 
-def write_synthetic(out_dir, tasks, users: int, seed: int, profile_size: int | None = None) -> None:
-    """Writes synthetic train and dev files for each task under out_dir."""
+def write_synthetic(out_dir, tasks, users: int, seed: int, profile_size: int | None = None,
+                    setting: str = "user") -> None:
+    """Writes synthetic train and dev files for each task under out_dir, in the
+    setting's layout (user: LaMP_k/...; time: time/LaMP_k/..., dated)."""
     specs = [get_task(task) for task in tasks]
+    check_setting(setting)
     if users < 5:
         raise LampError(f"--users must be at least 5 (one in five users goes to dev), got {users}")
     if profile_size is not None and profile_size < 1:
         raise LampError(f"--profile-size must be at least 1, got {profile_size}")
     for spec in specs:
-        write_task(Path(out_dir), spec.name, seed, demo_shape(spec.name, profile_size), users)
+        write_task(Path(out_dir), spec.name, seed, demo_shape(spec.name, profile_size), users, setting=setting)
 
 
-def write_like_lamp(out_dir, tasks, scale: float = 1.0, seed: int = 0) -> dict:
+def write_like_lamp(out_dir, tasks, scale: float = 1.0, seed: int = 0, setting: str = "user") -> dict:
     """Writes each task at LaMP's sizes: its user-based train and dev question
     counts times `scale` (0 < scale <= 1; at least MIN_SPLIT_USERS a split), its
-    mean profile size and text lengths. Returns {task: (train, dev)}."""
+    mean profile size and text lengths, in the setting's layout. Returns {task: (train, dev)}."""
     specs = [get_task(task) for task in tasks]
+    check_setting(setting)
     if not 0 < scale <= 1:
         raise LampError(f"--scale must be in (0, 1], got {scale}")
     counts = {}
@@ -428,5 +469,10 @@ def write_like_lamp(out_dir, tasks, scale: float = 1.0, seed: int = 0) -> dict:
         train, dev = counts[spec.name] = like_lamp_counts(spec.name, scale)
         # Users 0 .. train-1 are train, the next `dev` dev: user-disjoint.
         write_task(Path(out_dir), spec.name, seed, lamp_shape(spec.name), train + dev,
-                   is_dev=lambda user, train=train: user >= train)
+                   is_dev=lambda user, train=train: user >= train, setting=setting)
     return counts
+
+
+def check_setting(setting: str) -> None:
+    if setting not in SETTINGS:
+        raise LampError(f"unknown setting {setting!r}; valid: {', '.join(SETTINGS)}")

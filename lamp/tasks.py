@@ -24,6 +24,9 @@ class TaskSpec:
     what: str
     # Keys every profile item must carry, with the JSON types each may take.
     item_fields: dict
+    # Whether its profile items carry a `date` (LaMP's time-based files): what
+    # Recency sorts by and `use_date` shows BM25 (docs/design.md §4).
+    dated: bool
     # The two halves of a profile item (docs/design.md §3); LaMP_7 has no input half.
     input_half: str | None
     output_half: str
@@ -60,6 +63,7 @@ TASKS = {
             name="LaMP_1",
             what="citation identification",
             item_fields={"id": (str, int), "title": str, "abstract": str},
+            dated=True,
             input_half="abstract",
             output_half="title",
             input_template=(
@@ -83,6 +87,7 @@ TASKS = {
             name="LaMP_2",
             what="movie tagging",
             item_fields={"id": (str, int), "description": str, "tag": str},
+            dated=True,
             input_half="description",
             output_half="tag",
             input_template=(
@@ -107,6 +112,7 @@ TASKS = {
             name="LaMP_3",
             what="product rating",
             item_fields={"id": (str, int), "text": str, "score": (str, *NUMBER)},
+            dated=True,
             input_half="text",
             output_half="score",
             input_template=(
@@ -129,6 +135,7 @@ TASKS = {
             name="LaMP_4",
             what="news headline generation",
             item_fields={"id": (str, int), "text": str, "title": str},
+            dated=True,
             input_half="text",
             output_half="title",
             input_template="Generate a headline for the following article: {}",
@@ -148,6 +155,7 @@ TASKS = {
             name="LaMP_5",
             what="scholarly title generation",
             item_fields={"id": (str, int), "abstract": str, "title": str},
+            dated=True,
             input_half="abstract",
             output_half="title",
             input_template="Generate a title for the following abstract of a paper: {}",
@@ -167,6 +175,7 @@ TASKS = {
             name="LaMP_7",
             what="tweet paraphrasing",
             item_fields={"id": (str, int), "text": str},
+            dated=True,
             input_half=None,
             output_half="text",
             input_template=(

@@ -46,7 +46,7 @@ def shards(data, tmp_path_factory, ray_local):
     cache = tmp_path_factory.mktemp("cache")
     shard_list = prepare(data, cache, retrievers=["BM25", "Random", "Full_Random", "RanBM25"], seeds=[0, 1],
                          log=lambda _: None)
-    return cache, {"LaMP_2": {s.split: s for s in shard_list}}
+    return cache, {("LaMP_2", "user"): {s.split: s for s in shard_list}}
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,11 @@ def grid_cells(cells, model, **training):
 @pytest.fixture(scope="module")
 def rendered(shards, models):
     """Zero-shot cells (dev only) of every retriever and recipe, under both tokenizers."""
-    cache, by_task = shards
+    cache, by_data = shards
     out = {}
     for name, cells in (("t5", LAMP_CELLS + STUDY_CELLS), ("decoder", DECODER_CELLS)):
         messages = []
-        renders = render_grid(grid_cells(cells, name, epochs=0), by_task, models[name], cache,
+        renders = render_grid(grid_cells(cells, name, epochs=0), by_data, models[name], cache,
                               log=messages.append)
         out[name] = renders, messages
     return out
@@ -113,23 +113,23 @@ def test_a_cached_render_is_what_render_prints(data, models, rendered, model, ce
 
 def test_a_cell_table_is_what_render_prints(data, shards):
     """cell_table renders one cell in this process, with the code the pipeline runs."""
-    _, by_task = shards
+    _, by_data = shards
     for cell in LAMP_CELLS:
         done = call_cli("render", "--data", data, *render_args(cell), "--json")
         assert done.returncode == 0, done.stderr
         expected = {row["id"]: (row["prompt"], row["retrieved"]) for row in map(json.loads, done.stdout.splitlines())}
-        rows = cell_table(by_task["LaMP_2"]["dev"], cell).to_pylist()
+        rows = cell_table(by_data["LaMP_2", "user"]["dev"], cell).to_pylist()
         assert {row["id"]: (row["prompt"], list(row["retrieved"])) for row in rows} == expected and len(rows) == 12
 
 
 @pytest.mark.parametrize("cell", STUDY_CELLS, ids=lambda c: f"{c.retriever}-{c.ablation}-{c.order}")
 def test_a_study_cell_table_with_a_model_is_what_render_prints(data, shards, models, cell):
-    _, by_task = shards
+    _, by_data = shards
     done = call_cli("render", "--data", data, *render_args(cell), "--model", models["t5"].path,
                     "--max-tokens", MAX_TOKENS, "--json")
     assert done.returncode == 0, done.stderr
     expected = [json.loads(line) for line in done.stdout.splitlines()]
-    splits = by_task["LaMP_2"]
+    splits = by_data["LaMP_2", "user"]
     rows = cell_table(splits["dev"], cell, models["t5"], max_tokens=MAX_TOKENS, splits=splits).to_pylist()
     assert [(r["id"], r["prompt"], r["retrieved"], r["input_ids"], r["input_cut"]) for r in rows] == \
         [(e["id"], e["prompt"], e["retrieved"], e["input_ids"], e["input_cut"]) for e in expected]
@@ -138,8 +138,8 @@ def test_a_study_cell_table_with_a_model_is_what_render_prints(data, shards, mod
 
 
 def test_the_prompt_budget_caps_the_prompt_and_keeps_the_input_whole(data, shards):
-    _, by_task = shards
-    dev, bm25 = by_task["LaMP_2"]["dev"], LAMP_CELLS[0]
+    _, by_data = shards
+    dev, bm25 = by_data["LaMP_2", "user"]["dev"], LAMP_CELLS[0]
     small = cell_table(dev, bm25, max_tokens=100).to_pylist()
     done = call_cli("render", "--data", data, *render_args(bm25), "--max-tokens", 100, "--json")
     assert done.returncode == 0, done.stderr
@@ -157,11 +157,11 @@ def test_the_prompt_budget_caps_the_prompt_and_keeps_the_input_whole(data, shard
 
 
 def test_rendering_again_or_with_other_training_settings_renders_nothing(shards, models, rendered):
-    cache, by_task = shards
+    cache, by_data = shards
     _, first = rendered["t5"]
     assert first == [f"render: {len(LAMP_CELLS + STUDY_CELLS)} cell(s) rendered, 0 cached"]
     again = []
-    render_grid(grid_cells(LAMP_CELLS + STUDY_CELLS, "t5", epochs=0), by_task, models["t5"], cache,
+    render_grid(grid_cells(LAMP_CELLS + STUDY_CELLS, "t5", epochs=0), by_data, models["t5"], cache,
                 log=again.append)
     assert again == [f"render: 0 cell(s) rendered, {len(LAMP_CELLS + STUDY_CELLS)} cached"]
     # Another lr, and another seed of a cell whose prompts no seed changes: the same render.
@@ -169,20 +169,20 @@ def test_rendering_again_or_with_other_training_settings_renders_nothing(shards,
     variants = grid_cells([bm25], "t5", epochs=0, lr=1e-3) + [
         GridCell(Cell(**{**bm25.__dict__, "seed": 7}), "t5", Training(max_prompt_tokens=MAX_TOKENS, epochs=0))]
     reused = []
-    renders = render_grid(variants, by_task, models["t5"], cache, log=reused.append)
+    renders = render_grid(variants, by_data, models["t5"], cache, log=reused.append)
     assert reused == ["render: 0 cell(s) rendered, 1 cached"]
     assert len({r["dev"].directory for r in renders.values()}) == 1
     # A longer budget changes the prompts: a render of its own.
     longer = []
-    render_grid(grid_cells([bm25], "t5", epochs=0, max_prompt_tokens=MAX_TOKENS * 2), by_task, models["t5"], cache,
+    render_grid(grid_cells([bm25], "t5", epochs=0, max_prompt_tokens=MAX_TOKENS * 2), by_data, models["t5"], cache,
                 log=longer.append)
     assert longer == ["render: 1 cell(s) rendered, 0 cached"]
 
 
 def test_a_training_cell_renders_train_with_its_held_out_users_marked(shards, models):
-    cache, by_task = shards
+    cache, by_data = shards
     [cell] = grid_cells([LAMP_CELLS[1]], "t5", epochs=1, limit_train=30)
-    renders = render_grid([cell], by_task, models["t5"], cache, log=lambda _: None)[cell.key]
+    renders = render_grid([cell], by_data, models["t5"], cache, log=lambda _: None)[cell.key]
     train = pq.read_table(renders["train"].path).to_pylist()
     assert [r["row"] for r in train] == list(range(30))
     assert all(r["selection"] == selection_fraction(r["user"]) for r in train)

@@ -112,7 +112,7 @@ def monitored(train_loop):
 
 def run_vote(grid_cell, plan, run_id: str) -> dict:
     """The `vote` model: no training, a prediction from the retrieved items alone."""
-    cell, splits = grid_cell.cell, plan.shards[grid_cell.cell.task]
+    cell, splits = grid_cell.cell, plan.shards[grid_cell.cell.data]
     prompts = CellPrompts(splits["dev"], cell, splits=splits)
     examples = load_examples(splits["dev"].examples)[: grid_cell.training.limit_dev or None]
     retrieved = [prompts.retrieved(row, e) for row, e in enumerate(examples)]

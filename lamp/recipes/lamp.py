@@ -16,7 +16,7 @@ class LampRecipe:
 
     def check(self, cell) -> None:
         check_cell(cell.task, cell.retriever, cell.k, cell.ablation, cell.order, cell.rank_offset,
-                   cell.input_retriever, cell.output_retriever)
+                   cell.input_retriever, cell.output_retriever, use_date=cell.use_date)
 
     def retrieve(self, cell, examples: list, limit: int | None = None, pool=None, train: list = (),
                  dev: list = ()) -> list:

@@ -340,6 +340,9 @@ class StudyRecipe:
         check_cell(cell.task, cell.retriever, cell.k, cell.ablation, cell.order, cell.rank_offset,
                    cell.input_retriever, cell.output_retriever, offset_share=True)
         retriever, ablation = cell.retriever, cell.ablation
+        if retriever == "Recency" or cell.use_date:
+            raise LampError("recipe study has no " + ("Recency retriever" if retriever == "Recency" else "use_date")
+                            + " (LaMP's code has; the study's has not): run it with recipe lamp")
         if ablation != "both" and (cell.task, SHOWN_HALF[ablation]) not in ABLATION:
             raise LampError(f"recipe study has no {ablation} prompts for {cell.task} (it ablated LaMP_2-5 only)")
         if ablation != "both" and cell.order != "start":
