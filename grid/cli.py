@@ -9,6 +9,7 @@
     python experiments.py prepare --data DIR             rank once into the shard cache
     python experiments.py list                           the named experiments (the study's analyses)
     python experiments.py report GRID --out DIR          tables, confidence intervals and figures of a grid
+    python experiments.py report GRID --export-test DIR  each cell's test predictions, ready to submit
     python experiments.py rerun RUN_ID                   one cell again from its MLflow record, compared
 
 Every verb has `--help`. Bad input ends with a one-line message and exit 2.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from grid import tracking
 from grid.reference import reference_prompts
-from grid.run import SYNTHETIC_USERS, Workdir, prepare_grid, render_cells, run_grid
+from grid.run import SYNTHETIC_USERS, Workdir, data_predicting_test, prepare_grid, render_cells, run_grid
 from grid.shards import prepare
 from grid.spec import NAMED_GRIDS, Resources, load_grid, with_overrides
 from grid.storage import local_data
@@ -39,8 +40,8 @@ WORKDIR = "lamp-grid-work"
 
 def cmd_synth(args) -> int:
     if args.like_lamp:
-        given = [name for name, value in (("--users", args.users), ("--profile-size", args.profile_size))
-                 if value is not None]
+        given = [name for name, value in (("--users", args.users), ("--profile-size", args.profile_size),
+                                          ("--test-users", args.test_users)) if value is not None]
         if given:
             raise LampError(f"--like-lamp sets the sizes itself; drop {' and '.join(given)}")
         scale = 1.0 if args.scale is None else args.scale
@@ -53,7 +54,7 @@ def cmd_synth(args) -> int:
         raise LampError("--scale works with --like-lamp only")
     for setting in args.setting:
         write_synthetic(args.out, tasks=args.tasks, users=400 if args.users is None else args.users, seed=args.seed,
-                        profile_size=args.profile_size, setting=setting)
+                        profile_size=args.profile_size, setting=setting, test_users=args.test_users or 0)
         print(f"wrote synthetic {layout(setting)}LaMP data for {', '.join(args.tasks)} under {args.out}")
     return 0
 
@@ -142,8 +143,9 @@ def cmd_prepare(args) -> int:
     spec = grid_spec(args)
     cells, cache = spec.cells(), args.cache or str(work.cache)
     work.root.mkdir(parents=True, exist_ok=True)
-    _, model, shards = prepare_grid(spec, cells, args.data or spec.data, work, cache, args.address, args.users)
-    render_cells(cells, shards, model, work, cache, args.address, args.workers)
+    data_dir, model, shards = prepare_grid(spec, cells, args.data or spec.data, work, cache, args.address, args.users)
+    data_predicting_test(spec, cells, data_dir)
+    render_cells(cells, shards, model, work, cache, args.address, args.workers, spec.predict_test)
     return 0
 
 
@@ -190,10 +192,12 @@ def cmd_list(args) -> int:
 
 def cmd_report(args) -> int:
     # deferred: the report's metrics import rouge_score and nltk, seconds on every command
-    from grid.report import compare_cells, environment_note, format_table, read_results, write_report
+    from grid.report import compare_cells, environment_note, export_test, format_table, read_results, write_report
 
     if bool(args.grid) == bool(args.experiment):
         raise LampError("report: name a GRID (named or YAML) or an --experiment, one of the two")
+    if not (args.out or args.export_test):
+        raise LampError("report: give --out DIR (the report), --export-test DIR (the test predictions), or both")
     uri = args.tracking_uri or Workdir(Path(args.workdir).resolve()).tracking_uri
     client = tracking.connect(uri)
     if args.grid:
@@ -208,6 +212,12 @@ def cmd_report(args) -> int:
     if experiment is None:
         raise LampError(f"no MLflow experiment {name!r} in {uri}: run the grid first")
     results = read_results(client, experiment, cells)
+    if args.export_test:
+        written = export_test(client, results, Path(args.export_test))
+        print(f"wrote the test predictions of {len(written)} cell(s) into {args.export_test}, a folder per cell:")
+        print("\n".join(f"  {folder}/{file}  ({key})" for key, (folder, file) in written.items()))
+    if not args.out:
+        return 0
     rows, note = compare_cells(client, results), environment_note(results)
     out = Path(args.out)
     files = write_report(rows, out, f"lamp-grid report: {name}", uri, published, note)
@@ -237,12 +247,16 @@ def add_grid_overrides(p) -> None:
     p.add_argument("--epochs", type=int, help="override the grid's epochs (0: zero-shot)")
     p.add_argument("--limit-train", type=int, help="train on the first N examples only")
     p.add_argument("--limit-dev", type=int, help="evaluate on the first N dev examples only")
+    p.add_argument("--predict-test", action=argparse.BooleanOptionalAction, default=None,
+                   help="each cell also decodes its task's test split with its selected epoch into "
+                   "LaMP_k-test-predictions.json, an MLflow artifact (default: the grid's predict_test)")
 
 
 def grid_spec(args):
     """The grid named on the command line, with the overrides given."""
     return with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
-                          setting=args.setting, epochs=args.epochs, limit_train=args.limit_train,
+                          setting=args.setting, predict_test=args.predict_test, epochs=args.epochs,
+                          limit_train=args.limit_train,
                           limit_dev=args.limit_dev)
 
 
@@ -271,6 +285,9 @@ def add_data_verbs(verbs) -> None:
     p.add_argument("--setting", nargs="+", choices=SETTINGS, default=["user"],
                    help="the layouts to write: user (LaMP_k/...), time (time/LaMP_k/..., items dated and each "
                    "question after its user's items), or both (default user)")
+    p.add_argument("--test-users", type=int, default=None,
+                   help="also a test split of N more users; its golds go to test/test_golds.json, which the "
+                   "loader does not read (LaMP's test golds are hidden)")
     p.set_defaults(run=cmd_synth)
 
     p = verbs.add_parser("validate", help="check LaMP files and print their shape")
@@ -371,7 +388,9 @@ def add_grid_verbs(verbs) -> None:
     p.add_argument("--setting", choices=SETTINGS, help="the setting it was run with (--setting of run), if not its own")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
-    p.add_argument("--out", required=True, help="directory for report.md, report.html and the figures")
+    p.add_argument("--out", help="directory for report.md, report.html and the figures")
+    p.add_argument("--export-test", metavar="DIR", help="gather each cell's test predictions (run --predict-test) "
+                   "into DIR, a folder per cell, ready to submit to LaMP's leaderboard")
     p.set_defaults(run=cmd_report)
 
     p = verbs.add_parser("rerun", help="run one cell again from its MLflow record, into a new run, and compare: "

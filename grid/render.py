@@ -394,9 +394,11 @@ def write_renders(todo: dict, shards: dict, model: ModelRef, workers: int, progr
 
 
 def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote: str | None = None,
-                address: str | None = None, workers: int | None = None, log=print) -> dict:
+                address: str | None = None, workers: int | None = None, predict_test: bool = False,
+                log=print) -> dict:
     """Renders every split of every cell that the cache lacks; returns, per cell key,
-    its Rendered splits ({"dev": ..., "train": ...}; train only where it trains).
+    its Rendered splits ({"dev": ..., "train": ...}; train only where it trains; test
+    with predict_test, where the task has a test split).
 
     shards: (task, setting) -> {split: SplitShards} (grid.shards.splits_by_data); model: the grid's model, resolved (not
     `vote`); cache: the local (staging) cache; remote: the cache's URI where it is at
@@ -407,8 +409,10 @@ def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote:
         cell, training = grid_cell.cell, grid_cell.training
         max_tokens = get_recipe(cell.recipe).prompt_tokens(model.decoder_only, training.max_prompt_tokens)
         places = {}
+        # The test split whole, whatever limit_dev: a submission holds every test id.
+        test = [("test", None)] * (predict_test and "test" in shards[cell.data])
         for split, limit in [("dev", training.limit_dev)] + [("train", training.limit_train)] * bool(
-                training.epochs_for(cell.task)):
+                training.epochs_for(cell.task)) + test:
             render, split_shards = Render(cell, split, limit, max_tokens), shards[cell.data][split]
             name = f"render-{render.key(shards[cell.data], tokenizer, code)}"
             places[split] = cache / cell.task / f"{split_shards.setting}-{split}" / name

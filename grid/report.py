@@ -17,6 +17,7 @@ A cell that did not finish is listed with its status, never counted as a zero.
 import html
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from grid import tracking
 from grid.spec import GridCell
-from grid.storage import write_atomically
+from grid.storage import building, digest, put_in_place, write_atomically
 from lamp.cell import Cell
 from lamp.errors import LampError
 from lamp.metrics import resampled_metric
@@ -344,3 +345,42 @@ def read_results(client, experiment, cells: list | None = None) -> list:
         raise LampError(f"MLflow experiment {experiment.name!r} has no run of this grid's cells with model "
                         f"{cells[0].model}; its runs used {', '.join(models)} (pass --model)")
     return tracking.summarize(by_key, cells)
+
+
+# --- test predictions, for LaMP's leaderboard -------------------------------------------
+
+
+def cell_folder(key: str) -> str:
+    """A cell key as a folder name: its parts joined by `__`, anything else unsafe as `_`."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", key.replace("/", "__"))
+
+
+def export_test(client, results: list, out: Path) -> dict:
+    """Each FINISHED cell's test predictions (the artifact `run --predict-test` logged)
+    copied into out/<cell folder>/LaMP_k-test-predictions.json, the folder written
+    whole or not at all. Returns cell key -> (folder, file name). Refuses an `out` that
+    holds anything, and results with no test predictions at all."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LampError(f"{out}: exists and is not an empty folder; export the test predictions into a new one")
+    found = {}
+    for result in results:
+        if result.status == "FINISHED":
+            name = client.get_run(result.run_id).data.tags.get(tracking.TEST_PREDICTIONS)
+            if name:
+                found[result.cell.key] = (result.run_id, name)
+    if not found:
+        raise LampError(f"none of the {len(results)} cell(s) has test predictions: run the grid with "
+                        "--predict-test (on data with a test split)")
+    written, folders = {}, set()
+    with building(out) as tmp:
+        for key, (run_id, name) in found.items():
+            folder = cell_folder(key)
+            if folder in folders:  # two keys alike but for their unsafe characters
+                folder = f"{folder}-{digest(key)[:8]}"
+            folders.add(folder)
+            (tmp / folder).mkdir()
+            client.download_artifacts(run_id, name, str(tmp / folder))
+            written[key] = (folder, name)
+        if not put_in_place(tmp, out):
+            raise LampError(f"{out}: written by another process meanwhile; export again into a new folder")
+    return written

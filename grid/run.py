@@ -45,6 +45,7 @@ class RunPlan:
     storage: str
     resources: Resources
     log_model: bool = False  # log each cell's best model as an MLflow `transformers` model
+    predict_test: bool = False  # each cell also decodes its task's test split, where there is one
 
 
 @dataclass
@@ -221,14 +222,26 @@ def splits_by_data(shard_list) -> dict:
 
 
 def render_cells(cells: list, shards: dict, model: ModelRef, work: Workdir, cache: str, address: str | None = None,
-                 workers: int | None = None, log=print) -> dict:
+                 workers: int | None = None, predict_test: bool = False, log=print) -> dict:
     """Every cell's rendered splits (cell key -> {split: Rendered}), rendered where the
     cache lacks them: what the trials read. `vote` cells render nothing."""
     if not model.has_weights:
         return {}
     remote = cache if is_uri(cache) else None
     return render_grid(cells, shards, model, work.cache if remote else Path(cache).resolve(), remote, address,
-                       workers, log)
+                       workers, predict_test, log)
+
+
+def data_predicting_test(spec: GridSpec, cells: list, data_dir: Path, log=print) -> set:
+    """The (task, setting) pairs whose cells write test predictions: with predict_test,
+    those whose data has a test split; one without is named, and its cells still run."""
+    if not spec.predict_test:
+        return set()
+    found = {(s.task, s.setting) for s in find_splits(data_dir, spec.tasks) if s.split == "test"}
+    for task, setting in sorted({c.cell.data for c in cells} - found):
+        layout = "" if setting == "user" else f"{setting}-based "
+        log(f"--predict-test: {task} has no {layout}test split in {data_dir}; its cells write no test predictions")
+    return found
 
 
 @dataclass
@@ -268,11 +281,12 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
                         rerun_of, verbose, log)
     data_dir, model, shards = prepare_grid(spec, cells, data, session.work, session.cache, address, users, log)
     fingerprints = {data: digest(parts["train"].examples, parts["dev"].examples) for data, parts in shards.items()}
+    test_data = data_predicting_test(spec, cells, data_dir, log)
     if resume:
         plan, parent, tuner = restore(session.work.plan_file(spec.name), session.client, spec, log)
     else:
         by_key = tracking.cell_runs(session.client, session.experiment)
-        pending = pending_cells(cells, by_key, fingerprints, rerun_of, session.tracking_uri, log)
+        pending = pending_cells(cells, by_key, fingerprints, rerun_of, session.tracking_uri, log, test_data)
         if not pending:
             results = summarize(by_key, cells, fingerprints)
             results_table(session.client, results, None, log)
@@ -319,14 +333,17 @@ def preflight(spec: GridSpec, cells: list, model: ModelRef, workdir: Path, track
 
 
 def pending_cells(cells: list, by_key: dict, fingerprints: dict, rerun_of: str | None, tracking_uri: str,
-                  log) -> list:
+                  log, test_data: set = frozenset()) -> list:
     """The cells to run: those without a FINISHED run on the same data and settings
-    (every cell, for a rerun)."""
+    (every cell, for a rerun). A cell whose (task, setting) is in test_data also
+    needs that run to have written its test predictions."""
     if rerun_of:
         return cells
-    done = {(key, run.data.tags.get("data_fingerprint"), run.data.tags.get("settings_hash"))
+    done = {(key, run.data.tags.get("data_fingerprint"), run.data.tags.get("settings_hash"),
+             tracking.TEST_PREDICTIONS in run.data.tags)
             for key, runs in by_key.items() for run in runs if run.info.status == "FINISHED"}
-    pending = [c for c in cells if (c.key, fingerprints[c.cell.data], c.settings_hash) not in done]
+    pending = [c for c in cells if not any((c.key, fingerprints[c.cell.data], c.settings_hash, tested) in done
+                                           for tested in ([True] if c.cell.data in test_data else [True, False]))]
     log(f"{len(cells) - len(pending)} of {len(cells)} cell(s) already FINISHED in {tracking_uri}; "
         f"running {len(pending)}")
     return pending
@@ -342,12 +359,13 @@ def plan_trials(spec: GridSpec, pending: list, session: Session, shards: dict, m
     from grid.trial.driver import run_trial  # heavy: its metrics import rouge_score and nltk (seconds)
 
     client, experiment = session.client, session.experiment
-    renders = render_cells(pending, shards, model, session.work, session.cache, address, log=log)
+    renders = render_cells(pending, shards, model, session.work, session.cache, address,
+                           predict_test=spec.predict_test, log=log)
     parent = tracking.start_parent(client, experiment, spec.name, record, rerun_of)
     run_ids = [tracking.create_child(client, experiment, parent, c, fingerprints[c.cell.data], spec.name,
                                      renders.get(c.key, {}), record, rerun_of) for c in pending]
     plan = RunPlan(pending, run_ids, shards, renders, model, session.trial_tracking_uri, session.storage, resources,
-                   log_model)
+                   log_model, spec.predict_test)
     name = f"{spec.name}-{parent[:8]}"
     path = f"{plan.storage.rstrip('/')}/{name}"  # a local path or a URI (s3://...): no Path() here
     tuner = new_tuner(trainable(run_trial, plan=plan), [c.key for c in pending], name, plan.storage,

@@ -28,6 +28,7 @@ a user's, both read by `load_grid`:
         use_date: [false, true]       # BM25 over texts with the items' dates (LaMP's --use_date)
         k: [1]
     training: {epochs: 2}            # overrides of the study's defaults (docs/design.md §8)
+    predict_test: true               # also decode each cell's test split (LaMP's submission format)
     published:                       # what the study reports, drawn beside ours by `report`
       source: Wu et al. 2024 (arXiv 2406.17803), its headline figure, panel (b)
       LaMP_2:                        # per task: a change against `none` per retriever,
@@ -205,6 +206,9 @@ class GridSpec:
     training: Training = field(default_factory=Training)
     recipe: str = "lamp"  # the default of blocks that do not name one
     published: dict = field(default_factory=dict)  # task -> the study's values (`report` draws them beside ours)
+    # Each cell also writes its test predictions. Not a training setting: it changes no
+    # cell's key, params or settings hash, only what a finished cell leaves behind.
+    predict_test: bool = False
 
     def cells(self) -> list:
         """Every cell, checked, in a stable order; duplicates (e.g. `none` x ablations) once."""
@@ -229,7 +233,7 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
     """A GridSpec from a dict, or a clear error naming what is wrong."""
     if not isinstance(raw, dict):
         raise LampError(f"{where}: a grid is a mapping with name, tasks and axes")
-    known = {"name", "tasks", "axes", "model", "data", "seeds", "training", "recipe", "published"}
+    known = {"name", "tasks", "axes", "model", "data", "seeds", "training", "recipe", "published", "predict_test"}
     unknown = set(raw) - known
     if unknown:
         raise LampError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
@@ -254,11 +258,14 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
     if bad:
         raise LampError(f"{where}: training: unknown setting {sorted(bad)[0]!r}; valid: {', '.join(sorted(valid))}")
     seeds = raw.get("seeds", [0])
+    predict_test = raw.get("predict_test", False)
+    if not isinstance(predict_test, bool):
+        raise LampError(f"{where}: predict_test must be true or false, got {predict_test!r}")
     return GridSpec(name=str(raw["name"]), tasks=tasks, axes=tuple(blocks), model=str(raw.get("model", TINY)),
                     data=str(raw.get("data", "synthetic")), recipe=str(raw.get("recipe", "lamp")),
                     seeds=tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])),
                     training=Training(**{k: training_value(k, v, where) for k, v in training.items()}),
-                    published=read_published(raw.get("published", {}), where))
+                    published=read_published(raw.get("published", {}), where), predict_test=predict_test)
 
 
 def read_published(published: dict, where: str) -> dict:
@@ -309,10 +316,12 @@ def load_grid(name_or_path: str) -> GridSpec:
     return parse_grid(raw, str(path))
 
 
-def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, setting=None, **training) -> GridSpec:
+def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, setting=None, predict_test=None,
+                   **training) -> GridSpec:
     """The grid with command-line overrides applied. A grid made for a real model
     run with `--model tiny` (a quick look) takes the tiny model's schedule: the
-    study's would teach it nothing. A recipe or setting given replaces every block's."""
+    study's would teach it nothing. A recipe or setting given replaces every block's;
+    predict_test given (True or False) replaces the grid's."""
     if recipe is not None:
         spec = replace(spec, recipe=recipe, axes=tuple({n: v for n, v in block.items() if n != "recipe"}
                                                        for block in spec.axes))
@@ -323,4 +332,5 @@ def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, setting=
         base = replace(base, **{**TINY_TRAINING, "epochs": 0 if base.epochs == 0 else TINY_TRAINING["epochs"]})
     changes = {k: v for k, v in training.items() if v is not None}
     return replace(spec, model=model or spec.model, seeds=tuple(seeds) if seeds else spec.seeds,
-                   training=replace(base, **changes))
+                   training=replace(base, **changes),
+                   predict_test=spec.predict_test if predict_test is None else predict_test)

@@ -204,6 +204,15 @@ def log_datasets(client, run_id: str, task: str, inputs: dict) -> None:
         tags=[InputTag("mlflow.data.context", context)]) for context, data in inputs.items()])
 
 
+# A cell's run that decoded its task's test split (`run --predict-test`) carries this
+# tag, naming its artifact: the file LaMP's leaderboard takes for the task.
+TEST_PREDICTIONS = "lamp_grid.test_predictions"
+
+
+def leaderboard_file(task: str) -> str:
+    return f"{task}-test-predictions.json"
+
+
 SAMPLE_PROMPTS = 20  # the prompts a cell keeps as an artifact, to read what the model saw
 
 
@@ -248,6 +257,14 @@ class MlflowLog:
             (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
             for path in sorted(out.iterdir()):
                 self.client.log_artifact(self.run_id, str(path))
+
+    def test_predictions(self, task: str, ids, predictions) -> None:
+        """The test split's predictions in LaMP's submission format, the run's artifact
+        `LaMP_k-test-predictions.json`, and the tag that says the run wrote them."""
+        self.client.log_dict(self.run_id, {"task": task, "golds": [{"id": i, "output": p}
+                                                                   for i, p in zip(ids, predictions)]},
+                             leaderboard_file(task))
+        self.tags({TEST_PREDICTIONS: leaderboard_file(task)})
 
     def model(self, model, tokenizer) -> None:
         """The model as an MLflow `transformers` model, the run's `model` artifact:

@@ -40,7 +40,10 @@ of its user's items, as LaMP's time-based split asks about a user's newest
 item. The dates come from a random stream of their own, so the user-based
 data is the same whether or not the time-based one is written.
 Files are streamed to disk user by user, so `--users 100000` needs little
-memory, and written atomically.
+memory, and written atomically. `--test-users N` adds a test split of N more
+users: its questions in test/test_questions.json, its golds in
+test/test_golds.json, a name the loader does not read (LaMP's test golds are
+hidden; these let a test score test predictions with `evaluate`).
 
 `write_like_lamp` (`synth --like-lamp [--scale F]`) writes each task at LaMP's
 own sizes instead: its user-based train and dev question counts (times F), its
@@ -412,28 +415,31 @@ class JsonArrayWriter:
         os.replace(self.tmp, self.path)
 
 
+TEST_GOLDS = "test_golds.json"  # not `test_outputs.json`: the loader must find the test split without golds
+
+
 def is_dev_user(user: int) -> bool:
     return user % 5 == 4
 
 
 def write_task(out_dir: Path, task: str, seed: int, shape: Shape, users: int, is_dev=is_dev_user,
-               setting: str = "user") -> None:
-    """Users 0 .. users-1 of a task, each into the split `is_dev` says, in the
-    setting's layout."""
+               setting: str = "user", test_users: int = 0) -> None:
+    """Users 0 .. users-1 of a task, each into the split `is_dev` says, then
+    `test_users` more into test (their golds in TEST_GOLDS), in the setting's layout."""
     writers = {}
-    for split in ("train", "dev"):
+    for split in ("train", "dev", "test") if test_users else ("train", "dev"):
         folder = synthetic_dir(out_dir, setting) / task / split
         folder.mkdir(parents=True, exist_ok=True)
         writers[split] = (
             JsonArrayWriter(folder / f"{split}_questions.json"),
-            JsonArrayWriter(folder / f"{split}_outputs.json",
+            JsonArrayWriter(folder / (TEST_GOLDS if split == "test" else f"{split}_outputs.json"),
                             head=f'{{"task": "{task}", "golds": [', tail="]}"),
         )
-    for user in tqdm(range(users), desc=f"synth {task}", unit="user", leave=False):
+    for user in tqdm(range(users + test_users), desc=f"synth {task}", unit="user", leave=False):
         question, gold = make_user(task, user, seed, shape)
         if setting == "time":
             question = with_dates(question, task, user, seed)
-        questions, outputs = writers["dev" if is_dev(user) else "train"]
+        questions, outputs = writers["test" if user >= users else "dev" if is_dev(user) else "train"]
         questions.write(question)
         outputs.write({"id": question["id"], "output": gold})
     # The outputs files are renamed last: a split whose outputs file exists is complete.
@@ -443,17 +449,21 @@ def write_task(out_dir: Path, task: str, seed: int, shape: Shape, users: int, is
 
 
 def write_synthetic(out_dir, tasks, users: int, seed: int, profile_size: int | None = None,
-                    setting: str = "user") -> None:
+                    setting: str = "user", test_users: int = 0) -> None:
     """Writes synthetic train and dev files for each task under out_dir, in the
-    setting's layout (user: LaMP_k/...; time: time/LaMP_k/..., dated)."""
+    setting's layout (user: LaMP_k/...; time: time/LaMP_k/..., dated), and a test
+    split of `test_users` more users where asked."""
     specs = [get_task(task) for task in tasks]
     check_setting(setting)
     if users < 5:
         raise LampError(f"--users must be at least 5 (one in five users goes to dev), got {users}")
     if profile_size is not None and profile_size < 1:
         raise LampError(f"--profile-size must be at least 1, got {profile_size}")
+    if test_users < 0:
+        raise LampError(f"--test-users must be 0 or more, got {test_users}")
     for spec in specs:
-        write_task(Path(out_dir), spec.name, seed, demo_shape(spec.name, profile_size), users, setting=setting)
+        write_task(Path(out_dir), spec.name, seed, demo_shape(spec.name, profile_size), users, setting=setting,
+                   test_users=test_users)
 
 
 def write_like_lamp(out_dir, tasks, scale: float = 1.0, seed: int = 0, setting: str = "user") -> dict:

@@ -52,7 +52,7 @@ def fine_tune(grid_cell, plan, run_id: str, trial_id: str) -> None:
     config = {"settings": settings, "model": plan.model, "run_id": run_id, "trial_start": trial_start,
               "tracking_uri": plan.tracking_uri, "zero_stage": plan.resources.zero_stage,
               "best_dir": join(plan.storage, trial_id, "best"), "log_model": plan.log_model,
-              "dev": rendered["dev"], "threads": plan.resources.threads()}
+              "dev": rendered["dev"], "test": rendered.get("test"), "threads": plan.resources.threads()}
     MlflowLog(plan.tracking_uri, run_id).metrics(prompt_statistics(rendered))
     if settings["epochs"] == 0:
         cell_trainer(zero_shot_cell, config, {}, plan.resources, trial_id, plan.storage).fit()
@@ -113,10 +113,19 @@ def monitored(train_loop):
 def run_vote(grid_cell, plan, run_id: str) -> dict:
     """The `vote` model: no training, a prediction from the retrieved items alone."""
     cell, splits = grid_cell.cell, plan.shards[grid_cell.cell.data]
-    prompts = CellPrompts(splits["dev"], cell, splits=splits)
-    examples = load_examples(splits["dev"].examples)[: grid_cell.training.limit_dev or None]
-    retrieved = [prompts.retrieved(row, e) for row, e in enumerate(examples)]
-    predictions = [vote(cell.task, e.input, items) for e, items in zip(examples, retrieved)]
+    examples, retrieved, predictions = vote_split(cell, splits, "dev", grid_cell.training.limit_dev)
     rows = [{"id": e.id, "prompt": e.input, "retrieved": [i["id"] for i in items], "output": e.output}
             for e, items in zip(examples, retrieved)]
-    return finish(MlflowLog(plan.tracking_uri, run_id), cell.task, rows, predictions, {})
+    test = None
+    if plan.predict_test and "test" in splits:  # the whole split: a submission holds every test id
+        test_examples, _, test_predictions = vote_split(cell, splits, "test", None)
+        test = [e.id for e in test_examples], test_predictions
+    return finish(MlflowLog(plan.tracking_uri, run_id), cell.task, rows, predictions, {}, test=test)
+
+
+def vote_split(cell, splits: dict, split: str, limit: int | None) -> tuple:
+    """(the split's first `limit` examples, the items the cell retrieves for each, the votes)."""
+    prompts = CellPrompts(splits[split], cell, splits=splits)
+    examples = load_examples(splits[split].examples)[: limit or None]
+    retrieved = [prompts.retrieved(row, e) for row, e in enumerate(examples)]
+    return examples, retrieved, [vote(cell.task, e.input, items) for e, items in zip(examples, retrieved)]

@@ -4,11 +4,12 @@
 `train_cell` receives the cell's rendered train split from Ray Data, reads its
 share of each global batch in the order grid/order.py builds from (seed, epoch),
 trains with DeepSpeed at the ZeRO stage asked, selects the epoch on a
-user-disjoint slice held out from train, and at the end decodes dev with beam
-search (selection and dev rows are read from the render cache by each worker).
+user-disjoint slice held out from train, and at the end decodes dev, and test
+where the grid predicts it, with the selected epoch's weights and beam search
+(selection, dev and test rows are read from the render cache by each worker).
 Every cell, the vote baseline's included (grid/trial/driver.py), ends through
-`finish`: rank 0 scores the dev predictions with LaMP's metrics and logs them to
-the cell's MLflow run.
+`finish`: rank 0 scores the dev predictions with LaMP's metrics and logs them,
+and the test predictions in LaMP's submission format, to the cell's MLflow run.
 """
 
 import math
@@ -95,10 +96,11 @@ def train_cell(config: dict) -> None:
 
     if best.state is not None:
         load_state(engine, best.state, zero_stage)
-    dev_rows, predictions, decode_per_s = decode_dev(engine.module, engine.device, tokenizer, config, zero_stage)
+    dev_rows, predictions, decode_per_s = decode_split(engine.module, engine.device, tokenizer, config, zero_stage)
+    test = decode_test(engine.module, engine.device, tokenizer, config, zero_stage)
     measures = {"best_epoch": best.epoch, "n_params": n_params, "decode_examples_per_s": decode_per_s,
                 **clock.speeds(engine.device), **peak_gpu_memory(device)}
-    final = finish(log, task, dev_rows, predictions, measures, ds_config)
+    final = finish(log, task, dev_rows, predictions, measures, ds_config, test)
     if log and config["log_model"] and best.state is not None:
         best_model = model_ref.load()
         best_model.load_state_dict(best.state)
@@ -207,9 +209,10 @@ def zero_shot_cell(config: dict) -> None:
     model = inference_model(config["model"], device)
     n_params = sum(p.numel() for p in model.parameters())
     log = cell_log(config, device, rank)
-    dev_rows, predictions, decode_per_s = decode_dev(model, device, tokenizer, config, zero_stage=0)
+    dev_rows, predictions, decode_per_s = decode_split(model, device, tokenizer, config, zero_stage=0)
+    test = decode_test(model, device, tokenizer, config, zero_stage=0)
     measures = {"n_params": n_params, "decode_examples_per_s": decode_per_s, **peak_gpu_memory(device)}
-    ray.train.report(finish(log, config["settings"]["task"], dev_rows, predictions, measures))
+    ray.train.report(finish(log, config["settings"]["task"], dev_rows, predictions, measures, test=test))
 
 
 def cell_log(config: dict, device, rank: int) -> MlflowLog | None:
@@ -221,27 +224,38 @@ def cell_log(config: dict, device, rank: int) -> MlflowLog | None:
     return log
 
 
-def decode_dev(model, device, tokenizer, config: dict, zero_stage: int) -> tuple:
-    """(the dev rows, their predictions by beam search, the examples decoded per second)."""
+def decode_split(model, device, tokenizer, config: dict, zero_stage: int, split: str = "dev") -> tuple:
+    """(the split's rows, their predictions by beam search, the examples decoded per second)."""
     settings = config["settings"]
-    rows = config["dev"].table(EVAL_COLUMNS).to_pylist()
+    rows = config[split].table(EVAL_COLUMNS).to_pylist()
     start = time.time()
     predictions = evaluate_rows(model, device, tokenizer, rows, settings, settings["beams"],
                                 config["model"].decoder_only, zero_stage)
     return rows, predictions, len(rows) / (time.time() - start)
 
 
+def decode_test(model, device, tokenizer, config: dict, zero_stage: int) -> tuple | None:
+    """(the test ids, their predictions) where the cell predicts its test split; else None."""
+    if config.get("test") is None:
+        return None
+    rows, predictions, _ = decode_split(model, device, tokenizer, config, zero_stage, "test")
+    return [r["id"] for r in rows], predictions
+
+
 def finish(log: MlflowLog | None, task: str, rows: list, predictions: list, measures: dict,
-           ds_config: dict | None = None) -> dict:
+           ds_config: dict | None = None, test: tuple | None = None) -> dict:
     """A cell's end, whatever its model: its dev metrics (the predictions for `rows`
     scored) and its other measures. With a log (rank 0's), they are logged to the
     cell's run with the predictions, per-example scores, sample prompts and the
-    DeepSpeed config (empty without DeepSpeed)."""
+    DeepSpeed config (empty without DeepSpeed); test, (ids, predictions) of the
+    test split, as LaMP's submission file. Test golds are hidden: nothing is scored."""
     golds = [r["output"] for r in rows]
     final = {f"dev_{k}": v for k, v in aggregate(task, golds, predictions).items()} | measures
     if log:
         log.metrics(final)
         log.results(task, [r["id"] for r in rows], golds, predictions, rows, ds_config or {})
+        if test is not None:
+            log.test_predictions(task, *test)
     return final
 
 
