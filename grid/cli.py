@@ -202,7 +202,7 @@ def cmd_report(args) -> int:
     client = tracking.connect(uri)
     if args.grid:
         spec = with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
-                              setting=args.setting)
+                              tasks=args.tasks, setting=args.setting)
         name, cells, published = spec.name, spec.cells(), spec.published
     else:
         name, cells, published = args.experiment, None, {}
@@ -241,6 +241,8 @@ def add_grid_overrides(p) -> None:
     """What `run` and `prepare --grid` may override in a grid, so both render the same cells."""
     p.add_argument("--model", help="a hub id, a local model folder, `tiny` or `vote` (default: the grid's)")
     p.add_argument("--seeds", nargs="+", type=int, help="override the grid's seeds (prepare without a grid: 0)")
+    p.add_argument("--tasks", nargs="+", metavar="LaMP_k", help="only these of the grid's tasks (prepare without a "
+                   "grid: the tasks to prepare; default all)")
     p.add_argument("--recipe", help="run every cell with this recipe: lamp or study (default: the grid's)")
     p.add_argument("--setting", choices=SETTINGS, help="every cell on LaMP's user-based or time-based files (default: "
                    "the grid's; prepare without a grid: only that setting's splits)")
@@ -255,7 +257,7 @@ def add_grid_overrides(p) -> None:
 def grid_spec(args):
     """The grid named on the command line, with the overrides given."""
     return with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
-                          setting=args.setting, predict_test=args.predict_test, epochs=args.epochs,
+                          tasks=args.tasks, setting=args.setting, predict_test=args.predict_test, epochs=args.epochs,
                           limit_train=args.limit_train,
                           limit_dev=args.limit_dev)
 
@@ -337,7 +339,6 @@ def add_grid_verbs(verbs) -> None:
                    "(required without --grid; default: the grid's)")
     p.add_argument("--users", type=int, default=SYNTHETIC_USERS,
                    help="with --data synthetic: users per task, written once into the work directory")
-    p.add_argument("--tasks", nargs="+", default=None, metavar="LaMP_k", help="without --grid: the tasks")
     p.add_argument("--retrievers", nargs="+", default=["BM25", "Random", "Full_Random", "RanBM25"],
                    help="without --grid: the rankings to compute (Recency too, on dated files)")
     p.add_argument("--use-date", action="store_true", help="without --grid: also BM25's rankings over texts with "
@@ -386,6 +387,8 @@ def add_grid_verbs(verbs) -> None:
     p.add_argument("--seeds", nargs="+", type=int, help="the seeds it was run with, if not its own")
     p.add_argument("--recipe", help="the recipe it was run with, if not its own")
     p.add_argument("--setting", choices=SETTINGS, help="the setting it was run with (--setting of run), if not its own")
+    p.add_argument("--tasks", nargs="+", metavar="LaMP_k", help="the tasks it was run with (--tasks of run), if not "
+                   "all of its own")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--out", help="directory for report.md, report.html and the figures")

@@ -316,12 +316,19 @@ def load_grid(name_or_path: str) -> GridSpec:
     return parse_grid(raw, str(path))
 
 
-def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, setting=None, predict_test=None,
+def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, tasks=None, setting=None, predict_test=None,
                    **training) -> GridSpec:
     """The grid with command-line overrides applied. A grid made for a real model
     run with `--model tiny` (a quick look) takes the tiny model's schedule: the
-    study's would teach it nothing. A recipe or setting given replaces every block's;
-    predict_test given (True or False) replaces the grid's."""
+    study's would teach it nothing. Tasks given keep only those of the grid's; a
+    recipe or setting given replaces every block's; predict_test given (True or
+    False) replaces the grid's."""
+    if tasks is not None:
+        unknown = [task for task in tasks if task not in spec.tasks]
+        if unknown:
+            raise LampError(f"--tasks: {', '.join(unknown)} not among the tasks of grid {spec.name!r} "
+                            f"({', '.join(spec.tasks)})")
+        spec = replace(spec, tasks=tuple(task for task in spec.tasks if task in tasks))
     if recipe is not None:
         spec = replace(spec, recipe=recipe, axes=tuple({n: v for n, v in block.items() if n != "recipe"}
                                                        for block in spec.axes))

@@ -7,19 +7,21 @@ everything it starts stops with it, its ports meet no other Ray on the machine,
 and what it writes under /tmp/ray stays its own. The head
 has no CPU, so Ray Data's rankers and renderers and every trial run on the node the
 autoscaler starts; the autoscaler's config lies where `ray up` leaves it,
-~/ray_bootstrap_config.yaml (HOME is the test's)."""
+~/ray_bootstrap_config.yaml (HOME is the test's). Mostly waiting on the autoscaler, it
+starts with the test session and runs beside the other tests (tests/conftest.py)."""
 
 import json
 import os
 import shutil
-import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.cli import ROOT
+from tests.beside import Check
 
 AUTOSCALER = {
     "cluster_name": "fake", "max_workers": 1, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
@@ -57,26 +59,35 @@ print('NODES', json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))"
 """
 
 
-@pytest.mark.slow
-def test_the_autoscaler_starts_the_node_a_grids_trials_wait_for(tmp_path):
+def start_cluster() -> Check | None:
+    """The cluster and its grid, begun with the test session; None where namespaces cannot be made."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1) to give the cluster namespaces of its own")
-    home = tmp_path / "home"
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="lamp-autoscaler-"))
+    home = folder / "home"
     home.mkdir()
     (home / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(AUTOSCALER))
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(GRID))
-    script = CLUSTER.format(python=sys.executable, tmp=tmp_path)
-    done = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", "--mount", "--net", "bash", "-c", script],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1500, env={**os.environ, "HOME": str(home)})
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (folder / "grid.yaml").write_text(yaml.safe_dump(GRID))
+    script = CLUSTER.format(python=sys.executable, tmp=folder)
+    return Check(["unshare", "--fork", "--pid", "--mount-proc", "--mount", "--net", "bash", "-c", script], folder,
+                 env={**os.environ, "HOME": str(home)})
+
+
+@pytest.mark.slow
+@pytest.mark.beside.with_args(start_cluster)  # with_args: a lone callable would be decorated
+def test_the_autoscaler_starts_the_node_a_grids_trials_wait_for(beside):
+    if beside is None:
+        pytest.skip("needs root and unshare(1) to give the cluster namespaces of its own")
+    status, output = beside.wait(1500)
+    assert status == 0, output[-8000:]
     # No node could hold a trial when the grid started: it waited for the autoscaler, not refused.
-    assert "trials wait for the autoscaler to start a node with 2 CPU, 1 trial_node" in done.stdout, done.stdout
+    assert "trials wait for the autoscaler to start a node with 2 CPU, 1 trial_node" in output, output
     # ... and a cluster joined by address is one whose trials run elsewhere, no other node up or not: the
     # tracking URI is made one other nodes reach (here, in a network of loopback alone, the same address).
-    assert "trials on other nodes log to http://127.0.0.1:5000 as http://127.0.0.1:5000" in done.stdout
-    (nodes,) = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("NODES ")]
+    assert "trials on other nodes log to http://127.0.0.1:5000 as http://127.0.0.1:5000" in output
+    (nodes,) = [json.loads(line.split(" ", 1)[1]) for line in output.splitlines() if line.startswith("NODES ")]
     assert len(nodes) == 2 and sum("CPU" in n for n in nodes) == 1 and any(n.get("trial_node") for n in nodes)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{beside.folder / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("autoscaled").experiment_id], "tags.cell_key != ''")
     (run,) = runs
     assert run.data.tags["cell_key"] == "LaMP_2/lamp/BM25/k=2/both/start/offset=0/seed=0/tiny"

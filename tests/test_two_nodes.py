@@ -1,13 +1,15 @@
 """A grid on a worker node that shares nothing with the head: checks/cluster_check.py,
 which builds the two nodes in Linux namespaces on this machine (root needed; the
-test is skipped, with the script's reason, where the machine refuses them)."""
+test is skipped, with the script's reason, where the machine refuses them). It starts
+with the test session and runs beside the other tests (tests/conftest.py): most of its
+minutes are spent waiting."""
 
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.beside import Check
 
 SCRIPT = Path(__file__).resolve().parent.parent / "checks" / "cluster_check.py"
 REFUSED = 77  # the script's exit status when the machine will not make namespaces
@@ -33,21 +35,8 @@ EXPECTED = [
 ]
 
 
-def run_check() -> subprocess.CompletedProcess:
-    """The script, given time to clean up (it does on SIGTERM) if it overruns."""
-    process = subprocess.Popen([sys.executable, str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)
-        try:
-            output, _ = process.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-        pytest.fail(f"checks/cluster_check.py ran past {TIMEOUT} s; its output ends:\n{tail(output)}")
-    return subprocess.CompletedProcess(process.args, process.returncode, output)
+def start_check() -> Check:
+    return Check([sys.executable, SCRIPT])
 
 
 def tail(output: str, lines: int = 80) -> str:
@@ -55,10 +44,11 @@ def tail(output: str, lines: int = 80) -> str:
 
 
 @pytest.mark.slow
-def test_a_grid_runs_and_survives_losing_a_worker_node_that_shares_nothing_with_the_head():
-    done = run_check()
-    if done.returncode == REFUSED:
-        pytest.skip(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "namespaces refused")
-    assert done.returncode == 0, f"cluster_check.py exited {done.returncode}; its output ends:\n{tail(done.stdout)}"
-    missing = [line for line in EXPECTED if f"PASS: {line}" not in done.stdout]
-    assert not missing, f"checks that did not pass: {missing}; the output ends:\n{tail(done.stdout)}"
+@pytest.mark.beside.with_args(start_check)  # with_args: a lone callable would be decorated
+def test_a_grid_runs_and_survives_losing_a_worker_node_that_shares_nothing_with_the_head(beside):
+    status, output = beside.wait(TIMEOUT)
+    if status == REFUSED:
+        pytest.skip(output.strip().splitlines()[-1] if output.strip() else "namespaces refused")
+    assert status == 0, f"cluster_check.py exited {status}; its output ends:\n{tail(output)}"
+    missing = [line for line in EXPECTED if f"PASS: {line}" not in output]
+    assert not missing, f"checks that did not pass: {missing}; the output ends:\n{tail(output)}"
