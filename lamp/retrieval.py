@@ -23,7 +23,9 @@ from lamp.errors import LampError
 from lamp.seeding import example_rng
 from lamp.tasks import get_task
 
-RETRIEVERS = ("none", "BM25", "Random", "Full_Random", "RanBM25", "Mixed")
+RETRIEVERS = ("none", "BM25", "Random", "Full_Random", "RanBM25", "Mixed", "Contriever")
+# Retrievers that rank by an encoder's embeddings, computed in `prepare` (grid/embed.py).
+DENSE = ("Contriever",)
 MIXED_SIDES = ("BM25", "Random", "Full_Random")
 ABLATIONS = ("both", "only_output", "decouple", "only_input")
 ORDERS = ("start", "end", "middle", "random")
@@ -107,7 +109,7 @@ def bm25_scores(query: list[str], documents: list[list[str]], k1=1.5, b=0.75, ep
 
 
 def document_text(task: str, item: dict, by_input: bool = False) -> str:
-    """What BM25 indexes: the full item, or its input half alone (`decouple`)."""
+    """What BM25 indexes and Contriever embeds: the full item, or its input half alone (`decouple`)."""
     spec = get_task(task)
     if spec.input_half is None:  # LaMP_7: the output half is all there is
         return str(item[spec.output_half])
@@ -131,7 +133,7 @@ def drop_query_items(task: str, items: list[dict], input_text: str) -> list[dict
 @dataclass(frozen=True, slots=True)
 class Ranking:
     items: list[dict]  # every candidate, most relevant first
-    scores: np.ndarray | None  # BM25 scores in that order; None for random orders
+    scores: np.ndarray | None  # BM25 or dot-product scores in that order; None for random orders
 
 
 def bm25_ranking(task: str, query: str, items: list[dict], by_input: bool = False) -> Ranking:
@@ -140,6 +142,17 @@ def bm25_ranking(task: str, query: str, items: list[dict], by_input: bool = Fals
     scores = bm25_scores(query.split(), documents)
     order = np.argsort(-scores, kind="stable")
     return Ranking([items[i] for i in order], scores[order])
+
+
+def dense_ranking(task: str, example, query_embedding: np.ndarray, item_embeddings: np.ndarray) -> Ranking:
+    """Contriever (docs/design.md §4): the example's own items by the dot product of
+    their embedding with the query's, the leakage guard applied; ties keep profile
+    order. item_embeddings: one row per profile item, in profile order."""
+    kept = {id(item) for item in drop_query_items(task, example.profile, example.input)}
+    positions = [p for p, item in enumerate(example.profile) if id(item) in kept]
+    scores = item_embeddings[positions] @ query_embedding
+    order = np.argsort(-scores, kind="stable")
+    return Ranking([example.profile[positions[i]] for i in order], scores[order])
 
 
 # ----------------------------------------------------------------------------- other users
@@ -263,15 +276,22 @@ def pool_draw(example, retriever: str, pool: ItemPool, seed: int = 0, size: int 
 
 
 def rank(task: str, example, retriever: str, *, by_input: bool = False, seed: int = 0,
-         pool: ItemPool | None = None, size: int | None = None) -> Ranking:
+         pool: ItemPool | None = None, size: int | None = None, embeddings: tuple | None = None) -> Ranking:
     """The full ranking one retriever gives one example (the leakage guard applied).
 
     by_input: BM25 over input halves alone (the `decouple` ablation).
     size: how many items Full_Random draws. The default, the user's own profile
     size, is what cells use, so Full_Random offers as many candidates as the
     user's own profile does; the other retrievers rank their whole candidate set.
+    embeddings: Contriever's (query, items) embeddings of the example, which
+    `prepare` computes (over input halves where by_input).
     """
     query = extract_query(task, example.input)
+    if retriever in DENSE:
+        if embeddings is None:
+            raise LampError(f"{retriever} ranks by embeddings that `prepare` computes: run it through a grid "
+                            "(`prepare --grid` or `run`)")
+        return dense_ranking(task, example, *embeddings)
     if retriever == "BM25":
         return bm25_ranking(task, query, drop_query_items(task, example.profile, example.input), by_input)
     if retriever == "Random":
@@ -279,7 +299,8 @@ def rank(task: str, example, retriever: str, *, by_input: bool = False, seed: in
         order = example_rng(seed, example.id, "Random").permutation(len(own))
         return Ranking([own[i] for i in order], None)
     if retriever not in ("Full_Random", "RanBM25"):
-        raise LampError(f"no ranking for retriever {retriever!r}; ranked ones: BM25, Random, Full_Random, RanBM25")
+        raise LampError(f"no ranking for retriever {retriever!r}; ranked ones: BM25, Random, Full_Random, RanBM25, "
+                        f"{', '.join(DENSE)}")
     if pool is None:
         raise LampError(f"{retriever} draws other users' items: it needs an ItemPool of the split")
     drawn = pool.fetch(pool_draw(example, retriever, pool, seed, size))
