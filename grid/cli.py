@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from grid import tracking
+from grid.embed import DEFAULT_RETRIEVER_MODEL
 from grid.reference import reference_prompts
 from grid.run import SYNTHETIC_USERS, Workdir, prepare_grid, render_cells, run_grid
 from grid.shards import prepare
@@ -129,7 +130,7 @@ def cmd_prepare(args) -> int:
             raise LampError("prepare: give --data, or --grid to prepare a grid's cells")
         prepare(local_data(args.data, work.mirror), args.cache or work.cache, tasks=args.tasks,
                 retrievers=args.retrievers, seeds=args.seeds or [0], workers=args.workers, address=args.address,
-                stage_dir=work.cache)
+                stage_dir=work.cache, retriever_model=args.retriever_model or DEFAULT_RETRIEVER_MODEL)
         return 0
     spec = grid_spec(args)
     cells, cache = spec.cells(), args.cache or str(work.cache)
@@ -226,12 +227,15 @@ def add_grid_overrides(p) -> None:
     p.add_argument("--epochs", type=int, help="override the grid's epochs (0: zero-shot)")
     p.add_argument("--limit-train", type=int, help="train on the first N examples only")
     p.add_argument("--limit-dev", type=int, help="evaluate on the first N dev examples only")
+    p.add_argument("--retriever-model", help="Contriever's encoder: a hub id or a local folder "
+                   f"(default: the grid's, else {DEFAULT_RETRIEVER_MODEL})")
 
 
 def grid_spec(args):
     """The grid named on the command line, with the overrides given."""
     return with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
-                          epochs=args.epochs, limit_train=args.limit_train, limit_dev=args.limit_dev)
+                          epochs=args.epochs, limit_train=args.limit_train, limit_dev=args.limit_dev,
+                          retriever_model=args.retriever_model)
 
 
 def build_parser() -> argparse.ArgumentParser:

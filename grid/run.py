@@ -16,6 +16,7 @@ from pathlib import Path
 
 from grid import tracking
 from grid.cluster import check_fits, ensure_ray, for_other_nodes, gpu_memory, spans_other_nodes, trials_that_fit
+from grid.embed import resolve_encoder
 from grid.environment import code_state
 from grid.memory import count_parameters, estimate_memory
 from grid.model import ModelRef
@@ -27,6 +28,7 @@ from grid.tracking import summarize
 from lamp.data import find_splits
 from lamp.errors import LampError
 from lamp.recipes import get_recipe
+from lamp.retrieval import DENSE
 from lamp.synth import write_synthetic
 from lamp.tasks import get_task
 
@@ -191,15 +193,17 @@ def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: s
                  users: int = SYNTHETIC_USERS, log=print) -> tuple:
     """The data, the model and the rankings of a grid's cells, computed once. Returns
     (data directory, the model resolved (a ModelRef), task -> {split: SplitShards})."""
+    # Rankings for the cells whose recipe reads them (`lamp`): `study` retrieves as the study did, when it renders.
+    ranked = [c.cell for c in cells if get_recipe(c.cell.recipe).reads_rankings]
+    if any(c.retriever in DENSE for c in ranked):  # a bad encoder is refused before any work
+        resolve_encoder(spec.retriever_model, log)
     data_dir = resolve_data(data, spec, work, users, log).resolve()
     model = ModelRef.named(spec.model).resolved(data_dir, spec.tasks, work.models, log)
     model = model.for_nodes(cache, spans_other_nodes(), log)
-    # Rankings for the cells whose recipe reads them (`lamp`): `study` retrieves as the study did, when it renders.
-    ranked = [c.cell for c in cells if get_recipe(c.cell.recipe).reads_rankings]
     shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
                          retrievers=sorted({c.retriever for c in ranked} - {"none"}), seeds=list(spec.seeds),
                          address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),
-                         stage_dir=work.cache)
+                         stage_dir=work.cache, retriever_model=spec.retriever_model)
     shards = {}
     for s in shard_list:
         if s.setting == "user" or s.split not in shards.get(s.task, {}):

@@ -6,6 +6,7 @@ a user's, both read by `load_grid`:
     name: my-grid
     tasks: [LaMP_2, LaMP_4]
     model: google/flan-t5-base      # a hub id, a local folder, `tiny` or `vote`
+    retriever_model: facebook/contriever  # Contriever's encoder: a hub id or a local folder (the default)
     recipe: lamp                     # every block's default recipe: lamp (the default) or study
     data: LaMP                       # a LaMP directory, or `synthetic` (the default)
     seeds: [0, 1, 2]
@@ -41,10 +42,12 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from grid.embed import DEFAULT_RETRIEVER_MODEL
 from grid.model import TINY, ModelRef
 from grid.tiny import TINY_TRAINING
 from lamp.cell import Cell
 from lamp.errors import LampError
+from lamp.retrieval import DENSE
 from lamp.tasks import get_task
 
 AXES = ("recipe", "retriever", "k", "ablation", "order", "rank_offset", "input_retriever", "output_retriever")
@@ -117,6 +120,7 @@ class GridCell:
     cell: Cell
     model: str
     training: Training = field(default_factory=Training)
+    retriever_model: str | None = None  # the encoder of a dense retriever's cell (Contriever); None for the others
 
     @property
     def key(self) -> str:
@@ -136,6 +140,8 @@ class GridCell:
             return "/".join([c.task, c.recipe, "none", *seed, self.model])
         retriever = (f"Mixed({c.input_retriever}>{c.output_retriever})" if c.retriever == "Mixed"
                      else c.retriever)
+        if self.retriever_model not in (None, DEFAULT_RETRIEVER_MODEL):  # another encoder: another cell
+            retriever += f"[{self.retriever_model}]"
         return "/".join([c.task, c.recipe, retriever, f"k={c.k}", c.ablation, c.order, f"offset={c.rank_offset}",
                          *seed, self.model])
 
@@ -160,6 +166,7 @@ class GridCell:
     def params(self) -> dict:
         """Every axis and setting, flat, as MLflow params."""
         return {"task": self.cell.task, "model": self.model,
+                **({"retriever_model": self.retriever_model} if self.retriever_model else {}),
                 **{f.name: getattr(self.cell, f.name) for f in fields(self.cell) if f.name != "task"},
                 **{f"train.{k}": v for k, v in asdict(self.training).items()}}
 
@@ -176,7 +183,7 @@ class GridCell:
         cell = Cell(**{f.name: value(f.name, params[f.name]) for f in fields(Cell) if f.name in params})
         training = {f.name: training_value(f.name, value(f.name, params[f"train.{f.name}"]), where)
                     for f in fields(Training) if f"train.{f.name}" in params}
-        return cls(cell, params["model"], Training(**training))
+        return cls(cell, params["model"], Training(**training), params.get("retriever_model"))
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,7 @@ class GridSpec:
     training: Training = field(default_factory=Training)
     recipe: str = "lamp"  # the default of blocks that do not name one
     published: dict = field(default_factory=dict)  # task -> the study's values (`report` draws them beside ours)
+    retriever_model: str = DEFAULT_RETRIEVER_MODEL  # the encoder Contriever cells rank with (grid/embed.py)
 
     def cells(self) -> list:
         """Every cell, checked, in a stable order; duplicates (e.g. `none` x ablations) once."""
@@ -205,7 +213,8 @@ class GridSpec:
                     cell.check()
                 except LampError as error:
                     raise LampError(f"grid {self.name!r}: cell {GridCell(cell, self.model).key}: {error}") from None
-                grid_cell = GridCell(cell, self.model, self.training)
+                grid_cell = GridCell(cell, self.model, self.training,
+                                     self.retriever_model if cell.retriever in DENSE else None)
                 cells.setdefault(grid_cell.key, grid_cell)
         return list(cells.values())
 
@@ -214,7 +223,7 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
     """A GridSpec from a dict, or a clear error naming what is wrong."""
     if not isinstance(raw, dict):
         raise LampError(f"{where}: a grid is a mapping with name, tasks and axes")
-    known = {"name", "tasks", "axes", "model", "data", "seeds", "training", "recipe", "published"}
+    known = {"name", "tasks", "axes", "model", "data", "seeds", "training", "recipe", "published", "retriever_model"}
     unknown = set(raw) - known
     if unknown:
         raise LampError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
@@ -243,7 +252,8 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
                     data=str(raw.get("data", "synthetic")), recipe=str(raw.get("recipe", "lamp")),
                     seeds=tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])),
                     training=Training(**{k: training_value(k, v, where) for k, v in training.items()}),
-                    published=read_published(raw.get("published", {}), where))
+                    published=read_published(raw.get("published", {}), where),
+                    retriever_model=str(raw.get("retriever_model", DEFAULT_RETRIEVER_MODEL)))
 
 
 def read_published(published: dict, where: str) -> dict:
@@ -294,7 +304,8 @@ def load_grid(name_or_path: str) -> GridSpec:
     return parse_grid(raw, str(path))
 
 
-def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, **training) -> GridSpec:
+def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, retriever_model=None,
+                   **training) -> GridSpec:
     """The grid with command-line overrides applied. A grid made for a real model
     run with `--model tiny` (a quick look) takes the tiny model's schedule: the
     study's would teach it nothing. A recipe given replaces every block's."""
@@ -306,4 +317,4 @@ def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, **traini
         base = replace(base, **{**TINY_TRAINING, "epochs": 0 if base.epochs == 0 else TINY_TRAINING["epochs"]})
     changes = {k: v for k, v in training.items() if v is not None}
     return replace(spec, model=model or spec.model, seeds=tuple(seeds) if seeds else spec.seeds,
-                   training=replace(base, **changes))
+                   training=replace(base, **changes), retriever_model=retriever_model or spec.retriever_model)

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 from grid.tiny import train_tokenizer, training_texts
 from lamp.data import find_splits, read_examples
 from lamp.prompts import TokenCounter, WordCounter, order_layout, render_prompt, render_prompts
-from lamp.retrieval import ABLATIONS, ORDERS, RETRIEVERS, ItemPool, retrieve
+from lamp.retrieval import ABLATIONS, DENSE, ORDERS, RETRIEVERS, ItemPool, retrieve
 from lamp.synth import write_synthetic
 from lamp.tasks import TASKS
 
@@ -184,7 +184,7 @@ def cases_of(task, examples, retrievers, ablation, k=6):
     mixed = {"input_retriever": "BM25", "output_retriever": "Random"}
     return [(e.id, e.input, retrieve(task, e, retriever, k, ablation=ablation, pool=pool,
                                      **(mixed if retriever == "Mixed" else {})))
-            for retriever in retrievers for e in examples]
+            for retriever in retrievers if retriever not in DENSE for e in examples]  # dense ones rank in prepare
 
 
 class CountingTokenizer:
