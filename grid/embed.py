@@ -86,8 +86,8 @@ def hub_folder(name: str, log) -> Path:
 
 
 def check_encoder(folder: Path, name: str) -> None:
-    """Refuses a folder whose config is missing, or describes no text encoder."""
-    from transformers import AutoConfig  # heavy: only where an encoder is checked
+    """Refuses a folder whose config is missing or describes no text encoder, or that has no tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer  # heavy: only where an encoder is checked
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     try:
@@ -97,6 +97,10 @@ def check_encoder(folder: Path, name: str) -> None:
     if config.is_encoder_decoder or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         raise LampError(f"retriever model {name!r} is a {config.model_type} model, not a text encoder "
                         "(e.g. bert, roberta): Contriever mean-pools an encoder's token embeddings")
+    try:
+        AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise LampError(f"retriever model {name!r}: no tokenizer there: {str(error).splitlines()[0]}") from None
 
 
 def embedding_texts(task: str, batch: pa.Table, halves: list) -> tuple[list, dict]:

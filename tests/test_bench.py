@@ -47,6 +47,18 @@ def test_make_big_lamp3_writes_copies_with_unique_ids(tmp_path):
 
 
 @pytest.mark.slow
+def test_embed_bench_embeds_and_prepares_contriever(tmp_path):
+    result = bench_result("embed_bench.py", tmp_path / "embed.json", "--scale", 0.002)
+    one, two = result["throughput"]
+    assert (one["actors"], two["actors"]) == (1, 2) and one["items"] == two["items"] > 0
+    assert one["items_per_s"] > 0 and two["items_per_s"] > 0 and one["actor_peak_rss_mb"] > 0
+    for task in ("LaMP_2", "LaMP_4"):
+        prepared = result["prepare"][task]
+        assert prepared["examples"] > 0 and prepared["items"] > 0 and prepared["s"] > 0, task
+        assert prepared["driver_peak_mb"] > 0 and prepared["embedder_peak_rss_mb"] > 0, task
+
+
+@pytest.mark.slow
 def test_padding_bench_trains_the_same_tokens_both_ways(tmp_path):
     result = bench_result("padding_bench.py", tmp_path / "padding.json", "--users", 20, "--batches", 2,
                           "--batch-size", 2)
