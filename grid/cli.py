@@ -190,7 +190,8 @@ def cmd_report(args) -> int:
     uri = args.tracking_uri or Workdir(Path(args.workdir).resolve()).tracking_uri
     client = tracking.connect(uri)
     if args.grid:
-        spec = with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe)
+        spec = with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
+                              retriever_model=args.retriever_model)
         name, cells, published = spec.name, spec.cells(), spec.published
     else:
         name, cells, published = args.experiment, None, {}
@@ -352,6 +353,7 @@ def add_grid_verbs(verbs) -> None:
     p.add_argument("--model", help="the model the grid was run with, if not its own (e.g. tiny)")
     p.add_argument("--seeds", nargs="+", type=int, help="the seeds it was run with, if not its own")
     p.add_argument("--recipe", help="the recipe it was run with, if not its own")
+    p.add_argument("--retriever-model", help="Contriever's encoder it was run with, if not its own")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--out", required=True, help="directory for report.md, report.html and the figures")

@@ -189,17 +189,22 @@ def describe(spec: GridSpec, cells: list, model: ModelRef, resources: Resources)
     return "\n".join(lines)
 
 
+def check_retriever_model(spec: GridSpec, cells: list, log) -> None:
+    """Refuses a grid with Contriever cells whose encoder is missing or no encoder, before any work."""
+    if any(c.cell.retriever in DENSE for c in cells):
+        resolve_encoder(spec.retriever_model, log)
+
+
 def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: str, address: str | None = None,
                  users: int = SYNTHETIC_USERS, log=print) -> tuple:
     """The data, the model and the rankings of a grid's cells, computed once. Returns
     (data directory, the model resolved (a ModelRef), task -> {split: SplitShards})."""
-    # Rankings for the cells whose recipe reads them (`lamp`): `study` retrieves as the study did, when it renders.
-    ranked = [c.cell for c in cells if get_recipe(c.cell.recipe).reads_rankings]
-    if any(c.retriever in DENSE for c in ranked):  # a bad encoder is refused before any work
-        resolve_encoder(spec.retriever_model, log)
+    check_retriever_model(spec, cells, log)
     data_dir = resolve_data(data, spec, work, users, log).resolve()
     model = ModelRef.named(spec.model).resolved(data_dir, spec.tasks, work.models, log)
     model = model.for_nodes(cache, spans_other_nodes(), log)
+    # Rankings for the cells whose recipe reads them (`lamp`): `study` retrieves as the study did, when it renders.
+    ranked = [c.cell for c in cells if get_recipe(c.cell.recipe).reads_rankings]
     shard_list = prepare(data_dir, cache, tasks=list(spec.tasks),
                          retrievers=sorted({c.retriever for c in ranked} - {"none"}), seeds=list(spec.seeds),
                          address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),
@@ -255,6 +260,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         log(describe(spec, cells, model, resources))
         return []
     command = command or f"python experiments.py run {spec.name}"
+    check_retriever_model(spec, cells, log)
     session = preflight(spec, cells, model, workdir, tracking_uri, storage, cache, address, resources, command,
                         rerun_of, verbose, log)
     data_dir, model, shards = prepare_grid(spec, cells, data, session.work, session.cache, address, users, log)

@@ -189,3 +189,11 @@ def test_the_study_recipe_and_in_process_rendering_refuse_contriever(data):
         Cell("LaMP_2", "Contriever", 2, recipe="study").check()
     done = call_cli("render", "--data", data, "--task", "LaMP_2", "--retriever", "Contriever", "--k", 2)
     assert done.returncode == 2 and "embeddings that `prepare` computes" in done.stderr
+
+
+def test_run_refuses_a_bad_retriever_model_before_any_work(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: dense\ntasks: [LaMP_2]\naxes:\n  - retriever: [Contriever]\n    k: [1]\n")
+    done = call_cli("run", grid, "--retriever-model", tmp_path / "t5", "--workdir", tmp_path / "work")
+    assert done.returncode == 2 and "no such folder" in done.stderr
+    assert not (tmp_path / "work").exists()  # no data written, no MLflow store made
