@@ -5,7 +5,9 @@ cannot be downloaded here), on `synth --like-lamp --scale F` data for LaMP_2 and
 
 1. throughput: LaMP_4's dev split's items embedded (whole items) by one actor,
    then by two: items per second over the pass (the actors' start and the
-   encoder's loading included), and each actor's peak RSS;
+   encoder's loading included), and each actor's peak RSS. An untimed pass over
+   its first rows comes first: Ray's first workers start and import torch
+   from a cold disk, which the first timed pass would otherwise pay alone;
 2. `prepare` of the Contriever ranking (whole items: what cells without `decouple`
    read) for each task, from a cold cache: seconds, the driver's peak RSS and the
    embedding and ranking actors' peak RSS.
@@ -82,6 +84,8 @@ def main():
         cpus = int(ray.cluster_resources().get("CPU", 1))
         (dev,) = [s for s in find_splits(work / "data", ["LaMP_4"]) if s.split == "dev"]
         write_examples(dev, work / "dev.parquet")
+        pq.write_table(pq.read_table(work / "dev.parquet").slice(0, 16), work / "warm-up.parquet")
+        throughput(work / "warm-up.parquet", encoder, 2, work / "warm-up")
         result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {cpus} CPUs for Ray, no GPU",
                   # The machine is shared: how busy it was says how much the timings may be off.
                   "load_average_at_start": round(os.getloadavg()[0], 1),

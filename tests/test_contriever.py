@@ -197,3 +197,22 @@ def test_run_refuses_a_bad_retriever_model_before_any_work(tmp_path):
     done = call_cli("run", grid, "--retriever-model", tmp_path / "t5", "--workdir", tmp_path / "work")
     assert done.returncode == 2 and "no such folder" in done.stderr
     assert not (tmp_path / "work").exists()  # no data written, no MLflow store made
+
+
+@pytest.mark.slow
+def test_a_contriever_grid_renders_the_top_of_its_ranking(prepared, data, encoder, tmp_path):
+    # `prepare --grid` with another encoder than the default: its cells rank, embed and render with it.
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: dense\ntasks: [LaMP_2]\naxes:\n  - retriever: [Contriever]\n    k: [2]\n"
+                    "    ablation: [both, decouple]\n")
+    done = call_cli("prepare", "--grid", grid, "--data", data, "--retriever-model", encoder,
+                    "--workdir", tmp_path / "work")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "render: 2 cell(s) rendered, 0 cached" in done.stdout
+    (dev,) = [s for s in prepared[1] if s.split == "dev"]
+    tops = [{example_id: ids[:2] for example_id, ids in ranked_ids(dev, name).items()}
+            for name in ("Contriever", "Contriever_input")]
+    renders = [pq.read_table(p / "rendered.parquet", columns=["id", "retrieved"]).to_pylist()
+               for p in (tmp_path / "work" / "cache").rglob("render-*")]
+    shown = [{r["id"]: r["retrieved"] for r in rows} for rows in renders if len(rows) == len(tops[0])]
+    assert sorted(map(str, shown)) == sorted(map(str, tops))  # the dev split of `both`, and of `decouple`
