@@ -12,7 +12,9 @@ cannot be downloaded here), on `synth --like-lamp --scale F` data for LaMP_2 and
    read) for each task, from a cold cache: seconds, the driver's peak RSS and the
    embedding and ranking actors' peak RSS.
 
-    python bench/embed_bench.py [--scale 0.05] [--out bench/results/embed.json]
+    python bench/embed_bench.py [--scale 0.05] [--encoder FOLDER|HUB_ID] [--out bench/results/embed.json]
+
+--encoder runs it with another encoder (facebook/contriever on a GPU machine, say).
 """
 
 import argparse
@@ -51,7 +53,7 @@ def throughput(examples: Path, encoder, actors: int, out: Path) -> dict:
             "actor_peak_rss_mb": memory["max_mb"], "actor_processes": memory["processes"]}
 
 
-def prepare_task(data: Path, cache: Path, task: str, encoder_folder: Path) -> dict:
+def prepare_task(data: Path, cache: Path, task: str, encoder: str) -> dict:
     """A cold `prepare` of one task's Contriever ranking: seconds and peak memory."""
     reset_peak()
     embedders, rankers = ProcessPeaks(b"EmbedExamples"), ProcessPeaks(b"RankExamples")
@@ -59,7 +61,7 @@ def prepare_task(data: Path, cache: Path, task: str, encoder_folder: Path) -> di
     rankers.start()
     start = time.perf_counter()
     shards = prepare(data, cache, tasks=[task], retrievers=["Contriever"], by_input=False,
-                     retriever_model=str(encoder_folder), log=lambda _: None)
+                     retriever_model=encoder, log=lambda _: None)
     seconds = time.perf_counter() - start
     rows = sum(pq.read_metadata(s.examples).num_rows for s in shards)
     items = sum(len(p) for s in shards
@@ -71,6 +73,7 @@ def prepare_task(data: Path, cache: Path, task: str, encoder_folder: Path) -> di
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=0.05, help="of LaMP's sizes (synth --like-lamp --scale)")
+    parser.add_argument("--encoder", help="an encoder folder or hub id (default: the small BERT, built from the data)")
     parser.add_argument("--out", default="bench/results/embed.json")
     args = parser.parse_args()
     import ray
@@ -78,8 +81,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="lamp-embed-bench-"))
     try:
         write_like_lamp(work / "data", TASKS, scale=args.scale, seed=0)
-        folder = build_tiny_encoder(work / "data", TASKS, work / "encoder")
-        encoder = resolve_encoder(str(folder))
+        encoder = resolve_encoder(args.encoder or str(build_tiny_encoder(work / "data", TASKS, work / "encoder")))
         ray.init(logging_level=logging.WARNING)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         (dev,) = [s for s in find_splits(work / "data", ["LaMP_4"]) if s.split == "dev"]
@@ -89,10 +91,11 @@ def main():
         result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {cpus} CPUs for Ray, no GPU",
                   # The machine is shared: how busy it was says how much the timings may be off.
                   "load_average_at_start": round(os.getloadavg()[0], 1),
-                  "scale": args.scale, "encoder": {"kind": "BERT", **TINY_ENCODER_CONFIG},
+                  "scale": args.scale,
+                  "encoder": {"name": args.encoder} if args.encoder else {"kind": "BERT", **TINY_ENCODER_CONFIG},
                   "throughput": [throughput(work / "dev.parquet", encoder, actors, work / f"embedded-{actors}")
                                  for actors in (1, 2)],
-                  "prepare": {task: prepare_task(work / "data", work / "cache", task, folder) for task in TASKS}}
+                  "prepare": {task: prepare_task(work / "data", work / "cache", task, encoder.name) for task in TASKS}}
         one, two = result["throughput"]
         result["two_actors_speedup"] = round(two["items_per_s"] / one["items_per_s"], 2)
         write_result(result, args.out)

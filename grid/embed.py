@@ -127,7 +127,7 @@ class EmbedExamples:
     the items' once per wanted by_input (whole items, input halves), in columns
     `items/<by_input>`."""
 
-    def __init__(self, task: str, folder: str, halves: list, threads: int):
+    def __init__(self, task: str, folder: str, halves: list):
         import torch  # heavy: only in embedding actors
         from transformers import AutoModel, AutoTokenizer
 
@@ -137,7 +137,7 @@ class EmbedExamples:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             dtype = torch.float32
-            torch.set_num_threads(threads)
+            torch.set_num_threads(1)  # see embedder_resources
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder, dtype=dtype).to(self.device).eval()
         # The tokenizer's length, as LaMP cuts; but no longer than the encoder's positions hold
@@ -177,26 +177,26 @@ def mean_pool(hidden, mask):
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1)
 
 
-def embedder_resources(workers: int | None = None) -> tuple[int, int, int]:
-    """(actors, GPUs each, CPU threads each): by default one actor per GPU where the
-    cluster has GPUs, else one per CPU; on CPUs the cluster's CPUs are shared among
-    the actors as threads. CPU actors ask Ray for a sliver of CPU only (ACTOR_CPUS,
-    grid/pipeline.py), as the rankers do, so Ray Data's own tasks always find one."""
+def embedder_resources(workers: int | None = None) -> tuple[int, int]:
+    """(actors, GPUs each): by default one actor per GPU where the cluster has GPUs,
+    else one per CPU. CPU actors ask Ray for a sliver of CPU only (ACTOR_CPUS,
+    grid/pipeline.py), as the rankers do, so Ray Data's own tasks always find one;
+    each runs one torch thread: the actors are the parallelism (two threads in one
+    actor embedded 10x slower than one with the small encoder here, BENCHMARKS.md)."""
     import ray  # heavy: imported where Ray runs
 
     cluster = ray.cluster_resources()
-    gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+    gpus = int(cluster.get("GPU", 0))
     if gpus:
-        return workers or gpus, 1, 1
-    actors = workers or cpus
-    return actors, 0, max(1, cpus // actors)
+        return workers or gpus, 1
+    return workers or max(1, int(cluster.get("CPU", 1))), 0
 
 
 def write_embeddings(task: str, examples: str, wanted: dict, encoder: Encoder, workers: int | None = None,
                      log=print) -> None:
     """Embeds the split at `examples` for each wanted by_input (by_input -> final
     directory), in one Ray Data pass, each into its `embeddings.parquet`."""
-    actors, gpus, threads = embedder_resources(workers)
+    actors, gpus = embedder_resources(workers)
     # An actor holds the encoder (twice while loading) and a batch's hidden states.
     memory = ACTOR_BASE + TORCH_BASE + 2 * encoder.weight_bytes
     actors, memory = fit_actors(actors, memory, "embedder", log)
@@ -206,8 +206,7 @@ def write_embeddings(task: str, examples: str, wanted: dict, encoder: Encoder, w
                                                 batch.column(f"items/{by_input}")], schema=EMBEDDINGS_SCHEMA)
                 for by_input in wanted}
 
-    map_and_write([examples], EmbedExamples, dict(task=task, folder=encoder.folder, halves=list(wanted),
-                                                  threads=threads),
+    map_and_write([examples], EmbedExamples, dict(task=task, folder=encoder.folder, halves=list(wanted)),
                   wanted, parts, "embeddings.parquet", batch_size=EXAMPLES_PER_BATCH, memory=memory,
                   workers=actors, gpus=gpus)
 

@@ -59,7 +59,7 @@ def test_embedded_batches_rank_as_the_numpy_reference(data, encoder, tmp_path):
     (split,) = [s for s in find_splits(data, ["LaMP_4"]) if s.split == "dev"]
     write_examples(split, tmp_path / "examples.parquet")
     batch = pq.read_table(tmp_path / "examples.parquet").slice(0, 4)
-    embedded = EmbedExamples("LaMP_4", str(encoder), [False, True], threads=1)(batch)
+    embedded = EmbedExamples("LaMP_4", str(encoder), [False, True])(batch)
     for row, example in enumerate(load_examples(tmp_path / "examples.parquet")[:4]):
         for by_input in (False, True):
             items = embedded.column(f"items/{by_input}")[row].as_py()
