@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from grid import tracking
+from grid.embed import DEFAULT_RETRIEVER_MODEL
 from grid.reference import reference_prompts
 from grid.run import SYNTHETIC_USERS, Workdir, data_predicting_test, prepare_grid, render_cells, run_grid
 from grid.shards import prepare
@@ -138,7 +139,8 @@ def cmd_prepare(args) -> int:
             raise LampError("prepare: give --data, or --grid to prepare a grid's cells")
         prepare(local_data(args.data, work.mirror), args.cache or work.cache, tasks=args.tasks,
                 retrievers=args.retrievers, seeds=args.seeds or [0], workers=args.workers, address=args.address,
-                stage_dir=work.cache, use_date=args.use_date, settings=args.setting and [args.setting])
+                stage_dir=work.cache, use_date=args.use_date, settings=args.setting and [args.setting],
+                retriever_model=args.retriever_model or DEFAULT_RETRIEVER_MODEL)
         return 0
     spec = grid_spec(args)
     cells, cache = spec.cells(), args.cache or str(work.cache)
@@ -202,7 +204,7 @@ def cmd_report(args) -> int:
     client = tracking.connect(uri)
     if args.grid:
         spec = with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
-                              tasks=args.tasks, setting=args.setting)
+                              tasks=args.tasks, setting=args.setting, retriever_model=args.retriever_model)
         name, cells, published = spec.name, spec.cells(), spec.published
     else:
         name, cells, published = args.experiment, None, {}
@@ -252,13 +254,15 @@ def add_grid_overrides(p) -> None:
     p.add_argument("--predict-test", action=argparse.BooleanOptionalAction, default=None,
                    help="each cell also decodes its task's test split with its selected epoch into "
                    "LaMP_k-test-predictions.json, an MLflow artifact (default: the grid's predict_test)")
+    p.add_argument("--retriever-model", help="Contriever's encoder: a hub id or a local folder "
+                   f"(default: the grid's, else {DEFAULT_RETRIEVER_MODEL})")
 
 
 def grid_spec(args):
     """The grid named on the command line, with the overrides given."""
     return with_overrides(load_grid(args.grid), model=args.model, seeds=args.seeds, recipe=args.recipe,
-                          tasks=args.tasks, setting=args.setting, predict_test=args.predict_test, epochs=args.epochs,
-                          limit_train=args.limit_train,
+                          tasks=args.tasks, setting=args.setting, predict_test=args.predict_test,
+                          retriever_model=args.retriever_model, epochs=args.epochs, limit_train=args.limit_train,
                           limit_dev=args.limit_dev)
 
 
@@ -389,6 +393,7 @@ def add_grid_verbs(verbs) -> None:
     p.add_argument("--setting", choices=SETTINGS, help="the setting it was run with (--setting of run), if not its own")
     p.add_argument("--tasks", nargs="+", metavar="LaMP_k", help="the tasks it was run with (--tasks of run), if not "
                    "all of its own")
+    p.add_argument("--retriever-model", help="Contriever's encoder it was run with, if not its own")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the work directory)")
     p.add_argument("--workdir", default=WORKDIR, help=f"lamp-grid's work directory (default {WORKDIR})")
     p.add_argument("--out", help="directory for report.md, report.html and the figures")

@@ -109,7 +109,7 @@ def check_order(rows: pa.Array, expected: int, where) -> int:
 
 
 def map_and_write(paths: list, mapper, arguments: dict, finals: dict, parts, name: str, *, batch_size: int,
-                  memory: int, workers: int, finish=None, progress=None) -> None:
+                  memory: int, workers: int, gpus: int = 0, finish=None, progress=None) -> None:
     """Maps the rows of the Parquet files at `paths`, in order, through `workers`
     actors of the class `mapper` (built with `arguments`; each asks Ray for `memory`
     bytes), and writes what they give, in order, into outputs: parts(batch) is
@@ -117,7 +117,8 @@ def map_and_write(paths: list, mapper, arguments: dict, finals: dict, parts, nam
     appended to the Parquet file `name` in a temporary directory for finals[key].
     When all rows are written (every output has some), finish(key, directory,
     rows) may add to each; then each directory is renamed to its final place.
-    progress: a bar (tqdm) counting the rows written, in place of Ray Data's own."""
+    progress: a bar (tqdm) counting the rows written, in place of Ray Data's own.
+    gpus: the GPUs each actor asks for (an encoder's, grid/embed.py)."""
     import ray  # heavy: imported where Ray runs
 
     context = ray.data.DataContext.get_current()
@@ -125,7 +126,7 @@ def map_and_write(paths: list, mapper, arguments: dict, finals: dict, parts, nam
     if progress is not None:
         context.enable_progress_bars = False
     ds = read_in_order(paths).map_batches(
-        mapper, batch_size=batch_size, batch_format="pyarrow", num_cpus=ACTOR_CPUS, memory=memory,
+        mapper, batch_size=batch_size, batch_format="pyarrow", num_cpus=ACTOR_CPUS, num_gpus=gpus, memory=memory,
         compute=ray.data.ActorPoolStrategy(size=workers), fn_constructor_kwargs=arguments)
     with ExitStack() as cleanup:
         tmp = {key: cleanup.enter_context(building(final)) for key, final in finals.items()}

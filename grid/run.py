@@ -16,6 +16,7 @@ from pathlib import Path
 
 from grid import tracking
 from grid.cluster import check_fits, ensure_ray, for_other_nodes, gpu_memory, spans_other_nodes, trials_that_fit
+from grid.embed import resolve_encoder
 from grid.environment import code_state
 from grid.memory import count_parameters, estimate_memory
 from grid.model import ModelRef
@@ -27,6 +28,7 @@ from grid.tracking import summarize
 from lamp.data import SETTINGS, find_splits
 from lamp.errors import LampError
 from lamp.recipes import get_recipe
+from lamp.retrieval import DENSE
 from lamp.synth import synthetic_dir, write_synthetic
 from lamp.tasks import get_task
 
@@ -193,10 +195,17 @@ def describe(spec: GridSpec, cells: list, model: ModelRef, resources: Resources)
     return "\n".join(lines)
 
 
+def check_retriever_model(spec: GridSpec, cells: list, log) -> None:
+    """Refuses a grid with Contriever cells whose encoder is missing or no encoder, before any work."""
+    if any(c.cell.retriever in DENSE for c in cells):
+        resolve_encoder(spec.retriever_model, log)
+
+
 def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: str, address: str | None = None,
                  users: int = SYNTHETIC_USERS, log=print) -> tuple:
     """The data, the model and the rankings of a grid's cells, computed once. Returns
     (data directory, the model resolved (a ModelRef), (task, setting) -> {split: SplitShards})."""
+    check_retriever_model(spec, cells, log)
     data_dir = resolve_data(data, cells, work, users, log).resolve()
     model = ModelRef.named(spec.model).resolved(data_dir, spec.tasks, work.models, log)
     model = model.for_nodes(cache, spans_other_nodes(), log)
@@ -209,7 +218,8 @@ def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: s
         shard_list += prepare(data_dir, cache, tasks=sorted({c.cell.task for c in cells if c.cell.setting == setting}),
                               retrievers=sorted({c.retriever for c in ranked} - {"none"}), seeds=list(spec.seeds),
                               address=address, log=log, by_input=any(c.ablation == "decouple" for c in ranked),
-                              stage_dir=work.cache, use_date=any(c.use_date for c in ranked), settings=[setting])
+                              stage_dir=work.cache, use_date=any(c.use_date for c in ranked), settings=[setting],
+                              retriever_model=spec.retriever_model)
     return data_dir, model, splits_by_data(shard_list)
 
 
@@ -277,6 +287,7 @@ def run_grid(spec: GridSpec, data: str, workdir: Path, tracking_uri: str | None 
         log(describe(spec, cells, model, resources))
         return []
     command = command or f"python experiments.py run {spec.name}"
+    check_retriever_model(spec, cells, log)
     session = preflight(spec, cells, model, workdir, tracking_uri, storage, cache, address, resources, command,
                         rerun_of, verbose, log)
     data_dir, model, shards = prepare_grid(spec, cells, data, session.work, session.cache, address, users, log)

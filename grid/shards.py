@@ -9,7 +9,8 @@ so a sweep over ablation x order x k redid the same ranking dozens of times.
    pipeline (read_parquet -> map_batches -> write_parquet): BM25 over full items
    and over input halves (for `decouple`), each also over texts with the items'
    dates (`use_date`), the Random permutation, Recency, and the other-user pools
-   of Full_Random and RanBM25.
+   of Full_Random and RanBM25; Contriever by the dot product of embeddings an
+   encoder gave the split before, once (grid/embed.py).
 
 A ranking shard holds, per example row, references (row, position) to the
 candidate items in rank order, and their scores. Everything a cell varies after
@@ -32,14 +33,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import grid.embed
 import lamp.retrieval
 import lamp.seeding
 from grid.cluster import check_nodes_reach, ensure_ray
+from grid.embed import DEFAULT_RETRIEVER_MODEL, Encoder, read_embeddings, resolve_encoder, write_embeddings
 from grid.pipeline import ACTOR_BASE, PYTHON_PER_ARROW, REMEMBERED_ROW_GROUPS, RowGroups, fit_actors, map_and_write
 from grid.storage import build_atomically, digest, file_digest, is_uri, join, open_input, publish
 from lamp.data import Example, SplitFiles, find_splits, read_examples
 from lamp.errors import LampError
-from lamp.retrieval import MIXED_SIDES, TEXT_RANKED, ItemPool, check_dates, is_date, pool_draw, rank, ranked_sides
+from lamp.retrieval import (DENSE, MIXED_SIDES, TEXT_RANKED, ItemPool, check_dates, is_date, pool_draw, rank,
+                            ranked_sides)
 from lamp.tasks import get_task
 
 CACHE_FORMAT = "1"
@@ -52,10 +56,16 @@ PREFETCH_BYTES = 256 << 20  # other users' items (as Arrow) a ranker reads for o
 
 
 def ranking_name(retriever: str, by_input: bool, use_date: bool = False) -> str:
-    """BM25 and RanBM25 rank by input halves alone for `decouple`, and over texts with
-    the items' dates for `use_date`: each a ranking of its own."""
-    text_ranked = retriever in TEXT_RANKED
-    return retriever + "_input" * (by_input and text_ranked) + "_date" * (use_date and text_ranked)
+    """BM25, RanBM25 and the dense retrievers rank by input halves alone for
+    `decouple`, and BM25 and RanBM25 over texts with the items' dates for `use_date`:
+    each a ranking of its own."""
+    by_input = by_input and retriever in (*TEXT_RANKED, *DENSE)
+    return retriever + "_input" * by_input + "_date" * (use_date and retriever in TEXT_RANKED)
+
+
+def is_dense(name: str) -> bool:
+    """Whether a ranking is by an encoder's embeddings (and so is named by the encoder too)."""
+    return ranking_parts(name)[0] in DENSE
 
 
 def ranking_parts(name: str) -> tuple:
@@ -262,8 +272,10 @@ class RankExamples:
     CHUNK examples at a time.
     """
 
-    def __init__(self, task: str, examples_path: str, wanted: list):
+    def __init__(self, task: str, examples_path: str, wanted: list, embeddings: dict | None = None):
         self.task, self.wanted = task, wanted
+        # A dense ranking's embeddings.parquet (ranking name -> path), read by row as the batch's rows come.
+        self.embeddings = {name: RowGroups(path, ["query", "items"]) for name, path in (embeddings or {}).items()}
         self.pool = self.file = None
         self.draws = pooled_draws(wanted)
         self.clear()
@@ -323,7 +335,13 @@ class RankExamples:
 
     def rank(self, row: int, example: Example, name: str, seed: int) -> dict:
         retriever, by_input, use_date = ranking_parts(name)
-        ranking = rank(self.task, example, retriever, by_input=by_input, use_date=use_date, seed=seed, pool=self.pool)
+        vectors = None
+        if name in self.embeddings:
+            table = self.embeddings[name]
+            group = int(table.group_of(row))
+            vectors = read_embeddings(table.group(group), row - int(table.starts[group]))
+        ranking = rank(self.task, example, retriever, by_input=by_input, use_date=use_date, seed=seed, pool=self.pool,
+                       embeddings=vectors)
         # Items are known by identity: the example's own, or pooled ones by their slot's place.
         own = {id(item): (row, pos) for pos, item in enumerate(example.profile)}
         refs = [own.get(id(item)) or self.places[id(item)] for item in ranking.items]
@@ -370,12 +388,23 @@ def ranker_plan(examples, wanted, workers: int) -> tuple[int, int]:
     return batch, int(ACTOR_BASE + max(build, held + steady))
 
 
-def write_rankings(task: str, examples: str, wanted: dict, workers: int, log=print) -> None:
+def embeddings_bytes(embeddings: dict) -> int:
+    """What a ranker holds of dense rankings' embeddings: REMEMBERED_ROW_GROUPS decoded row groups of each file."""
+    largest = []
+    for path in embeddings.values():
+        meta = pq.read_metadata(open_input(path))
+        largest.append(max((meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)), default=0))
+    return REMEMBERED_ROW_GROUPS * sum(largest)
+
+
+def write_rankings(task: str, examples: str, wanted: dict, workers: int, log=print,
+                   embeddings: dict | None = None) -> None:
     """Computes the wanted rankings ((name, seed) -> final directory) in one Ray Data
     pass over the split, streaming each into its own Parquet file; each directory
-    appears when complete."""
+    appears when complete. embeddings: a dense ranking's embeddings.parquet, by ranking name."""
+    embeddings = {name: path for name, path in (embeddings or {}).items() if (name, None) in wanted}
     batch_size, memory = ranker_plan(examples, wanted, workers)
-    workers, memory = fit_actors(workers, memory, "ranker", log)
+    workers, memory = fit_actors(workers, memory + embeddings_bytes(embeddings), "ranker", log)
 
     def rankings(batch: pa.Table) -> dict:
         return {(name, seed): pa.Table.from_arrays([batch.column("row")] + [batch.column(f"{name}/{seed}/{c}")
@@ -383,7 +412,8 @@ def write_rankings(task: str, examples: str, wanted: dict, workers: int, log=pri
                                                    schema=RANKING_SCHEMA)
                 for name, seed in wanted}
 
-    map_and_write([examples], RankExamples, dict(task=task, examples_path=str(examples), wanted=list(wanted)),
+    map_and_write([examples], RankExamples, dict(task=task, examples_path=str(examples), wanted=list(wanted),
+                                                 embeddings=embeddings),
                   wanted, rankings, "ranking.parquet", batch_size=batch_size, memory=memory, workers=workers)
 
 
@@ -415,18 +445,38 @@ def default_workers() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def embed_split(task: str, examples: str, where: Path, fingerprint: str, names: list, encoder: Encoder,
+                workers: int | None, label: str, log) -> dict:
+    """The embeddings.parquet each dense ranking (by name) reads, embedded where the cache
+    lacks them: named by the split, the halves embedded, the encoder's files and the code
+    that builds and embeds the texts."""
+    version = digest(*(Path(module.__file__).read_bytes() for module in (grid.embed, lamp.retrieval)))
+    directories = {name: where / (f"embeddings{'_input' if name.endswith('_input') else ''}-"
+                                  + digest(fingerprint, name.endswith("_input"), encoder.files_digest, version))
+                   for name in names}
+    missing = {name.endswith("_input"): path for name, path in directories.items() if not path.is_dir()}
+    if missing:
+        write_embeddings(task, examples, missing, encoder, workers, log)
+        log(f"embedded {label} with {encoder.name}: "
+            + ", ".join("input halves" if by_input else "whole items" for by_input in missing))
+    return {name: path / "embeddings.parquet" for name, path in directories.items()}
+
+
 def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full_Random", "RanBM25"),
             seeds=(0,), workers: int | None = None, address: str | None = None, by_input: bool = True,
-            log=print, stage_dir=None, use_date: bool = False, settings=None) -> list:
+            log=print, stage_dir=None, use_date: bool = False, settings=None,
+            retriever_model: str = DEFAULT_RETRIEVER_MODEL) -> list:
     """Converts and ranks every split under data_dir (of `settings` only, if given) into
     the cache; returns its SplitShards.
     by_input=False leaves out the rankings over input halves (`decouple` only);
     use_date=True adds those over texts with the items' dates.
     cache_dir may be a URI (s3://...): the shards are then computed in stage_dir, a
-    local directory, and published there, and the SplitShards name the published copies."""
+    local directory, and published there, and the SplitShards name the published copies.
+    retriever_model: the encoder of the dense retrievers (a hub id or a local folder)."""
     unknown = [r for r in retrievers if r not in lamp.retrieval.RETRIEVERS]
     if unknown:
         raise LampError(f"unknown retriever {unknown[0]!r}; valid: {', '.join(lamp.retrieval.RETRIEVERS)}")
+    encoder = resolve_encoder(retriever_model, log) if set(retrievers) & set(DENSE) else None
     remote = str(cache_dir) if is_uri(cache_dir) else None
     if remote and stage_dir is None:
         raise LampError(f"a shard cache at {cache_dir} needs a local staging directory")
@@ -452,7 +502,8 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
         rankings = {}
         for name in rankings_for(split.task, retrievers, by_input, use_date):
             for seed in (seeds if seeded(name) else [None]):
-                key = digest(fingerprint, name, seed, version)
+                # A dense ranking is also named by its encoder's files: another encoder ranks again.
+                key = digest(fingerprint, name, seed, version, *([encoder.files_digest] if is_dense(name) else []))
                 rankings[(name, seed)] = where / f"{name}{'' if seed is None else f'-seed{seed}'}-{key}"
         missing = {key: path for key, path in rankings.items() if not path.is_dir()}
         cached += len(rankings) - len(missing)
@@ -462,7 +513,12 @@ def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full
             ensure_ray(address, log)
             if not remote:
                 check_nodes_reach({"--cache": cache_dir}, {})
-            write_rankings(split.task, source, missing, workers or default_workers(), log)
+            embeddings = embed_split(split.task, source, where, fingerprint, [n for n, _ in missing if is_dense(n)],
+                                     encoder, workers, label, log)
+            if remote:
+                embeddings = {name: join(published(path.parent, cache_dir, remote, log), path.name)
+                              for name, path in embeddings.items()}
+            write_rankings(split.task, source, missing, workers or default_workers(), log, embeddings)
             computed += len(missing)
             log(f"ranked {label}: " + ", ".join(f"{n}" + ("" if s is None else f" seed {s}")
                                                  for n, s in missing))

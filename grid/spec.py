@@ -6,6 +6,7 @@ a user's, both read by `load_grid`:
     name: my-grid
     tasks: [LaMP_2, LaMP_4]
     model: google/flan-t5-base      # a hub id, a local folder, `tiny` or `vote`
+    retriever_model: facebook/contriever  # Contriever's encoder: a hub id or a local folder (the default)
     recipe: lamp                     # every block's default recipe: lamp (the default) or study
     data: LaMP                       # a LaMP directory, or `synthetic` (the default)
     seeds: [0, 1, 2]
@@ -48,10 +49,12 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from grid.embed import DEFAULT_RETRIEVER_MODEL
 from grid.model import TINY, ModelRef
 from grid.tiny import TINY_TRAINING
 from lamp.cell import Cell
 from lamp.errors import LampError
+from lamp.retrieval import DENSE
 from lamp.tasks import get_task
 
 AXES = ("recipe", "retriever", "k", "ablation", "order", "rank_offset", "input_retriever", "output_retriever",
@@ -128,6 +131,7 @@ class GridCell:
     cell: Cell
     model: str
     training: Training = field(default_factory=Training)
+    retriever_model: str | None = None  # the encoder of a dense retriever's cell (Contriever); None for the others
 
     @property
     def key(self) -> str:
@@ -148,6 +152,8 @@ class GridCell:
             return "/".join([*task, c.recipe, "none", *seed, self.model])
         retriever = (f"Mixed({c.input_retriever}>{c.output_retriever})" if c.retriever == "Mixed"
                      else c.retriever) + "+date" * c.use_date
+        if self.retriever_model not in (None, DEFAULT_RETRIEVER_MODEL):  # another encoder: another cell
+            retriever += f"[{self.retriever_model}]"
         return "/".join([*task, c.recipe, retriever, f"k={c.k}", c.ablation, c.order, f"offset={c.rank_offset}",
                          *seed, self.model])
 
@@ -174,6 +180,7 @@ class GridCell:
         """Every axis and setting, flat, as MLflow params (a QUIET_DEFAULTS axis only away from its default)."""
         axes = {f.name: getattr(self.cell, f.name) for f in fields(self.cell) if f.name != "task"}
         return {"task": self.cell.task, "model": self.model,
+                **({"retriever_model": self.retriever_model} if self.retriever_model else {}),
                 **{name: v for name, v in axes.items() if name not in QUIET_DEFAULTS or v != QUIET_DEFAULTS[name]},
                 **{f"train.{k}": v for k, v in asdict(self.training).items()}}
 
@@ -192,7 +199,7 @@ class GridCell:
         cell = Cell(**{f.name: value(f.name, params[f.name]) for f in fields(Cell) if f.name in params})
         training = {f.name: training_value(f.name, value(f.name, params[f"train.{f.name}"]), where)
                     for f in fields(Training) if f"train.{f.name}" in params}
-        return cls(cell, params["model"], Training(**training))
+        return cls(cell, params["model"], Training(**training), params.get("retriever_model"))
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,7 @@ class GridSpec:
     # Each cell also writes its test predictions. Not a training setting: it changes no
     # cell's key, params or settings hash, only what a finished cell leaves behind.
     predict_test: bool = False
+    retriever_model: str = DEFAULT_RETRIEVER_MODEL  # the encoder Contriever cells rank with (grid/embed.py)
 
     def cells(self) -> list:
         """Every cell, checked, in a stable order; duplicates (e.g. `none` x ablations) once."""
@@ -224,7 +232,8 @@ class GridSpec:
                     cell.check()
                 except LampError as error:
                     raise LampError(f"grid {self.name!r}: cell {GridCell(cell, self.model).key}: {error}") from None
-                grid_cell = GridCell(cell, self.model, self.training)
+                grid_cell = GridCell(cell, self.model, self.training,
+                                     self.retriever_model if cell.retriever in DENSE else None)
                 cells.setdefault(grid_cell.key, grid_cell)
         return list(cells.values())
 
@@ -233,7 +242,8 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
     """A GridSpec from a dict, or a clear error naming what is wrong."""
     if not isinstance(raw, dict):
         raise LampError(f"{where}: a grid is a mapping with name, tasks and axes")
-    known = {"name", "tasks", "axes", "model", "data", "seeds", "training", "recipe", "published", "predict_test"}
+    known = {"name", "tasks", "axes", "model", "data", "seeds", "training", "recipe", "published", "predict_test",
+             "retriever_model"}
     unknown = set(raw) - known
     if unknown:
         raise LampError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
@@ -265,7 +275,8 @@ def parse_grid(raw: dict, where: str) -> GridSpec:
                     data=str(raw.get("data", "synthetic")), recipe=str(raw.get("recipe", "lamp")),
                     seeds=tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])),
                     training=Training(**{k: training_value(k, v, where) for k, v in training.items()}),
-                    published=read_published(raw.get("published", {}), where), predict_test=predict_test)
+                    published=read_published(raw.get("published", {}), where), predict_test=predict_test,
+                    retriever_model=str(raw.get("retriever_model", DEFAULT_RETRIEVER_MODEL)))
 
 
 def read_published(published: dict, where: str) -> dict:
@@ -317,7 +328,7 @@ def load_grid(name_or_path: str) -> GridSpec:
 
 
 def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, tasks=None, setting=None, predict_test=None,
-                   **training) -> GridSpec:
+                   retriever_model=None, **training) -> GridSpec:
     """The grid with command-line overrides applied. A grid made for a real model
     run with `--model tiny` (a quick look) takes the tiny model's schedule: the
     study's would teach it nothing. Tasks given keep only those of the grid's; a
@@ -339,5 +350,5 @@ def with_overrides(spec: GridSpec, model=None, seeds=None, recipe=None, tasks=No
         base = replace(base, **{**TINY_TRAINING, "epochs": 0 if base.epochs == 0 else TINY_TRAINING["epochs"]})
     changes = {k: v for k, v in training.items() if v is not None}
     return replace(spec, model=model or spec.model, seeds=tuple(seeds) if seeds else spec.seeds,
-                   training=replace(base, **changes),
+                   training=replace(base, **changes), retriever_model=retriever_model or spec.retriever_model,
                    predict_test=spec.predict_test if predict_test is None else predict_test)

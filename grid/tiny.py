@@ -108,3 +108,46 @@ def build_tiny_model(data_dir, tasks, out_dir) -> Path:
     out_dir = Path(out_dir)
     build_atomically(out_dir, build)
     return out_dir
+
+
+# A small BERT encoder, for dense retrieval (Contriever, grid/embed.py) without a hub.
+TINY_ENCODER_CONFIG = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                       "max_position_embeddings": 128}
+ENCODER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's, in its order
+
+
+def train_wordpiece(texts, vocab_size: int = TOKENIZER_VOCAB, max_length: int = 128):
+    """A WordPiece tokenizer (BERT's: lower-cased, [CLS] text [SEP]) trained on the texts;
+    it truncates to max_length tokens, what the encoder's positions hold."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    backend.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+                                                                 special_tokens=ENCODER_SPECIAL_TOKENS))
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[(token, backend.token_to_id(token)) for token in ("[CLS]", "[SEP]")])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=max_length)
+
+
+def build_tiny_encoder(data_dir, tasks, out_dir, seed: int = 0) -> Path:
+    """Writes a small BERT encoder folder (weights drawn with `seed`, a WordPiece
+    tokenizer trained on the data) once, atomically, and returns its path."""
+    def build(tmp: Path) -> None:
+        import torch  # heavy: only where an encoder is built
+        from transformers import BertConfig, BertModel
+
+        tokenizer = train_wordpiece(training_texts(data_dir, tasks),
+                                    max_length=TINY_ENCODER_CONFIG["max_position_embeddings"])
+        torch.manual_seed(seed)
+        BertModel(BertConfig(vocab_size=len(tokenizer), **TINY_ENCODER_CONFIG)).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    out_dir = Path(out_dir)
+    build_atomically(out_dir, build)
+    return out_dir

@@ -23,9 +23,11 @@ from lamp.errors import LampError, data_error
 from lamp.seeding import example_rng
 from lamp.tasks import get_task
 
-RETRIEVERS = ("none", "BM25", "Random", "Full_Random", "RanBM25", "Mixed", "Recency")
+RETRIEVERS = ("none", "BM25", "Random", "Full_Random", "RanBM25", "Mixed", "Recency", "Contriever")
 # The retrievers that rank by the items' text, which `use_date` extends with each item's date.
 TEXT_RANKED = ("BM25", "RanBM25")
+# Retrievers that rank by an encoder's embeddings, computed in `prepare` (grid/embed.py).
+DENSE = ("Contriever",)
 MIXED_SIDES = ("BM25", "Random", "Full_Random")
 ABLATIONS = ("both", "only_output", "decouple", "only_input")
 ORDERS = ("start", "end", "middle", "random")
@@ -109,9 +111,9 @@ def bm25_scores(query: list[str], documents: list[list[str]], k1=1.5, b=0.75, ep
 
 
 def document_text(task: str, item: dict, by_input: bool = False, use_date: bool = False) -> str:
-    """What BM25 indexes: the full item, or its input half alone (`decouple`); with
-    use_date, followed by ` date: ` and the item's date, as LaMP's rank_profiles
-    builds its corpus with --use_date (docs/design.md §4)."""
+    """What BM25 indexes and Contriever embeds: the full item, or its input half alone
+    (`decouple`); with use_date, followed by ` date: ` and the item's date, as LaMP's
+    rank_profiles builds its corpus with --use_date (docs/design.md §4)."""
     spec = get_task(task)
     if spec.input_half is None:  # LaMP_7: the output half is all there is
         text = str(item[spec.output_half])
@@ -166,7 +168,7 @@ def drop_query_items(task: str, items: list[dict], input_text: str) -> list[dict
 @dataclass(frozen=True, slots=True)
 class Ranking:
     items: list[dict]  # every candidate, most relevant first
-    scores: np.ndarray | None  # BM25 scores in that order; None for random orders
+    scores: np.ndarray | None  # BM25 or dot-product scores in that order; None for random orders
 
 
 def bm25_ranking(task: str, query: str, items: list[dict], by_input: bool = False, use_date: bool = False) -> Ranking:
@@ -182,6 +184,17 @@ def recency_ranking(items: list[dict]) -> Ranking:
     ties would follow the profile's order, made independent of it."""
     by_id = sorted(items, key=lambda item: item["id"])
     return Ranking(sorted(by_id, key=lambda item: date_key(item["date"]), reverse=True), None)  # a stable sort
+
+
+def dense_ranking(task: str, example, query_embedding: np.ndarray, item_embeddings: np.ndarray) -> Ranking:
+    """Contriever (docs/design.md §4): the example's own items by the dot product of
+    their embedding with the query's, the leakage guard applied; ties keep profile
+    order. item_embeddings: one row per profile item, in profile order."""
+    kept = {id(item) for item in drop_query_items(task, example.profile, example.input)}
+    positions = [p for p, item in enumerate(example.profile) if id(item) in kept]
+    scores = item_embeddings[positions] @ query_embedding
+    order = np.argsort(-scores, kind="stable")
+    return Ranking([example.profile[positions[i]] for i in order], scores[order])
 
 
 # ----------------------------------------------------------------------------- other users
@@ -305,7 +318,7 @@ def pool_draw(example, retriever: str, pool: ItemPool, seed: int = 0, size: int 
 
 
 def rank(task: str, example, retriever: str, *, by_input: bool = False, use_date: bool = False, seed: int = 0,
-         pool: ItemPool | None = None, size: int | None = None) -> Ranking:
+         pool: ItemPool | None = None, size: int | None = None, embeddings: tuple | None = None) -> Ranking:
     """The full ranking one retriever gives one example (the leakage guard applied).
 
     by_input: BM25 over input halves alone (the `decouple` ablation).
@@ -313,8 +326,15 @@ def rank(task: str, example, retriever: str, *, by_input: bool = False, use_date
     size: how many items Full_Random draws. The default, the user's own profile
     size, is what cells use, so Full_Random offers as many candidates as the
     user's own profile does; the other retrievers rank their whole candidate set.
+    embeddings: Contriever's (query, items) embeddings of the example, which
+    `prepare` computes (over input halves where by_input).
     """
     query = extract_query(task, example.input)
+    if retriever in DENSE:
+        if embeddings is None:
+            raise LampError(f"{retriever} ranks by embeddings that `prepare` computes: run it through a grid "
+                            "(`prepare --grid` or `run`)")
+        return dense_ranking(task, example, *embeddings)
     if retriever == "BM25":
         return bm25_ranking(task, query, drop_query_items(task, example.profile, example.input), by_input, use_date)
     if retriever == "Recency":
@@ -325,7 +345,7 @@ def rank(task: str, example, retriever: str, *, by_input: bool = False, use_date
         return Ranking([own[i] for i in order], None)
     if retriever not in ("Full_Random", "RanBM25"):
         raise LampError(f"no ranking for retriever {retriever!r}; ranked ones: BM25, Random, Full_Random, RanBM25, "
-                        "Recency")
+                        f"Recency, {', '.join(DENSE)}")
     if pool is None:
         raise LampError(f"{retriever} draws other users' items: it needs an ItemPool of the split")
     drawn = pool.fetch(pool_draw(example, retriever, pool, seed, size))

@@ -20,7 +20,8 @@ SMOKES = {"prepare_bench": ["--users", 8, "--profile-size", 20],
           "padding_bench": ["--users", 20, "--batches", 2, "--batch-size", 2],
           "trial_floor": ["--trials", 1],
           "order_bench": ["--smoke"],
-          "scale_bench": ["--scale", 0.001, "--small-scale", 0.001, "--no-trials"]}
+          "scale_bench": ["--scale", 0.001, "--small-scale", 0.001, "--no-trials"],
+          "embed_bench": ["--scale", 0.002]}
 
 
 def run_bench(script: str, *args, timeout: float) -> subprocess.CompletedProcess:
@@ -77,6 +78,18 @@ def test_make_big_lamp3_writes_copies_with_unique_ids(tmp_path):
     assert len(copies) == 3 * len(originals)
     assert len({e.id for e in copies}) == len(copies)
     assert [(e.input, e.output) for e in copies] == [(e.input, e.output) for e in originals] * 3
+
+
+@pytest.mark.slow
+def test_embed_bench_embeds_and_prepares_contriever(smoke):
+    result, _ = smoke("embed_bench")
+    one, two = result["throughput"]
+    assert (one["actors"], two["actors"]) == (1, 2) and one["items"] == two["items"] > 0
+    assert one["items_per_s"] > 0 and two["items_per_s"] > 0 and one["actor_peak_rss_mb"] > 0
+    for task in ("LaMP_2", "LaMP_4"):
+        prepared = result["prepare"][task]
+        assert prepared["examples"] > 0 and prepared["items"] > 0 and prepared["s"] > 0, task
+        assert prepared["driver_peak_mb"] > 0 and prepared["embedder_peak_rss_mb"] > 0, task
 
 
 @pytest.mark.slow

@@ -101,7 +101,7 @@ def test_render_command_json(data):
     (["--task", "LaMP_7", "--retriever", "BM25", "--ablation", "only_output"], "ablation must be 'both'"),
     (["--task", "LaMP_2", "--retriever", "BM25", "--k", "-1"], "k must be >= 0"),
     (["--task", "LaMP_2", "--retriever", "BM25", "--k", "1.5"], "fractional k"),
-    (["--task", "LaMP_2", "--retriever", "Contriever"], "valid: none, BM25, Random"),
+    (["--task", "LaMP_2", "--retriever", "DPR"], "valid: none, BM25, Random"),
     (["--task", "LaMP_2", "--retriever", "BM25", "--order", "sideways"], "valid: start, end, middle, random"),
     (["--task", "LaMP_2", "--retriever", "BM25", "--ablation", "half"], "valid: both, only_output"),
 ])

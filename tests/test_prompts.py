@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 from grid.tiny import train_tokenizer, training_texts
 from lamp.data import find_splits, read_examples
 from lamp.prompts import TokenCounter, WordCounter, order_layout, render_prompt, render_prompts
-from lamp.retrieval import ABLATIONS, ORDERS, RETRIEVERS, ItemPool, retrieve
+from lamp.retrieval import ABLATIONS, DENSE, ORDERS, RETRIEVERS, ItemPool, retrieve
 from lamp.synth import write_synthetic
 from lamp.tasks import TASKS
 
@@ -184,7 +184,8 @@ def cases_of(task, examples, retrievers, ablation, k=6):
     mixed = {"input_retriever": "BM25", "output_retriever": "Random"}
     return [(e.id, e.input, retrieve(task, e, retriever, k, ablation=ablation, pool=pool,
                                      **(mixed if retriever == "Mixed" else {})))
-            for retriever in retrievers for e in examples]
+            # Dense ones rank in prepare; Recency needs dates, which user-based synthetic items lack.
+            for retriever in retrievers if retriever not in (*DENSE, "Recency") for e in examples]
 
 
 class CountingTokenizer:

@@ -40,7 +40,7 @@ import numpy as np
 
 from lamp.errors import LampError
 from lamp.prompts import Prompt, order_layout
-from lamp.retrieval import check_cell
+from lamp.retrieval import DENSE, check_cell
 from lamp.tasks import LAMP_PROFILE_SIZE, get_task
 
 PROCESSES = 24  # process_num
@@ -343,6 +343,8 @@ class StudyRecipe:
         if retriever == "Recency" or cell.use_date:
             raise LampError("recipe study has no " + ("Recency retriever" if retriever == "Recency" else "use_date")
                             + " (LaMP's code has; the study's has not): run it with recipe lamp")
+        if retriever in DENSE:
+            raise LampError(f"recipe study never ran {retriever}: give recipe lamp")
         if ablation != "both" and (cell.task, SHOWN_HALF[ablation]) not in ABLATION:
             raise LampError(f"recipe study has no {ablation} prompts for {cell.task} (it ablated LaMP_2-5 only)")
         if ablation != "both" and cell.order != "start":
