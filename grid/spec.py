@@ -68,7 +68,7 @@ AXIS_DEFAULTS = {"retriever": "none", "k": 0, "ablation": "both", "order": "star
 NAMED = Path(__file__).parent / "named"
 # The named grids, in the order `list` shows them: the demo, then the study's analyses.
 NAMED_GRIDS = ("demo", "paper-fig-a", "paper-fig-b", "paper-fig-b-recipes", "paper-fig-c", "paper-ablation",
-               "paper-mixed", "paper-zero-shot", "paper-zero-shot-xxl")
+               "paper-mixed", "paper-zero-shot", "paper-zero-shot-xxl", "lamp-baselines")
 
 
 def varying_axes(cells: list) -> dict:
