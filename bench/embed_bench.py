@@ -31,7 +31,8 @@ from memory_peaks import ProcessPeaks, peak_mb, reset_peak  # bench/: scripts ru
 from report import write_result
 
 from grid.embed import resolve_encoder, write_embeddings
-from grid.shards import prepare, write_examples
+from grid.examples import write_examples
+from grid.shards import prepare
 from grid.tiny import TINY_ENCODER_CONFIG, build_tiny_encoder
 from lamp.data import find_splits
 from lamp.synth import write_like_lamp

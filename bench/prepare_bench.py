@@ -25,7 +25,8 @@ from report import write_result  # bench/report.py: scripts run from bench/
 from transformers import AutoTokenizer
 
 from grid.render import CellPrompts
-from grid.shards import load_examples, prepare
+from grid.examples import load_examples
+from grid.shards import prepare
 from grid.tiny import build_tiny_model
 from lamp.cell import Cell
 from lamp.data import find_splits, read_examples

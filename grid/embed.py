@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+import lamp.retrieval
 from grid.model import HUB, LOCAL, ModelRef
 from grid.pipeline import ACTOR_BASE, fit_actors, map_and_write
 from grid.storage import digest, file_digest
@@ -217,3 +218,20 @@ def read_embeddings(group: pa.Table, at: int) -> tuple[np.ndarray, np.ndarray]:
     query = group.column("query").chunk(0)[at].values.to_numpy()
     items = group.column("items").chunk(0)[at].values
     return query, items.flatten().to_numpy().reshape(len(items), len(query))
+
+
+def embed_split(task: str, examples: str, where: Path, fingerprint: str, names: list, encoder: Encoder,
+                workers: int | None, label: str, log) -> dict:
+    """The embeddings.parquet each dense ranking (by name) reads, embedded where the cache
+    lacks them: named by the split, the halves embedded, the encoder's files and the code
+    that builds and embeds the texts."""
+    version = digest(Path(__file__).read_bytes(), Path(lamp.retrieval.__file__).read_bytes())
+    directories = {name: where / (f"embeddings{'_input' if name.endswith('_input') else ''}-"
+                                  + digest(fingerprint, name.endswith("_input"), encoder.files_digest, version))
+                   for name in names}
+    missing = {name.endswith("_input"): path for name, path in directories.items() if not path.is_dir()}
+    if missing:
+        write_embeddings(task, examples, missing, encoder, workers, log)
+        log(f"embedded {label} with {encoder.name}: "
+            + ", ".join("input halves" if by_input else "whole items" for by_input in missing))
+    return {name: path / "embeddings.parquet" for name, path in directories.items()}

@@ -45,6 +45,7 @@ import lamp.tasks
 from tqdm import tqdm
 
 from grid.cluster import ensure_ray
+from grid.examples import load_examples, to_example
 from grid.pipeline import (
     ACTOR_BASE,
     PYTHON_PER_ARROW,
@@ -53,17 +54,8 @@ from grid.pipeline import (
     fit_actors,
     map_and_write,
 )
-from grid.shards import (
-    ProfileItems,
-    SplitShards,
-    default_workers,
-    load_examples,
-    published,
-    ranking_name,
-    seeded,
-    to_example,
-)
 from grid.model import HUB, ModelRef
+from grid.shards import ProfileItems, SplitShards, default_workers, published, ranking_name, seeded
 from grid.storage import digest, file_digest, is_published, join, open_input
 from lamp.errors import LampError
 from lamp.prompts import MAX_PROMPT_TOKENS, TokenCounter, WordCounter
@@ -400,7 +392,7 @@ def render_grid(cells: list, shards: dict, model: ModelRef, cache: Path, remote:
     its Rendered splits ({"dev": ..., "train": ...}; train only where it trains; test
     with predict_test, where the task has a test split).
 
-    shards: (task, setting) -> {split: SplitShards} (grid.shards.splits_by_data); model: the grid's model, resolved (not
+    shards: (task, setting) -> {split: SplitShards} (grid.run.splits_by_data); model: the grid's model, resolved (not
     `vote`); cache: the local (staging) cache; remote: the cache's URI where it is at
     one, renders published there."""
     tokenizer, code = tokenizer_digest(model), rendering_code_digest()

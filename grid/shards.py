@@ -4,7 +4,8 @@ The study re-ranked, re-rendered and re-tokenized inside every training run,
 so a sweep over ablation x order x k redid the same ranking dozens of times.
 `prepare` instead
 
-1. converts each task and split to Parquet once (streamed, bounded memory);
+1. converts each task and split to Parquet once (streamed, bounded memory:
+   grid/examples.py);
 2. ranks every example's candidate pool once per (ranking, seed), as a Ray Data
    pipeline (read_parquet -> map_batches -> write_parquet): BM25 over full items
    and over input halves (for `decouple`), each also over texts with the items'
@@ -33,21 +34,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-import grid.embed
 import lamp.retrieval
 import lamp.seeding
 from grid.cluster import check_nodes_reach, ensure_ray
-from grid.embed import DEFAULT_RETRIEVER_MODEL, Encoder, read_embeddings, resolve_encoder, write_embeddings
+from grid.embed import DEFAULT_RETRIEVER_MODEL, embed_split, read_embeddings, resolve_encoder
+from grid.examples import to_example, write_examples
 from grid.pipeline import ACTOR_BASE, PYTHON_PER_ARROW, REMEMBERED_ROW_GROUPS, RowGroups, fit_actors, map_and_write
 from grid.storage import build_atomically, digest, file_digest, is_uri, join, open_input, publish
-from lamp.data import Example, SplitFiles, find_splits, read_examples
+from lamp.data import Example, find_splits
 from lamp.errors import LampError
 from lamp.retrieval import (DENSE, MIXED_SIDES, TEXT_RANKED, ItemPool, check_dates, is_date, pool_draw, rank,
                             ranked_sides)
 from lamp.tasks import get_task
 
 CACHE_FORMAT = "1"
-ROWS_PER_WRITE = 256  # examples per Parquet row group while converting (LaMP_3 items are long)
 RANKING_SCHEMA = pa.schema([("row", pa.int64()), ("cand_row", pa.list_(pa.int64())),
                             ("cand_pos", pa.list_(pa.int32())), ("score", pa.list_(pa.float64()))])
 POOLED = {"Full_Random", "RanBM25"}
@@ -123,53 +123,7 @@ class SplitShards:
         return self.rankings[key]
 
 
-# --- 1. LaMP files to Parquet ------------------------------------------------------
-
-
-def examples_schema(task: str) -> pa.Schema:
-    spec = get_task(task)
-    item = pa.struct([(name, pa.string()) for name in spec.item_fields] + [("date", pa.string())])
-    return pa.schema([("row", pa.int64()), ("id", pa.string()), ("user", pa.string()),
-                      ("input", pa.string()), ("output", pa.string()), ("profile", pa.list_(item))])
-
-
-def example_record(row: int, example: Example, fields) -> dict:
-    # Every item field is stored as text: LaMP_3 scores may be numbers in the
-    # file, and str() is how rendering and BM25 read them anyway.
-    profile = [{**{name: str(item[name]) for name in fields}, "date": item.get("date")}
-               for item in example.profile]
-    return {"row": row, "id": example.id, "user": example.user, "input": example.input,
-            "output": example.output, "profile": profile}
-
-
-def write_examples(split: SplitFiles, path: Path) -> int:
-    """Streams a split into one Parquet file, a row group at a time; returns its rows."""
-    schema = examples_schema(split.task)
-    fields = list(get_task(split.task).item_fields)
-    rows, n = [], 0
-    with pq.ParquetWriter(path, schema) as writer:
-        for example in read_examples(split):
-            rows.append(example_record(n, example, fields))
-            n += 1
-            if len(rows) == ROWS_PER_WRITE:
-                writer.write_table(pa.Table.from_pylist(rows, schema))
-                rows = []
-        if rows:
-            writer.write_table(pa.Table.from_pylist(rows, schema))
-    return n
-
-
-def to_example(record: dict) -> Example:
-    profile = [{k: v for k, v in item.items() if v is not None} for item in record["profile"]]
-    return Example(id=record["id"], user=record["user"], input=record["input"], profile=profile,
-                   output=record["output"])
-
-
-def load_examples(path) -> list:
-    return [to_example(record) for record in pq.read_table(path).to_pylist()]
-
-
-# --- 2. Rankings, as a Ray Data pipeline ------------------------------------------
+# --- Rankings, as a Ray Data pipeline ------------------------------------------
 
 
 class ProfileItems:
@@ -443,23 +397,6 @@ def default_workers() -> int:
     import ray  # heavy: imported where Ray runs
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def embed_split(task: str, examples: str, where: Path, fingerprint: str, names: list, encoder: Encoder,
-                workers: int | None, label: str, log) -> dict:
-    """The embeddings.parquet each dense ranking (by name) reads, embedded where the cache
-    lacks them: named by the split, the halves embedded, the encoder's files and the code
-    that builds and embeds the texts."""
-    version = digest(*(Path(module.__file__).read_bytes() for module in (grid.embed, lamp.retrieval)))
-    directories = {name: where / (f"embeddings{'_input' if name.endswith('_input') else ''}-"
-                                  + digest(fingerprint, name.endswith("_input"), encoder.files_digest, version))
-                   for name in names}
-    missing = {name.endswith("_input"): path for name, path in directories.items() if not path.is_dir()}
-    if missing:
-        write_embeddings(task, examples, missing, encoder, workers, log)
-        log(f"embedded {label} with {encoder.name}: "
-            + ", ".join("input halves" if by_input else "whole items" for by_input in missing))
-    return {name: path / "embeddings.parquet" for name, path in directories.items()}
 
 
 def prepare(data_dir, cache_dir, tasks=None, retrievers=("BM25", "Random", "Full_Random", "RanBM25"),

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from grid.embed import DEFAULT_RETRIEVER_MODEL, EmbedExamples, resolve_encoder
-from grid.shards import load_examples, prepare, write_examples
+from grid.examples import load_examples, write_examples
+from grid.shards import prepare
 from grid.spec import parse_grid
 from grid.tiny import build_tiny_encoder
 from lamp.cell import Cell

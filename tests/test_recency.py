@@ -11,7 +11,8 @@ import pytest
 from rank_bm25 import BM25Okapi
 
 from grid.run import splits_by_data
-from grid.shards import load_examples, prepare, ranking_name
+from grid.examples import load_examples
+from grid.shards import prepare, ranking_name
 from grid.spec import GridCell, parse_grid
 from lamp.cell import Cell
 from lamp.data import Example, find_splits

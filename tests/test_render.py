@@ -16,7 +16,8 @@ import pytest
 
 from grid.model import ModelRef
 from grid.render import cell_table, render_grid, selection_fraction
-from grid.shards import load_examples, prepare
+from grid.examples import load_examples
+from grid.shards import prepare
 from grid.spec import GridCell, Training
 from lamp.cell import Cell
 from lamp.synth import write_synthetic

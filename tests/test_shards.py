@@ -18,16 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from grid.pipeline import ACTOR_BASE
-from grid.shards import (
-    RankExamples,
-    example_record,
-    examples_schema,
-    load_examples,
-    parquet_pool,
-    prepare,
-    ranker_plan,
-    write_examples,
-)
+from grid.examples import example_record, examples_schema, load_examples, write_examples
+from grid.shards import RankExamples, parquet_pool, prepare, ranker_plan
 from lamp.data import Example, find_splits
 from lamp.retrieval import ItemPool, rank
 from lamp.synth import write_synthetic

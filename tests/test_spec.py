@@ -131,10 +131,11 @@ def test_the_named_experiments_are_listed_with_their_cell_counts():
     counts = {line.split()[0]: int(line.split()[1]) for line in done.stdout.splitlines()}
     # fig-b: 2 ablations x 9 k x 3 seeds; fig-c: 3 orders x 5 fractions x 3 seeds;
     # fig-b-recipes: fig-b x 2 recipes; mixed: 4 tasks x (none + Random/Random, BM25/Random, Random/BM25)
-    # x 3 seeds; zero-shot: 6 tasks x 5 retrievers, one seed, per model (XL, XXL).
+    # x 3 seeds; zero-shot: 6 tasks x 5 retrievers, one seed, per model (XL, XXL); lamp-baselines: 6 tasks
+    # x 2 settings x 4 retrievers.
     assert counts == {"demo": 12, "paper-fig-a": 15, "paper-fig-b": 54, "paper-fig-b-recipes": 108,
                       "paper-fig-c": 45, "paper-ablation": 60, "paper-mixed": 48, "paper-zero-shot": 30,
-                      "paper-zero-shot-xxl": 30}
+                      "paper-zero-shot-xxl": 30, "lamp-baselines": 48}
 
 
 def test_a_reader_that_goes_away_ends_the_listing_quietly():

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 from grid.environment import environment_tags
 from grid.render import CellPrompts
-from grid.shards import load_examples
+from grid.examples import load_examples
 from grid.storage import join
 from grid.tracking import MlflowLog, system_metrics
 from grid.trial.loop import finish, train_cell, zero_shot_cell
