@@ -73,7 +73,7 @@ import json, os, sys, urllib.error, urllib.request
 head_dir, marker, via_link, via_loopback = sys.argv[1:5]
 def get(url):
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(url, timeout=60) as r:  # a loaded machine's server answers late
             return r.status
     except urllib.error.HTTPError as e:
         return e.code

@@ -1,17 +1,22 @@
 """Every benchmark of bench/ at a tiny size (a smoke run), so that none can rot: each
-exits 0 and writes its result, with the fields BENCHMARKS.md reads, into the test's
-own directory (never bench/results/). The numbers of a smoke run mean nothing."""
+exits 0 and writes its result, with the fields BENCHMARKS.md reads, into the tests'
+own directory (never bench/results/). The smoke runs go one after another beside the
+other tests (tests/conftest.py); their tests, last, read what they left. The numbers
+of a smoke run mean nothing."""
 
+import functools
 import json
-import os
-import signal
+import shlex
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from lamp.data import find_splits, read_examples
 from lamp.synth import write_synthetic
+from tests.beside import Check
 from tests.cli import ROOT
 
 # Each benchmark's tiny size. scale_bench runs without its trial timings (step 3): a
@@ -31,37 +36,30 @@ def run_bench(script: str, *args, timeout: float) -> subprocess.CompletedProcess
     return done
 
 
-@pytest.fixture(scope="module")
-def smoke(request, tmp_path_factory):
-    """The smoke runs of the benchmarks whose tests are selected, started together as
-    processes of their own (much of each is waiting on Ray and on process start-up, so
-    they overlap); smoke(name) waits for one and gives (its result, what it printed).
-    Their output goes to files: a pipe that nobody reads yet would stop them when full."""
-    out = tmp_path_factory.mktemp("bench")
-    wanted = [name for name in SMOKES if any(item.name.startswith(f"test_{name}") for item in request.session.items)]
-    running = {}
-    for name in wanted:
-        with open(out / f"{name}.out", "w") as stdout, open(out / f"{name}.err", "w") as stderr:
-            running[name] = subprocess.Popen([sys.executable, str(ROOT / "bench" / f"{name}.py"),
-                                              *map(str, SMOKES[name]), "--out", str(out / f"{name}.json")],
-                                             stdout=stdout, stderr=stderr, cwd=ROOT, start_new_session=True)
+@functools.cache  # one chain for all the tests below (each test's `beside` marker asks for it)
+def start_smokes() -> Check:
+    """Every benchmark's smoke run, one after another in one process group that starts
+    with the session (tests/conftest.py): beside the other tests, one at a time, they
+    fill the machine's idle moments without crowding it. Each leaves NAME.json,
+    NAME.out (its stdout and stderr) and NAME.status in the check's folder."""
+    folder = Path(tempfile.mkdtemp(prefix="lamp-bench-smokes-"))
+    steps = [f"{shlex.join([sys.executable, f'bench/{name}.py', *map(str, args), '--out', str(folder / f'{name}.json')])}"
+             f" > {folder / f'{name}.out'} 2>&1; echo $? > {folder / f'{name}.status'}" for name, args in SMOKES.items()]
+    return Check(["bash", "-c", "\n".join(steps)], folder)
 
-    def wait(name: str) -> tuple:
-        status = running[name].wait(timeout=1500)
-        printed, errors = (out / f"{name}.out").read_text(), (out / f"{name}.err").read_text()
-        assert status == 0, f"{name}.py exited {status}:\n{printed[-3000:]}\n{errors[-3000:]}"
-        return json.loads((out / f"{name}.json").read_text()), printed
 
-    yield wait
-    for process in running.values():  # those a failed test left running, with their Ray clusters
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def smoke(check: Check, name: str) -> tuple:
+    """(the result, what it printed) of one benchmark's smoke run, once the chain is done."""
+    check.wait(3000)
+    status, printed = (check.folder / f"{name}.status").read_text().strip(), (check.folder / f"{name}.out").read_text()
+    assert status == "0", f"{name}.py exited {status}:\n{printed[-5000:]}"
+    return json.loads((check.folder / f"{name}.json").read_text()), printed
 
 
 @pytest.mark.slow
-def test_prepare_bench_renders_the_same_prompts_both_ways(smoke):
-    result, _ = smoke("prepare_bench")
+@pytest.mark.beside.with_args(start_smokes)
+def test_prepare_bench_renders_the_same_prompts_both_ways(beside):
+    result, _ = smoke(beside, "prepare_bench")
     assert result["examples"] == 8 and result["cells"] == 48  # 4 ablations x 4 orders x 3 k
     for field in ("study_way_s", "ours_prepare_s", "ours_render_s", "ours_total_s", "speedup",
                   "rank_bm25_loop_examples_per_s", "vectorized_bm25_examples_per_s",
@@ -81,8 +79,9 @@ def test_make_big_lamp3_writes_copies_with_unique_ids(tmp_path):
 
 
 @pytest.mark.slow
-def test_embed_bench_embeds_and_prepares_contriever(smoke):
-    result, _ = smoke("embed_bench")
+@pytest.mark.beside.with_args(start_smokes)
+def test_embed_bench_embeds_and_prepares_contriever(beside):
+    result, _ = smoke(beside, "embed_bench")
     one, two = result["throughput"]
     assert (one["actors"], two["actors"]) == (1, 2) and one["items"] == two["items"] > 0
     assert one["items_per_s"] > 0 and two["items_per_s"] > 0 and one["actor_peak_rss_mb"] > 0
@@ -93,16 +92,18 @@ def test_embed_bench_embeds_and_prepares_contriever(smoke):
 
 
 @pytest.mark.slow
-def test_padding_bench_trains_the_same_tokens_both_ways(smoke):
-    result, _ = smoke("padding_bench")
+@pytest.mark.beside.with_args(start_smokes)
+def test_padding_bench_trains_the_same_tokens_both_ways(beside):
+    result, _ = smoke(beside, "padding_bench")
     assert result["batches"] == 2 and result["batch_size"] == 2
     assert 0 < result["prompt_tokens_mean"] <= result["prompt_tokens_max"] <= 512
     assert result["dynamic_tokens_per_s"] > 0 and result["pad_to_512_tokens_per_s"] > 0 and result["speedup"] > 0
 
 
 @pytest.mark.slow
-def test_trial_floor_times_an_empty_trial(smoke):
-    result, _ = smoke("trial_floor")
+@pytest.mark.beside.with_args(start_smokes)
+def test_trial_floor_times_an_empty_trial(beside):
+    result, _ = smoke(beside, "trial_floor")
     assert result["trials"] == 1 and result["at_once"] >= 1
     for field in ("python_loop_s", "wall_s", "machine_cpu_s", "cpu_s_per_trial", "wall_s_per_trial",
                   "trials_s_for_12"):
@@ -110,8 +111,9 @@ def test_trial_floor_times_an_empty_trial(smoke):
 
 
 @pytest.mark.slow
-def test_order_bench_compares_a_checkout_with_itself(smoke):
-    result, _ = smoke("order_bench")
+@pytest.mark.beside.with_args(start_smokes)
+def test_order_bench_compares_a_checkout_with_itself(beside):
+    result, _ = smoke(beside, "order_bench")
     assert result["baseline"] == "this checkout" and result["rounds"] == 1
     assert set(result["per_cell"]) == {"baseline", "this"}
     for runs in result["per_cell"].values():
@@ -120,8 +122,9 @@ def test_order_bench_compares_a_checkout_with_itself(smoke):
 
 
 @pytest.mark.slow
-def test_scale_bench_renders_the_same_prompts_on_both_paths(smoke):
-    result, printed = smoke("scale_bench")
+@pytest.mark.beside.with_args(start_smokes)
+def test_scale_bench_renders_the_same_prompts_on_both_paths(beside):
+    result, printed = smoke(beside, "scale_bench")
     assert result["prompts_checked"]["cells_compared"] == 19  # paper-fig-b's 18 and the LaMP_3 cell
     for group in ("fig_b", "lamp3", "k80", "all"):
         assert result["render"][group]["examples"] > 0 and result["render"][group]["speedup"] > 0, group
