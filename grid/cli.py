@@ -25,7 +25,8 @@ from pathlib import Path
 from grid import tracking
 from grid.embed import DEFAULT_RETRIEVER_MODEL
 from grid.reference import reference_prompts
-from grid.run import SYNTHETIC_USERS, Workdir, data_predicting_test, prepare_grid, render_cells, run_grid
+from grid.run import (SYNTHETIC_USERS, Workdir, check_retriever_model, data_predicting_test, prepare_grid,
+                      render_cells, run_grid)
 from grid.shards import prepare
 from grid.spec import NAMED_GRIDS, Resources, load_grid, with_overrides
 from grid.storage import local_data
@@ -144,6 +145,7 @@ def cmd_prepare(args) -> int:
         return 0
     spec = grid_spec(args)
     cells, cache = spec.cells(), args.cache or str(work.cache)
+    check_retriever_model(spec, cells)
     work.root.mkdir(parents=True, exist_ok=True)
     data_dir, model, shards = prepare_grid(spec, cells, args.data or spec.data, work, cache, args.address, args.users)
     data_predicting_test(spec, cells, data_dir)

@@ -195,7 +195,7 @@ def describe(spec: GridSpec, cells: list, model: ModelRef, resources: Resources)
     return "\n".join(lines)
 
 
-def check_retriever_model(spec: GridSpec, cells: list, log) -> None:
+def check_retriever_model(spec: GridSpec, cells: list, log=print) -> None:
     """Refuses a grid with Contriever cells whose encoder is missing or no encoder, before any work."""
     if any(c.cell.retriever in DENSE for c in cells):
         resolve_encoder(spec.retriever_model, log)
@@ -204,8 +204,8 @@ def check_retriever_model(spec: GridSpec, cells: list, log) -> None:
 def prepare_grid(spec: GridSpec, cells: list, data: str, work: Workdir, cache: str, address: str | None = None,
                  users: int = SYNTHETIC_USERS, log=print) -> tuple:
     """The data, the model and the rankings of a grid's cells, computed once. Returns
-    (data directory, the model resolved (a ModelRef), (task, setting) -> {split: SplitShards})."""
-    check_retriever_model(spec, cells, log)
+    (data directory, the model resolved (a ModelRef), (task, setting) -> {split: SplitShards}).
+    Its callers have checked the retriever model (check_retriever_model), before any work."""
     data_dir = resolve_data(data, cells, work, users, log).resolve()
     model = ModelRef.named(spec.model).resolved(data_dir, spec.tasks, work.models, log)
     model = model.for_nodes(cache, spans_other_nodes(), log)
