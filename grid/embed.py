@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 import lamp.retrieval
+from grid.examples import profile_items
 from grid.model import HUB, LOCAL, ModelRef
 from grid.pipeline import ACTOR_BASE, fit_actors, map_and_write
 from grid.storage import digest, file_digest
@@ -108,8 +109,7 @@ def embedding_texts(task: str, batch: pa.Table, halves: list) -> tuple[list, dic
     """(queries, items): each example's query, and per by_input in halves the texts of
     its profile items, per example."""
     queries = [extract_query(task, text) for text in batch.column("input").to_pylist()]
-    profiles = [[{k: v for k, v in item.items() if v is not None} for item in profile]
-                for profile in batch.column("profile").to_pylist()]
+    profiles = [profile_items(profile) for profile in batch.column("profile").to_pylist()]
     return queries, {by_input: [[document_text(task, item, by_input) for item in profile] for profile in profiles]
                      for by_input in halves}
 

@@ -45,10 +45,14 @@ def write_examples(split: SplitFiles, path: Path) -> int:
     return n
 
 
+def profile_items(items: list) -> list[dict]:
+    """Stored profile items as the loader gives them: a field (the date) only where the file had it."""
+    return [{k: v for k, v in item.items() if v is not None} for item in items]
+
+
 def to_example(record: dict) -> Example:
-    profile = [{k: v for k, v in item.items() if v is not None} for item in record["profile"]]
-    return Example(id=record["id"], user=record["user"], input=record["input"], profile=profile,
-                   output=record["output"])
+    return Example(id=record["id"], user=record["user"], input=record["input"],
+                   profile=profile_items(record["profile"]), output=record["output"])
 
 
 def load_examples(path) -> list:

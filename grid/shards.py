@@ -38,7 +38,7 @@ import lamp.retrieval
 import lamp.seeding
 from grid.cluster import check_nodes_reach, ensure_ray
 from grid.embed import DEFAULT_RETRIEVER_MODEL, embed_split, read_embeddings, resolve_encoder
-from grid.examples import to_example, write_examples
+from grid.examples import profile_items, to_example, write_examples
 from grid.pipeline import ACTOR_BASE, PYTHON_PER_ARROW, REMEMBERED_ROW_GROUPS, RowGroups, fit_actors, map_and_write
 from grid.storage import build_atomically, digest, file_digest, is_uri, join, open_input, publish
 from lamp.data import Example, find_splits
@@ -153,14 +153,9 @@ class ProfileItems:
         rows, positions = np.asarray(rows, dtype=np.int64), np.asarray(positions, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         items = [None] * len(rows)
-        for i, item in zip(order.tolist(), as_items(self.take(rows[order], positions[order]))):
+        for i, item in zip(order.tolist(), profile_items(self.take(rows[order], positions[order]).to_pylist())):
             items[i] = item
         return items
-
-
-def as_items(items) -> list[dict]:
-    """Arrow profile items as Python, as `to_example` gives them."""
-    return [{k: v for k, v in item.items() if v is not None} for item in items.to_pylist()]
 
 
 def take_items(items: pa.ChunkedArray, starts: np.ndarray, at: np.ndarray) -> list[dict]:
@@ -170,7 +165,8 @@ def take_items(items: pa.ChunkedArray, starts: np.ndarray, at: np.ndarray) -> li
     taken = [None] * len(at)
     for chunk in np.unique(chunks).tolist():
         wanted = np.flatnonzero(chunks == chunk)
-        for i, item in zip(wanted.tolist(), as_items(items.chunk(chunk).take(pa.array(at[wanted] - starts[chunk])))):
+        chosen = items.chunk(chunk).take(pa.array(at[wanted] - starts[chunk]))
+        for i, item in zip(wanted.tolist(), profile_items(chosen.to_pylist())):
             taken[i] = item
     return taken
 
