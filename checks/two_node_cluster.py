@@ -9,6 +9,10 @@ from harness import BIN, SYSTEM_PATH, HarnessError, Refused, free_port, log, sh,
 from namespaces import Layout, Link, descendants, in_worker, kill_all, netns_processes
 
 OBJECT_STORE = 500 * 2 ** 20  # per node: small grids, and a good neighbour to other Ray clusters here
+# An `mlflow server` that only tracks: by default MLflow 3 starts six job-runner processes
+# beside it (its GenAI jobs, which lamp-grid never asks for) that poll for work, a fifth
+# of a core between them (ray_cluster.yaml's head turns them off too).
+TRACKING_ONLY = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 class Cluster:
@@ -96,7 +100,8 @@ class Cluster:
                 [BIN / "mlflow", "server", "--host", "0.0.0.0", "--port", str(port), "--workers", "1",
                  "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination",
                  str(work / "mlartifacts"), "--allowed-hosts", hosts],
-                env=self.head_env, cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                env={**self.head_env, **TRACKING_ONLY}, cwd=work, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
 
     def wait_mlflow(self) -> None:
         wait_for("the mlflow server", lambda: answers(f"{self.tracking_uri}/health") or self.mlflow.poll(), 300)

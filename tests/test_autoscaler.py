@@ -40,7 +40,8 @@ GRID = {"name": "autoscaled", "tasks": ["LaMP_2"], "model": "tiny", "axes": [{"r
 # Inside the namespaces: loopback up; a /tmp/ray of its own (`ray start` names its
 # cluster in /tmp/ray/ray_current_cluster, which a later ray.init() outside would
 # try to join); the head (no CPU, the fake autoscaler); an MLflow server the trials
-# log to; the grid by address; then the nodes as Ray saw them.
+# log to (without the job runners MLflow 3 starts by default: tracking needs none);
+# the grid by address; then the nodes as Ray saw them.
 CLUSTER = """
 set -e
 ip link set lo up
@@ -48,8 +49,9 @@ mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray
 bin=$(dirname {python})
 RAY_FAKE_CLUSTER=1 $bin/ray start --head --num-cpus=0 --port=6379 --disable-usage-stats \\
     --autoscaling-config=$HOME/ray_bootstrap_config.yaml > {tmp}/head.log 2>&1
-$bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///{tmp}/mlflow.db \\
-    --artifacts-destination {tmp}/artifacts --workers 1 > {tmp}/mlflow.log 2>&1 &
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $bin/mlflow server --host 127.0.0.1 --port 5000 \\
+    --backend-store-uri sqlite:///{tmp}/mlflow.db --artifacts-destination {tmp}/artifacts --workers 1 \\
+    > {tmp}/mlflow.log 2>&1 &
 for i in $(seq 120); do {python} -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/health')" \\
     2>/dev/null && break; sleep 1; done
 {python} experiments.py run {tmp}/grid.yaml --users 60 --workdir {tmp}/work --address 127.0.0.1:6379 \\

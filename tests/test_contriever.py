@@ -202,18 +202,21 @@ def test_run_refuses_a_bad_retriever_model_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_a_contriever_grid_renders_the_top_of_its_ranking(prepared, data, encoder, tmp_path):
-    # `prepare --grid` with another encoder than the default: its cells rank, embed and render with it.
+    # `prepare --grid` with another encoder than the default, over the cache `prepare` filled
+    # with it: its cells find their embeddings and rankings there, and render with them.
+    cache = prepared[0]
     grid = tmp_path / "grid.yaml"
     grid.write_text("name: dense\ntasks: [LaMP_2]\naxes:\n  - retriever: [Contriever]\n    k: [2]\n"
                     "    ablation: [both, decouple]\n")
-    done = call_cli("prepare", "--grid", grid, "--data", data, "--retriever-model", encoder,
+    done = call_cli("prepare", "--grid", grid, "--data", data, "--retriever-model", encoder, "--cache", cache,
                     "--workdir", tmp_path / "work")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "render: 2 cell(s) rendered, 0 cached" in done.stdout
+    assert "embedded" not in done.stdout and "prepare: 0 shard(s) computed" in done.stdout
     (dev,) = [s for s in prepared[1] if s.split == "dev"]
     tops = [{example_id: ids[:2] for example_id, ids in ranked_ids(dev, name).items()}
             for name in ("Contriever", "Contriever_input")]
     renders = [pq.read_table(p / "rendered.parquet", columns=["id", "retrieved"]).to_pylist()
-               for p in (tmp_path / "work" / "cache").rglob("render-*")]
+               for p in cache.rglob("render-*")]
     shown = [{r["id"]: r["retrieved"] for r in rows} for rows in renders if len(rows) == len(tops[0])]
     assert sorted(map(str, shown)) == sorted(map(str, tops))  # the dev split of `both`, and of `decouple`

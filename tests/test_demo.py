@@ -188,7 +188,8 @@ def mlflow_server(demo):
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                                f"sqlite:///{workdir.resolve() / 'mlflow.db'}", "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1"],
-                              cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runners
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

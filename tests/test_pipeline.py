@@ -1,6 +1,8 @@
 """grid/pipeline.py: the row-group reader, the ordered Ray Data map-and-write that
 prepare and render share, and the actor-memory fit."""
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,10 +31,14 @@ def test_row_groups_give_rows_by_number_remembering_a_few_groups(tmp_path):
 
 
 class Doubled:
-    """A map_batches callable: each row twice over, as two outputs' rows."""
+    """A map_batches callable: each row twice over, as two outputs' rows. started: a
+    file each actor made of it adds its process id to."""
 
-    def __init__(self, fail_at=None):
+    def __init__(self, fail_at=None, started=None):
         self.fail_at = fail_at
+        if started is not None:
+            with open(started, "a") as out:
+                out.write(f"{os.getpid()}\n")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.fail_at is not None and self.fail_at in batch.column("row").to_pylist():
@@ -60,6 +66,16 @@ def test_the_ordered_map_and_write_keeps_each_files_rows_in_order(tmp_path, ray_
     assert pq.read_table(finals["rows"] / "part.parquet").equals(pq.read_table(path))
     assert pq.read_table(finals["twice"] / "part.parquet").column("twice").to_pylist() == list(range(0, 600, 2))
     assert (finals["twice"] / "rows.txt").read_text() == "300" and not hidden(tmp_path / "out")
+
+
+def test_no_more_actors_start_than_the_rows_make_batches(tmp_path, ray_local):
+    path, started = tmp_path / "a.parquet", tmp_path / "started.txt"
+    numbered(path, 8, 3)  # three row groups, fewer rows than one batch
+    finals = {"rows": tmp_path / "out" / "rows", "twice": tmp_path / "out" / "twice"}
+    map_and_write([path], Doubled, {"started": str(started)}, finals, halves, "part.parquet", batch_size=10,
+                  memory=1 << 20, workers=2)
+    assert len(started.read_text().splitlines()) == 1
+    assert pq.read_table(finals["rows"] / "part.parquet").equals(pq.read_table(path))
 
 
 def test_a_failed_map_and_write_leaves_no_output(tmp_path, ray_local):
