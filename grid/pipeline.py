@@ -121,10 +121,12 @@ def map_and_write(paths: list, mapper, arguments: dict, finals: dict, parts, nam
     gpus: the GPUs each actor asks for (an encoder's, grid/embed.py)."""
     import ray  # heavy: imported where Ray runs
 
-    # No more actors than the rows make batches: one more would start (Ray, and its
-    # tokenizer or encoder) for no work, as on a small split.
-    rows = sum(pq.read_metadata(open_input(str(path))).num_rows for path in paths)
-    workers = max(1, min(workers, -(-rows // batch_size)))
+    # An actor is given whole blocks (row groups), batch_size rows at a time: one beyond
+    # the blocks or the batches would start (Ray, a tokenizer, an encoder) for no work,
+    # as on a small split.
+    metadata = [pq.read_metadata(open_input(str(path))) for path in paths]
+    rows, groups = sum(m.num_rows for m in metadata), sum(m.num_row_groups for m in metadata)
+    workers = max(1, min(workers, groups, -(-rows // batch_size)))
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows stay in file order
     if progress is not None:

@@ -68,9 +68,10 @@ def test_the_ordered_map_and_write_keeps_each_files_rows_in_order(tmp_path, ray_
     assert (finals["twice"] / "rows.txt").read_text() == "300" and not hidden(tmp_path / "out")
 
 
-def test_no_more_actors_start_than_the_rows_make_batches(tmp_path, ray_local):
+@pytest.mark.parametrize("rows, group", [(8, 3), (30, 30)])  # fewer rows than a batch; one row group
+def test_no_more_actors_start_than_the_rows_make_blocks_and_batches(rows, group, tmp_path, ray_local):
     path, started = tmp_path / "a.parquet", tmp_path / "started.txt"
-    numbered(path, 8, 3)  # three row groups, fewer rows than one batch
+    numbered(path, rows, group)
     finals = {"rows": tmp_path / "out" / "rows", "twice": tmp_path / "out" / "twice"}
     map_and_write([path], Doubled, {"started": str(started)}, finals, halves, "part.parquet", batch_size=10,
                   memory=1 << 20, workers=2)
