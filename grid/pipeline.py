@@ -110,7 +110,7 @@ def check_order(rows: pa.Array, expected: int, where) -> int:
 
 def map_and_write(paths: list, mapper, arguments: dict, finals: dict, parts, name: str, *, batch_size: int,
                   memory: int, workers: int, gpus: int = 0, finish=None, progress=None) -> None:
-    """Maps the rows of the Parquet files at `paths`, in order, through `workers`
+    """Maps the rows of the Parquet files at `paths`, in order, through at most `workers`
     actors of the class `mapper` (built with `arguments`; each asks Ray for `memory`
     bytes), and writes what they give, in order, into outputs: parts(batch) is
     {key: that output's rows of the batch}, numbered from 0 in a `row` column, and
