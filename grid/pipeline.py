@@ -82,16 +82,14 @@ def fit_actors(workers: int, memory: int, what: str, log) -> tuple[int, int]:
     return max(1, min(workers, fits)), memory
 
 
-def read_in_order(paths: list):
-    """Parquet files as a Ray Dataset in file and row order, one block per row group
-    (so that every actor gets a share), with each row's file in a `path` column.
-    Ray Data's own Parquet reader does not keep a file's row groups in order (seen
-    with Ray 2.60, preserve_order set), and what is written from these rows is read
-    back by position."""
+def read_in_order(groups: list):
+    """Parquet row groups ({"path", "group"}, in file and row order) as a Ray Dataset in
+    that order, one block per row group (so that every actor gets a share), with each
+    row's file in a `path` column. Ray Data's own Parquet reader does not keep a file's
+    row groups in order (seen with Ray 2.60, preserve_order set), and what is written
+    from these rows is read back by position."""
     import ray.data  # heavy: imported where Ray runs
 
-    groups = [{"path": str(path), "group": group} for path in paths
-              for group in range(pq.ParquetFile(open_input(path)).num_row_groups)]
     return ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(read_row_group, batch_size=1)
 
 
@@ -124,14 +122,15 @@ def map_and_write(paths: list, mapper, arguments: dict, finals: dict, parts, nam
     # An actor is given whole blocks (row groups), batch_size rows at a time: one beyond
     # the blocks or the batches would start (Ray, a tokenizer, an encoder) for no work,
     # as on a small split.
-    metadata = [pq.read_metadata(open_input(str(path))) for path in paths]
-    rows, groups = sum(m.num_rows for m in metadata), sum(m.num_row_groups for m in metadata)
-    workers = max(1, min(workers, groups, -(-rows // batch_size)))
+    metadata = [(str(path), pq.read_metadata(open_input(str(path)))) for path in paths]
+    groups = [{"path": path, "group": group} for path, meta in metadata for group in range(meta.num_row_groups)]
+    total = sum(meta.num_rows for _, meta in metadata)
+    workers = max(1, min(workers, len(groups), -(-total // batch_size)))
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows stay in file order
     if progress is not None:
         context.enable_progress_bars = False
-    ds = read_in_order(paths).map_batches(
+    ds = read_in_order(groups).map_batches(
         mapper, batch_size=batch_size, batch_format="pyarrow", num_cpus=ACTOR_CPUS, num_gpus=gpus, memory=memory,
         compute=ray.data.ActorPoolStrategy(size=workers), fn_constructor_kwargs=arguments)
     with ExitStack() as cleanup:
