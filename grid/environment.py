@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sysconfig
+from contextlib import contextmanager
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -33,6 +34,22 @@ CPU_KERNELS = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN's (a few torch ops on the CPU), the same
 }
 NOT_RUN = {"pip", "lamp-grid"}  # installed, but not what runs: the installer, and this project
+
+
+@contextmanager
+def environ_with(values: dict):
+    """This process's environment with `values` set while the block runs, then as it was
+    (what the block starts, a process of its own, keeps them)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def code_state() -> dict:

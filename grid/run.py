@@ -9,7 +9,6 @@
 """
 
 import json
-import os
 import pickle
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from grid import tracking
 from grid.cluster import check_fits, ensure_ray, for_other_nodes, gpu_memory, spans_other_nodes, trials_that_fit
 from grid.embed import resolve_encoder
-from grid.environment import code_state
+from grid.environment import code_state, environ_with
 from grid.memory import count_parameters, estimate_memory
 from grid.model import ModelRef
 from grid.render import render_grid
@@ -395,21 +394,14 @@ def execute(tuner, client, plan: RunPlan, parent: str, verbose: bool) -> None:
     # verbosity; the older one is silent at 0. Set for fit() alone: a process (and its
     # children, a Ray head among them) keeps its environment.
     quiet = {} if verbose else {"RAY_AIR_NEW_OUTPUT": "0"}
-    before = {name: os.environ.get(name) for name in quiet}
     status = "KILLED"  # unless fit() returns: Ctrl-C twice, or the driver dies
     try:
-        os.environ.update(quiet)
-        with tracking.heartbeat(client, parent):
+        with environ_with(quiet), tracking.heartbeat(client, parent):
             grid = tuner.fit()
         # A trial with neither result nor error was stopped by Ctrl-C (Tune stops gracefully).
         stopped = any(not r.metrics and r.error is None for r in grid)
         status = "KILLED" if stopped else ("FAILED" if grid.errors else "FINISHED")
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         tracking.close_open_runs(client, plan.run_ids, "KILLED" if status == "KILLED" else "FAILED")
         finished = all(client.get_run(r).info.status == "FINISHED" for r in plan.run_ids)
         client.set_terminated(parent, "FINISHED" if finished else ("KILLED" if status == "KILLED" else "FAILED"))

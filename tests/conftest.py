@@ -1,5 +1,3 @@
-import logging
-
 import pytest
 
 from lamp.synth import write_synthetic
@@ -10,10 +8,9 @@ def ray_local():
     """One real local Ray cluster for the whole test session."""
     import ray
 
-    from grid.cluster import LOCAL_ENV, WORKER_ENV
+    from grid.cluster import start_local_ray
 
-    ray.init(address="local", num_cpus=2, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {**WORKER_ENV, **LOCAL_ENV}})
+    start_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 
