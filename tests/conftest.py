@@ -29,11 +29,15 @@ def data(tmp_path_factory):
 # begins it, as processes of its own, when the session begins; the other tests run
 # meanwhile; and its test, moved to the end, reads what it left (fixture `beside`,
 # a tests.beside.Check).
+# A test marked `saturating` keeps every core busy on its own (the demo's trials, as
+# many at a time as fit), so it runs after the others: the checks then fill the idle
+# moments of the tests that wait on one trial at a time, not slow the demo.
 BESIDE = pytest.StashKey[dict]()
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.get_closest_marker("beside") is not None)  # stable: the others keep order
+    items.sort(key=lambda item: (item.get_closest_marker("beside") is not None,  # stable: the others keep order
+                                 item.get_closest_marker("saturating") is not None))
 
 
 def pytest_collection_finish(session):

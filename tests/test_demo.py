@@ -20,6 +20,8 @@ import pytest
 
 from tests.cli import ROOT, run_cli
 
+pytestmark = pytest.mark.saturating  # the demo's trials, two at a time here: after the other tests
+
 # The demo's MLflow records as the code wrote them before #27's restructuring (535c591).
 RECORDS = Path(__file__).parent / "fixtures" / "demo-records-before-27.json"
 # What a record holds of its moment, machine, place and code rather than of its
