@@ -1,6 +1,7 @@
 """Running lamp-grid's command line as a user would: in a subprocess, or called in
 this process where a subprocess would prove nothing more (the verbs that start no
-Ray cluster)."""
+Ray cluster, and `run` beside the session's cluster, the fixture ray_local, which it
+joins)."""
 
 import contextlib
 import io

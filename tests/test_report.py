@@ -21,7 +21,7 @@ from grid.report import (
 from grid.run import Workdir
 from lamp.cell import Cell
 from lamp.synth import write_synthetic
-from tests.cli import run_cli
+from tests.cli import call_cli
 
 LABELS = ["comedy", "action", "romance"]
 
@@ -125,12 +125,12 @@ SETTINGS = ["LaMP_2/lamp/none/vote", "LaMP_2/lamp/Random/k=1/both/start/offset=0
 
 
 @pytest.fixture(scope="module")
-def finished_grid(tmp_path_factory):
+def finished_grid(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("report")
     write_synthetic(root / "data", ["LaMP_2"], users=60, seed=0)
     grid = root / "grid.yaml"
     grid.write_text(yaml.safe_dump(GRID))
-    done = run_cli("run", str(grid), "--data", str(root / "data"), "--workdir", str(root / "work"))
+    done = call_cli("run", str(grid), "--data", str(root / "data"), "--workdir", str(root / "work"))
     assert done.returncode == 0, done.stderr[-3000:]
     return root, grid
 
@@ -145,7 +145,7 @@ def report_rows(markdown: str) -> dict:
 def test_the_report_of_a_finished_grid_has_every_cell_and_the_figures(finished_grid):
     root, grid = finished_grid
     out = root / "out"
-    done = run_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(out))
+    done = call_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = report_rows((out / "report.md").read_text())
     assert sorted(rows) == sorted(SETTINGS)
@@ -166,7 +166,7 @@ def test_the_report_of_a_finished_grid_has_every_cell_and_the_figures(finished_g
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {
         "report/report.md", "report/report.html", "report/LaMP_2-vs-k.png"}
     # --experiment finds the same cells from MLflow alone.
-    by_name = run_cli("report", "--experiment", "report-grid", "--workdir", str(root / "work"),
+    by_name = call_cli("report", "--experiment", "report-grid", "--workdir", str(root / "work"),
                       "--out", str(root / "out2"))
     assert by_name.returncode == 0, by_name.stderr[-3000:]
     assert sorted(report_rows((root / "out2" / "report.md").read_text())) == sorted(SETTINGS)
@@ -181,14 +181,14 @@ def test_a_report_says_when_its_cells_ran_in_different_environments(finished_gri
     assert all(r.data.tags["env.cpu_kernels"] == "MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2 "
                "ONEDNN_MAX_CPU_ISA=AVX2" for r in runs)  # what every Ray worker runs with
     out = tmp_path / "same"
-    done = run_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(out))
+    done = call_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(out))
     assert done.returncode == 0 and "different environments" not in done.stdout, done.stderr[-3000:]
     # Three cells as a resume on another install would leave them.
     version = runs[0].data.tags["env.transformers"]
     for run in runs[:3]:
         client.set_tag(run.info.run_id, "env.transformers", "4.0.0")
     try:
-        done = run_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(tmp_path / "mixed"))
+        done = call_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(tmp_path / "mixed"))
     finally:
         for run in runs[:3]:
             client.set_tag(run.info.run_id, "env.transformers", version)
@@ -212,7 +212,7 @@ def test_a_failed_cell_is_reported_missing_not_zero(finished_grid):
     for key in failed:
         client.set_terminated(runs[key].info.run_id, "FAILED")
     out = root / "failed"
-    done = run_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(out))
+    done = call_cli("report", str(grid), "--workdir", str(root / "work"), "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = report_rows((out / "report.md").read_text())
     assert sorted(rows) == sorted(SETTINGS)
@@ -227,10 +227,9 @@ def test_a_failed_cell_is_reported_missing_not_zero(finished_grid):
 def test_a_deleted_or_absent_experiment_is_refused_before_any_page_is_written(tmp_path):
     client = MlflowClient(Workdir(tmp_path).tracking_uri)
     client.delete_experiment(client.create_experiment("demo"))  # as the MLflow UI's delete does
-    done = run_cli("report", "demo", "--workdir", tmp_path, "--out", tmp_path / "out", timeout=120)
+    done = call_cli("report", "demo", "--workdir", tmp_path, "--out", tmp_path / "out")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "MLflow experiment 'demo' (id 1) is deleted" in done.stderr and "Traceback" not in done.stderr
-    done = run_cli("report", "--experiment", "no-such-grid", "--workdir", tmp_path, "--out", tmp_path / "out",
-                   timeout=120)
+    done = call_cli("report", "--experiment", "no-such-grid", "--workdir", tmp_path, "--out", tmp_path / "out")
     assert done.returncode == 2 and "no MLflow experiment 'no-such-grid'" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
