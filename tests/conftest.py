@@ -29,15 +29,22 @@ def data(tmp_path_factory):
 # begins it, as processes of its own, when the session begins; the other tests run
 # meanwhile; and its test, moved to the end, reads what it left (fixture `beside`,
 # a tests.beside.Check).
-# A test marked `saturating` keeps every core busy on its own (the demo's trials, as
-# many at a time as fit), so it runs after the others: the checks then fill the idle
-# moments of the tests that wait on one trial at a time, not slow the demo.
+# The other tests run in the order of how busy they keep the machine: first those
+# marked `waiting` (one trial at a time, or a process waited on, leaving a core idle),
+# whose idle moments the checks fill as they start; last those marked `saturating`
+# (every core busy on their own: the demo's trials, as many at a time as fit), which
+# the checks would only slow.
 BESIDE = pytest.StashKey[dict]()
 
 
+def running_order(item) -> tuple:
+    """Where a test runs: by its markers; sorting is stable, so each group keeps its order."""
+    load = 0 if item.get_closest_marker("waiting") else 2 if item.get_closest_marker("saturating") else 1
+    return item.get_closest_marker("beside") is not None, load
+
+
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: (item.get_closest_marker("beside") is not None,  # stable: the others keep order
-                                 item.get_closest_marker("saturating") is not None))
+    items.sort(key=running_order)
 
 
 def pytest_collection_finish(session):

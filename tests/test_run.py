@@ -19,6 +19,7 @@ from lamp.synth import write_synthetic
 from tests.cli import ROOT, call_cli, run_cli
 
 TRAINING = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "beams": 1}
+pytestmark = pytest.mark.waiting  # one trial at a time: before the other tests (tests/conftest.py)
 
 
 def grid(name, axes, **training):
